@@ -1,0 +1,138 @@
+//! Go runtime stop-the-world pauses, and the process lifecycle the agent needs to find Go
+//! programs (exec) and to release their probes (exit).
+//!
+//! Entry uprobes only: a uretprobe rewrites the return address on the goroutine stack, and Go
+//! moves stacks, which crashes the process. A pause is the time from entry of
+//! `runtime.stopTheWorldWithSema` to entry of `runtime.startTheWorldWithSema` in the same
+//! process (the runtime allows one stop-the-world at a time per process).
+
+use agent_common::{
+    COMM_LEN,
+    counters::Counter,
+    events::{EventKind, GoStwEvent, ProcessExecEvent, ProcessExitEvent, StwStart},
+    layout::UNKNOWN_OFFSET,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, tracepoint, uprobe},
+    maps::HashMap,
+    programs::{ProbeContext, TracePointContext},
+};
+
+use crate::maps::{EVENTS, bump, header, layout};
+
+/// Pauses in progress, by tgid.
+#[map]
+static GO_STW_INFLIGHT: HashMap<u32, StwStart> = HashMap::with_max_entries(16384, 0);
+
+/// Processes whose exit the agent wants to hear about (it attached probes for them).
+#[map]
+static TRACKED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+#[uprobe]
+pub fn go_stw_stop(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let start = StwStart {
+        // SAFETY: helper without arguments.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        reason_arg: first_go_arg(&ctx),
+        tid: pid_tgid as u32,
+        _pad: 0,
+    };
+    if GO_STW_INFLIGHT.insert((pid_tgid >> 32) as u32, start, 0).is_err() {
+        bump(Counter::GoStwInflightFull);
+    }
+    0
+}
+
+#[uprobe]
+pub fn go_stw_start(_ctx: ProbeContext) -> u32 {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(start) = (unsafe { GO_STW_INFLIGHT.get(tgid) }).copied() else {
+        bump(Counter::GoStwUnmatched);
+        return 0;
+    };
+    let _ = GO_STW_INFLIGHT.remove(tgid);
+    bump(Counter::GoStwPauses);
+    let event = GoStwEvent {
+        header: header(EventKind::GoStw as u32),
+        pid: tgid,
+        tid: start.tid,
+        start_ns: start.start_ns,
+        duration_ns: now.saturating_sub(start.start_ns),
+        reason_arg: start.reason_arg,
+        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+    };
+    if EVENTS.output::<GoStwEvent>(&event, 0).is_err() {
+        bump(Counter::GoStwDropped);
+    }
+    0
+}
+
+/// Go's register ABI (1.17+) passes the first integer argument in RAX on amd64 and in R0 on
+/// arm64; the C-ABI accessor would read RDI.
+#[inline(always)]
+fn first_go_arg(ctx: &ProbeContext) -> u64 {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        // SAFETY: regs points to the probed task's saved registers.
+        unsafe { (*ctx.regs).rax }
+    }
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    {
+        ctx.arg::<u64>(0).unwrap_or(0)
+    }
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    bump(Counter::ProcessExecs);
+    let event = ProcessExecEvent {
+        header: header(EventKind::ProcessExec as u32),
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+    };
+    if EVENTS.output::<ProcessExecEvent>(&event, 0).is_err() {
+        bump(Counter::ProcessExecDropped);
+    }
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let offset = layout().exit_group_dead;
+    let group_dead = if offset == UNKNOWN_OFFSET {
+        tgid == pid_tgid as u32
+    } else {
+        // SAFETY: offset is inside the tracepoint record (from tracefs).
+        unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u8).add(offset as usize)) }
+            .map(|v: u8| v != 0)
+            .unwrap_or(false)
+    };
+    if !group_dead {
+        return 0;
+    }
+    // A process that dies mid-pause must not leave its entry behind.
+    let _ = GO_STW_INFLIGHT.remove(tgid);
+    // SAFETY: only checks presence.
+    if unsafe { TRACKED_PIDS.get(tgid) }.is_none() {
+        return 0;
+    }
+    let _ = TRACKED_PIDS.remove(tgid);
+    let event = ProcessExitEvent {
+        header: header(EventKind::ProcessExit as u32),
+        pid: tgid,
+        _pad: 0,
+    };
+    if EVENTS.output::<ProcessExitEvent>(&event, 0).is_err() {
+        bump(Counter::ProcessExitDropped);
+    }
+    0
+}

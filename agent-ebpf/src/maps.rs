@@ -1,0 +1,51 @@
+//! Maps and load-time constants shared by every program.
+
+use agent_common::{
+    counters::{COUNTER_SLOTS, Counter},
+    events::EventHeader,
+    layout::KernelLayout,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+
+/// Default size; the agent may resize it at load time (`--ring-buffer-bytes`).
+const EVENTS_BYTES: u32 = 16 * 1024 * 1024;
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Offsets resolved by the agent from BTF and tracefs before loading; see `KernelLayout`.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout::UNKNOWN;
+
+/// Reads the load-time layout. Volatile so the compiler does not fold the placeholder values:
+/// the agent rewrites `.rodata` before the verifier sees the program.
+#[inline(always)]
+pub fn layout() -> KernelLayout {
+    // SAFETY: LAYOUT is a plain static; reading it is always valid.
+    unsafe { core::ptr::read_volatile(&raw const LAYOUT) }
+}
+
+#[inline(always)]
+pub fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: u32) -> EventHeader {
+    EventHeader {
+        kind,
+        // SAFETY: plain helper calls without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}

@@ -1,0 +1,51 @@
+//! Command-line interface: parses arguments, sets up logging and the runtime, and maps errors to
+//! one readable line and a non-zero exit code.
+
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about = "Resilience agent for gRPC / HTTP/2 fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the kernel probes and print each signal as it happens.
+    Trace(trace::Options),
+}
+
+pub fn main() -> ExitCode {
+    // Logs go to stderr so that stdout stays machine-readable with --json.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(EnvFilter::try_from_env("AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Trace(opts) => trace::run(opts).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

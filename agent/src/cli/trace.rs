@@ -1,0 +1,342 @@
+//! `agent trace`: attach the probes and print every kernel signal as it happens.
+//!
+//! With `--json`, stdout carries one JSON object per line: first `{"kind":"ready",...}` once
+//! every probe is attached, then events, and a `{"kind":"summary",...}` line at exit.
+
+use std::{
+    io::Write as _,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    probes::{
+        LoadOptions, ProbeName, Probes,
+        go_processes::{GoProcessEvent, GoTracker},
+        ring::{self, ReaderStats},
+    },
+    signals::{GoStwPause, Signal, TcpReset, go_stw::stw_reason},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Probes to attach, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values = ["tcp-reset", "go-gc"])]
+    probes: Vec<ProbeName>,
+    /// One JSON object per line on stdout (first line: {"kind":"ready",...}).
+    #[arg(long)]
+    json: bool,
+    /// Size of the kernel ring buffer; a power of two, at least one page.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = parse_ring_size)]
+    ring_buffer_bytes: u32,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v < 4096 || !v.is_power_of_two() {
+        return Err("must be a power of two of at least 4096".to_owned());
+    }
+    Ok(v)
+}
+
+/// How often tracked Go processes are checked for a missed exit.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let (mut probes, ring, decoder) = Probes::load(&LoadOptions {
+        probes: opts.probes.clone(),
+        ring_buffer_bytes: opts.ring_buffer_bytes,
+    })
+    .context("cannot attach the probes")?;
+
+    let (tx, mut rx) = mpsc::channel(65536);
+    let (stop_reader, shutdown) = watch::channel(false);
+    let reader_stats = Arc::new(ReaderStats::default());
+    let reader = ring::spawn(ring, decoder, tx, shutdown, reader_stats.clone()).context("cannot poll the ring buffer")?;
+
+    let mut out = Output::new(opts.json);
+    let mut tracker = if probes.is_attached(ProbeName::GoGc) {
+        let mut tracker = GoTracker::new(&mut probes.ebpf)?;
+        // Exec events that arrive while scanning are handled after it; a process seen twice is
+        // recognised by its pid and start time.
+        let found = tokio::task::block_in_place(|| tracker.scan_running(&mut probes.ebpf));
+        for event in &found {
+            out.go_process(event);
+        }
+        Some(tracker)
+    } else {
+        None
+    };
+    out.ready(&probes);
+
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            signal = rx.recv() => {
+                let Some(signal) = signal else { break };
+                match signal {
+                    Signal::TcpReset(reset) => out.tcp_reset(&reset),
+                    Signal::GoStw(pause) => out.gc_stw(&pause, tracker.as_ref()),
+                    Signal::ProcessExec { pid, .. } => {
+                        if let Some(t) = tracker.as_mut() {
+                            if let Some(e) = tokio::task::block_in_place(|| t.process_started(&mut probes.ebpf, pid)) {
+                                out.go_process(&e);
+                            }
+                        }
+                    }
+                    Signal::ProcessExit { pid } => {
+                        if let Some(e) = tracker.as_mut().and_then(|t| t.process_exited(&mut probes.ebpf, pid)) {
+                            out.go_process(&e);
+                        }
+                    }
+                }
+            }
+            _ = sweep.tick() => {
+                if let Some(t) = tracker.as_mut() {
+                    for e in tokio::task::block_in_place(|| t.sweep(&mut probes.ebpf)) {
+                        out.go_process(&e);
+                    }
+                }
+            }
+            _ = sigint.recv(), if !stopping => { stopping = true; let _ = stop_reader.send(true); }
+            _ = sigterm.recv(), if !stopping => { stopping = true; let _ = stop_reader.send(true); }
+        }
+    }
+    let _ = reader.await;
+    let go_before_release = tracker.as_ref().map(GoTracker::stats);
+    if let Some(t) = tracker.as_mut() {
+        t.release_all(&mut probes.ebpf);
+    }
+    let go_after_release = tracker.as_ref().map(GoTracker::stats);
+    out.summary(&probes, &reader_stats, go_before_release, go_after_release);
+    Ok(())
+}
+
+/// Prints signals as text or JSON lines; counts what it printed.
+struct Output {
+    json: bool,
+    stdout: std::io::StdoutLock<'static>,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
+    boot_offset_ns: i128,
+    printed_resets: u64,
+    printed_pauses: u64,
+}
+
+impl Output {
+    fn new(json: bool) -> Self {
+        Self {
+            json,
+            stdout: std::io::stdout().lock(),
+            boot_offset_ns: realtime_minus_monotonic_ns(),
+            printed_resets: 0,
+            printed_pauses: 0,
+        }
+    }
+
+    fn wall_time(&self, ktime_ns: u64) -> String {
+        let ns = i128::from(ktime_ns) + self.boot_offset_ns;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0));
+        humantime::format_rfc3339_micros(t).to_string()
+    }
+
+    fn line(&mut self, text: &str) {
+        // A closed stdout (e.g. `| head`) must not kill the agent; the summary notes nothing.
+        let _ = writeln!(self.stdout, "{text}");
+        let _ = self.stdout.flush();
+    }
+
+    fn json_line(&mut self, value: serde_json::Value) {
+        let text = value.to_string();
+        self.line(&text);
+    }
+
+    fn ready(&mut self, probes: &Probes) {
+        if self.json {
+            self.json_line(json!({
+                "kind": "ready",
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "probes": probes.status,
+            }));
+        } else {
+            for s in &probes.status {
+                let state = if s.attached { "attached" } else { "DISABLED" };
+                self.line(&format!("probe {:<10} {state}", s.name.as_str()));
+                for d in &s.degraded {
+                    self.line(&format!("  degraded: {d}"));
+                }
+            }
+            self.line("ready: printing kernel signals (Ctrl-C to stop)");
+        }
+    }
+
+    fn tcp_reset(&mut self, r: &TcpReset) {
+        self.printed_resets += 1;
+        let time = self.wall_time(r.ktime_ns);
+        if self.json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(map) = v.as_object_mut() {
+                map.insert("kind".into(), "tcp_reset".into());
+                map.insert("time".into(), time.into());
+            }
+            self.json_line(v);
+            return;
+        }
+        let arrow = match r.direction {
+            crate::signals::tcp_reset::Direction::Sent => "->",
+            crate::signals::tcp_reset::Direction::Received => "<-",
+        };
+        let mut text = format!(
+            "{time} tcp_reset {:<8} {} {arrow} {} state={}",
+            format!("{:?}", r.direction).to_lowercase(),
+            r.local,
+            r.remote,
+            r.state.unwrap_or("-"),
+        );
+        if let Some(reason) = &r.reason {
+            text.push_str(&format!(" reason={reason}"));
+        }
+        match &r.task {
+            Some(t) => text.push_str(&format!(" pid={} comm={}", t.pid, t.comm)),
+            None => text.push_str(" pid=unknown"),
+        }
+        if let Some(ns) = r.netns {
+            text.push_str(&format!(" netns={ns}"));
+        }
+        self.line(&text);
+    }
+
+    fn gc_stw(&mut self, p: &GoStwPause, tracker: Option<&GoTracker>) {
+        self.printed_pauses += 1;
+        let time = self.wall_time(p.start_ns);
+        let go_version = tracker.and_then(|t| t.go_version(p.pid)).map(str::to_owned);
+        let reason = tracker.and_then(|t| t.go_minor(p.pid)).and_then(|minor| stw_reason(minor, p.reason_arg));
+        if self.json {
+            self.json_line(json!({
+                "kind": "gc_stw",
+                "time": time,
+                "pid": p.pid,
+                "tid": p.tid,
+                "comm": p.comm,
+                "start_ns": p.start_ns,
+                "duration_ns": p.duration_ns,
+                "reason": reason,
+                "go_version": go_version,
+            }));
+            return;
+        }
+        let mut text = format!(
+            "{time} gc_stw    pid={} comm={} duration={:.1}µs",
+            p.pid,
+            p.comm,
+            p.duration_ns as f64 / 1000.0
+        );
+        if let Some(reason) = reason {
+            text.push_str(&format!(" reason={reason:?}"));
+        }
+        if let Some(v) = go_version {
+            text.push_str(&format!(" go={v}"));
+        }
+        self.line(&text);
+    }
+
+    fn go_process(&mut self, e: &GoProcessEvent) {
+        if self.json {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let Some(map) = v.as_object_mut() {
+                map.insert("kind".into(), "go_process".into());
+            }
+            self.json_line(v);
+            return;
+        }
+        let text = match e {
+            GoProcessEvent::Attached { pid, exe, go_version, symbols, .. } => format!(
+                "go_process attached pid={pid} exe={} go={} symbols={symbols}",
+                exe.display(),
+                go_version.as_deref().unwrap_or("unknown")
+            ),
+            GoProcessEvent::Skipped { pid, exe, reason } => {
+                format!("go_process skipped pid={pid} exe={} reason={reason}", exe.display())
+            }
+            GoProcessEvent::Detached { pid, binary_released } => {
+                format!("go_process detached pid={pid} binary_released={binary_released}")
+            }
+        };
+        self.line(&text);
+    }
+
+    fn summary(
+        &mut self,
+        probes: &Probes,
+        reader: &ReaderStats,
+        go_before: Option<crate::probes::go_processes::TrackerStats>,
+        go_after: Option<crate::probes::go_processes::TrackerStats>,
+    ) {
+        let c = probes.counters();
+        let get = |name: &str| c.get(name).copied().unwrap_or(0);
+        let mut per_probe = serde_json::Map::new();
+        if probes.is_attached(ProbeName::TcpReset) {
+            per_probe.insert(
+                "tcp-reset".into(),
+                json!({
+                    "sent": get("tcp_reset_sent"),
+                    "received": get("tcp_reset_received"),
+                    "dropped_in_kernel": get("tcp_reset_dropped"),
+                    "printed": self.printed_resets,
+                }),
+            );
+        }
+        if probes.is_attached(ProbeName::GoGc) {
+            per_probe.insert(
+                "go-gc".into(),
+                json!({
+                    "pauses": get("go_stw_pauses"),
+                    "dropped_in_kernel": get("go_stw_dropped"),
+                    "unmatched_starts": get("go_stw_unmatched"),
+                    "inflight_full": get("go_stw_inflight_full"),
+                    "process_execs": get("process_execs"),
+                    "process_exec_dropped": get("process_exec_dropped"),
+                    "process_exit_dropped": get("process_exit_dropped"),
+                    "printed": self.printed_pauses,
+                    "tracker_at_exit": go_before,
+                    "tracker_after_release": go_after,
+                }),
+            );
+        }
+        let reader = json!({
+            "records": reader.records.load(Ordering::Relaxed),
+            "undecodable": reader.undecodable.load(Ordering::Relaxed),
+        });
+        if self.json {
+            self.json_line(json!({ "kind": "summary", "probes": per_probe, "reader": reader }));
+        } else {
+            self.line("summary:");
+            for (name, v) in &per_probe {
+                self.line(&format!("  {name}: {v}"));
+            }
+            self.line(&format!("  ring reader: {reader}"));
+        }
+    }
+}
+
+fn realtime_minus_monotonic_ns() -> i128 {
+    let read = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid clock id and pointer.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+

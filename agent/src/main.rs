@@ -1,0 +1,12 @@
+//! The agent: one binary for the daemon and its command-line tools.
+//!
+//! Modules follow the data path: `probes` (kernel programs) -> `signals` (typed kernel events)
+//! -> ... -> `cli` (what a user runs).
+
+mod cli;
+mod probes;
+mod signals;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

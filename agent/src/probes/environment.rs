@@ -1,0 +1,98 @@
+//! What the host must give the agent before any program loads: capabilities, tracefs, memlock.
+//! Each failure names what is missing and how to provide it.
+
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+use super::tracefs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvironmentError {
+    #[error(
+        "missing capabilities {missing}: run the agent as root, or grant CAP_BPF and CAP_PERFMON \
+         (CAP_SYS_ADMIN on kernels before 5.8)"
+    )]
+    MissingCapabilities { missing: String },
+    #[error("cannot read effective capabilities from /proc/self/status")]
+    UnreadableCapabilities(#[source] std::io::Error),
+    #[error(
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {source}; mount it \
+         with `mount -t tracefs tracefs /sys/kernel/tracing` (in Kubernetes: a hostPath mount of \
+         /sys/kernel/tracing)"
+    )]
+    Tracefs {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Loading programs needs CAP_BPF, attaching tracepoints and uprobes CAP_PERFMON; CAP_SYS_ADMIN
+/// covers both on every kernel.
+pub fn check_capabilities() -> Result<(), EnvironmentError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(EnvironmentError::UnreadableCapabilities)?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, name)| name)
+        .collect();
+    Err(EnvironmentError::MissingCapabilities {
+        missing: missing.join(" and "),
+    })
+}
+
+/// Returns where tracefs is mounted, mounting it at /sys/kernel/tracing when it is not.
+pub fn ensure_tracefs() -> Result<PathBuf, EnvironmentError> {
+    if let Some(path) = tracefs::find_mount() {
+        return Ok(path);
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: plain mount(2) with valid NUL-terminated strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(EnvironmentError::Tracefs {
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    info!(path = "/sys/kernel/tracing", "mounted tracefs");
+    Ok(PathBuf::from("/sys/kernel/tracing"))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Raising it needs CAP_SYS_RESOURCE,
+/// which newer kernels do not need at all: warn, never fail.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        let err = std::io::Error::last_os_error();
+        warn!(
+            %err,
+            "could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11, which account BPF memory to cgroups"
+        );
+    }
+}

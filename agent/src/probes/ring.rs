@@ -1,0 +1,91 @@
+//! The one consumer of the `EVENTS` ring buffer: wait for readiness, drain, decode, hand on.
+//!
+//! Decoded signals go through a bounded channel with backpressure: when the consumer is slow the
+//! kernel ring fills up and the kernel programs count their drops, so no loss goes unseen.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::debug;
+
+use crate::signals::{Decoder, Signal};
+
+/// Records handed on per wake-up before yielding, so one burst cannot starve the runtime.
+const BATCH: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct ReaderStats {
+    pub records: AtomicU64,
+    pub undecodable: AtomicU64,
+}
+
+/// Spawns the reader. It returns when `shutdown` flips to true (after a last drain, so events
+/// already in the ring are delivered) or when the receiver is gone.
+pub fn spawn(
+    ring: RingBuf<MapData>,
+    decoder: Decoder,
+    tx: mpsc::Sender<Signal>,
+    mut shutdown: watch::Receiver<bool>,
+    stats: Arc<ReaderStats>,
+) -> std::io::Result<JoinHandle<()>> {
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for the AsyncFd's life.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
+    Ok(tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                ready = fd.readable_mut() => {
+                    let Ok(mut guard) = ready else { return };
+                    let drained = drain(guard.get_inner_mut(), &decoder, &stats, &mut batch);
+                    // Readiness is edge-triggered: clear it only once the ring is empty.
+                    if drained {
+                        guard.clear_ready();
+                    }
+                }
+                _ = shutdown.changed() => {
+                    while !drain(fd.get_mut(), &decoder, &stats, &mut batch) {
+                        if !send_all(&tx, &mut batch).await { return }
+                    }
+                    send_all(&tx, &mut batch).await;
+                    return;
+                }
+            }
+            if !send_all(&tx, &mut batch).await {
+                return;
+            }
+        }
+    }))
+}
+
+/// Moves up to `BATCH` records into `batch`; true when the ring is empty.
+fn drain(ring: &mut RingBuf<MapData>, decoder: &Decoder, stats: &ReaderStats, batch: &mut Vec<Signal>) -> bool {
+    while batch.len() < BATCH {
+        let Some(item) = ring.next() else { return true };
+        stats.records.fetch_add(1, Ordering::Relaxed);
+        match decoder.decode(&item) {
+            Ok(signal) => batch.push(signal),
+            Err(e) => {
+                stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "undecodable ring record");
+            }
+        }
+    }
+    false
+}
+
+async fn send_all(tx: &mpsc::Sender<Signal>, batch: &mut Vec<Signal>) -> bool {
+    for signal in batch.drain(..) {
+        if tx.send(signal).await.is_err() {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,74 @@
+//! Typed kernel signals, decoded from ring-buffer records.
+//!
+//! Decoding is pure: bytes in, a [`Signal`] or a [`DecodeError`] out. Every record the agent
+//! cannot decode is counted by the reader, never silently skipped.
+
+pub mod go_stw;
+pub mod tcp_reset;
+
+use agent_common::events::{EventHeader, EventKind, ProcessExecEvent, ProcessExitEvent};
+
+pub use go_stw::GoStwPause;
+pub use tcp_reset::{TcpReset, TcpResetDecoder};
+
+#[derive(Clone, Debug)]
+pub enum Signal {
+    TcpReset(TcpReset),
+    GoStw(GoStwPause),
+    ProcessExec { pid: u32, comm: String },
+    ProcessExit { pid: u32 },
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is too short for {what} ({need} bytes)")]
+    Short { what: &'static str, len: usize, need: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("tcp reset record: {0}")]
+    TcpReset(&'static str),
+}
+
+/// Decodes ring-buffer records into signals.
+pub struct Decoder {
+    pub tcp_reset: TcpResetDecoder,
+}
+
+impl Decoder {
+    pub fn decode(&self, bytes: &[u8]) -> Result<Signal, DecodeError> {
+        let header: EventHeader = read_record(bytes, "event header")?;
+        match EventKind::from_u32(header.kind) {
+            Some(EventKind::TcpReset) => self.tcp_reset.decode(bytes).map(Signal::TcpReset),
+            Some(EventKind::GoStw) => go_stw::decode(bytes).map(Signal::GoStw),
+            Some(EventKind::ProcessExec) => {
+                let ev: ProcessExecEvent = read_record(bytes, "process exec")?;
+                Ok(Signal::ProcessExec { pid: ev.pid, comm: comm_str(&ev.comm) })
+            }
+            Some(EventKind::ProcessExit) => {
+                let ev: ProcessExitEvent = read_record(bytes, "process exit")?;
+                Ok(Signal::ProcessExit { pid: ev.pid })
+            }
+            None => Err(DecodeError::UnknownKind(header.kind)),
+        }
+    }
+}
+
+/// Copies a `repr(C)` record out of possibly unaligned ring-buffer bytes.
+///
+/// Only for the plain-integer wire types of `agent_common::events`, for which any bit pattern is
+/// a valid value.
+pub(crate) fn read_record<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let need = std::mem::size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short { what, len: bytes.len(), need });
+    }
+    // SAFETY: length checked above; read_unaligned has no alignment requirement; T is one of the
+    // integer-only wire structs, valid for any bit pattern.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A kernel `comm`: NUL-terminated, at most 16 bytes, not necessarily UTF-8.
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}

@@ -1,0 +1,213 @@
+//! Support for the end-to-end tests: run `agent trace --json`, read its events, build and run
+//! the real peers.
+//!
+//! These tests load eBPF programs: they need root, and say so by failing, never by passing
+//! silently. `cargo xtask test` runs them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Fails the test (with the reason) unless we are root.
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test loads eBPF programs and needs root: run it with `cargo xtask test`");
+}
+
+/// The agent binary under test: `$AGENT_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/agent"));
+    assert!(path.exists(), "agent binary {} not found: build it (cargo xtask test does)", path.display());
+    path
+}
+
+/// A running `agent trace --json`.
+pub struct Trace {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    stderr: Arc<Mutex<String>>,
+    pub ready: Value,
+    /// Events received so far (everything after the ready line).
+    pub events: Vec<Value>,
+}
+
+/// What a stopped trace printed.
+pub struct TraceOutput {
+    pub events: Vec<Value>,
+    pub summary: Value,
+    pub stderr: String,
+}
+
+impl Trace {
+    /// Starts the agent and waits for its ready line.
+    pub fn start(args: &[&str]) -> Trace {
+        require_root();
+        let mut child = Command::new(agent_bin())
+            .arg("trace")
+            .arg("--json")
+            .args(args)
+            .env("AGENT_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("agent printed a line that is not JSON ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err_pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let mut trace = Trace { child, lines, stderr, ready: Value::Null, events: Vec::new() };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match trace.lines.recv_timeout(left) {
+                Ok(v) if v["kind"] == "ready" => {
+                    trace.ready = v;
+                    return trace;
+                }
+                // Events may precede ready only for Go processes found at start-up.
+                Ok(v) => trace.events.push(v),
+                Err(_) => {
+                    let _ = trace.child.kill();
+                    let status = trace.child.wait().ok();
+                    panic!(
+                        "agent did not become ready (exit: {status:?}); stderr:\n{}",
+                        trace.stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Collects events until `done(&events)` holds or `timeout` passes; true if it held.
+    pub fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&[Value]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.events) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.lines.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(v) => {
+                    self.events.push(v);
+                    // Take everything already waiting before checking again: `done` may be costly.
+                    self.events.extend(self.lines.try_iter());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return done(&self.events),
+            }
+        }
+    }
+
+    /// Sends `signal` to the agent (e.g. SIGUSR1 for a stats line).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our child.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
+    /// SIGTERM, then everything the agent printed until it exited; asserts a clean exit.
+    pub fn stop(mut self) -> TraceOutput {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut summary = Value::Null;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if v["kind"] == "summary" => summary = v,
+                Ok(v) => self.events.push(v),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("agent did not exit within 30 s of SIGTERM");
+                }
+            }
+        }
+        let status = self.child.wait().expect("wait agent");
+        // The stderr reader thread may still be flushing the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        let stderr = self.stderr.lock().unwrap().clone();
+        assert!(status.success(), "agent exited with {status}; stderr:\n{stderr}");
+        assert!(summary.is_object(), "agent printed no summary; stderr:\n{stderr}");
+        TraceOutput { events: std::mem::take(&mut self.events), summary, stderr }
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        // A failed test must not leave an agent running with probes attached.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> impl Iterator<Item = &'a Value> {
+    events.iter().filter(move |e| e["kind"] == kind)
+}
+
+static GO_BUILD: Mutex<()> = Mutex::new(());
+
+/// Builds `tests/peers/NAME` with Debian's Go (once per variant) and returns the binary.
+/// `stripped` links with `-ldflags=-s -w` (no .symtab: the agent must use .gopclntab).
+pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
+    let _guard = GO_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let root = workspace_root();
+    let out_dir = root.join("target/e2e-peers");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(if stripped { format!("{name}-stripped") } else { name.to_owned() });
+    let src = root.join("tests/peers").join(name);
+    let mut cmd = Command::new("go");
+    cmd.arg("build").arg("-o").arg(&out);
+    if stripped {
+        cmd.arg("-ldflags=-s -w");
+    }
+    cmd.arg(".")
+        .current_dir(&src)
+        .env("GO111MODULE", "off")
+        .env("GOCACHE", root.join("target/go-cache"));
+    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run go (install golang-go; cargo xtask setup does): {e}"));
+    assert!(
+        output.status.success(),
+        "go build {name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}

@@ -1,0 +1,26 @@
+//! `cargo xtask run -- ARGS`: set up, build the agent in release mode, and run it.
+
+use std::{os::unix::process::CommandExt as _, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::{setup, util::{run_status, workspace_root}};
+
+#[derive(Debug, clap::Parser)]
+pub struct Options {
+    /// Arguments for the agent, e.g. `-- trace --json`. Default: `trace`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    setup::run(setup::Options { check: false })?;
+    let root = workspace_root()?;
+    run_status(Command::new("cargo").current_dir(&root).args(["build", "--release", "--package", "agent"]))?;
+    let agent = root.join("target/release/agent");
+    let args = if opts.args.is_empty() { vec!["trace".to_owned()] } else { opts.args };
+    eprintln!("xtask: running {} {}", agent.display(), args.join(" "));
+    // Replace this process so Ctrl-C and SIGTERM reach the agent directly.
+    let err = Command::new(&agent).args(&args).exec();
+    Err(err).with_context(|| format!("cannot run {}", agent.display()))
+}

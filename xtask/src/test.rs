@@ -1,0 +1,62 @@
+//! `cargo xtask test`: the one command that runs every test, on a fresh machine too.
+//!
+//! Order: set up (idempotent), format and lint checks, unit tests, then the privileged
+//! end-to-end tests in `tests/`, which load the real probes and drive real peers. Those need
+//! root; run as another user they fail with a message instead of passing silently.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::{setup, util::{run_status, workspace_root}};
+
+#[derive(Debug, clap::Parser)]
+pub struct Options {
+    /// Skip `cargo fmt --check` and `cargo clippy`.
+    #[arg(long)]
+    no_lint: bool,
+    /// Only run end-to-end tests whose name contains this.
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    setup::run(setup::Options { check: false })?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("the end-to-end tests load eBPF programs and need root; run `sudo -E cargo xtask test`");
+    }
+    let root = workspace_root()?;
+    let cargo = |args: &[&str]| {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root).args(args);
+        cmd
+    };
+    if !opts.no_lint {
+        step("format check");
+        run_status(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+        step("clippy");
+        run_status(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    step("unit tests");
+    run_status(&mut cargo(&["test", "--workspace", "--exclude", "e2e"]))?;
+
+    step("end-to-end tests (root, real probes, real peers)");
+    run_status(&mut cargo(&["build", "--package", "agent"]))?;
+    let mut e2e = cargo(&["test", "--package", "e2e", "--", "--include-ignored", "--test-threads=1"]);
+    if let Some(filter) = &opts.filter {
+        e2e.arg(filter);
+    }
+    e2e.env("AGENT_BIN", root.join("target/debug/agent"));
+    run_status(&mut e2e)?;
+    Ok(())
+}
+
+fn step(name: &str) {
+    eprintln!("\nxtask test: == {name} ==");
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

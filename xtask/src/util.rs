@@ -1,0 +1,91 @@
+//! Small helpers for running external commands with useful error messages.
+
+use std::{
+    ffi::OsStr,
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Renders a command the way a person would type it (env overrides first), for messages.
+pub fn display(cmd: &Command) -> String {
+    let mut parts = Vec::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            parts.push(format!(
+                "{}={}",
+                key.to_string_lossy(),
+                value.to_string_lossy()
+            ));
+        }
+    }
+    parts.push(cmd.get_program().to_string_lossy().into_owned());
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// Runs `cmd` with stdout/stderr captured, whatever its exit status; errors only if it can't start.
+pub fn output_any_status(cmd: &mut Command) -> Result<Output> {
+    cmd.output()
+        .with_context(|| format!("failed to start `{}`", display(cmd)))
+}
+
+/// Runs `cmd` with output captured and returns its stdout; a non-zero exit is an error
+/// that carries the command line and its stderr (and stdout, which some tools use for errors).
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = output_any_status(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}){}{}",
+            display(cmd),
+            out.status,
+            tail("stderr", &out.stderr),
+            tail("stdout", &out.stdout),
+        );
+    }
+    String::from_utf8(out.stdout)
+        .with_context(|| format!("`{}` printed non-UTF-8 output", display(cmd)))
+}
+
+/// Shorthand for [`output`] on a program and its arguments.
+pub fn cmd_output<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
+    output(Command::new(program).args(args))
+}
+
+/// Runs `cmd` with inherited stdio (so long builds show progress); a non-zero exit is an error.
+pub fn run_status(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{}`", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with output captured, printing nothing when it succeeds; on failure the error
+/// carries the end of its output, since that is where apt/pip put the reason.
+pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+    output(cmd).map(drop)
+}
+
+/// The last lines of a captured stream, formatted for an error message ("" when empty).
+fn tail(name: &str, bytes: &[u8]) -> String {
+    const MAX_LINES: usize = 30;
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(MAX_LINES);
+    format!("\n--- {name} ---\n{}", lines[start..].join("\n"))
+}
+
+/// The workspace root: xtask's manifest dir is `<root>/xtask`.
+pub fn workspace_root() -> Result<std::path::PathBuf> {
+    let manifest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .ok_or_else(|| anyhow::anyhow!("xtask manifest dir has no parent"))
+}
