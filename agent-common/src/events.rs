@@ -74,8 +74,10 @@ pub struct TcpResetEvent {
     pub record: [u8; TP_RECORD_MAX],
 }
 
-/// One Go stop-the-world pause: from entry of `runtime.stopTheWorldWithSema` to entry of
-/// `runtime.startTheWorldWithSema` in the same process.
+/// One Go stop-the-world pause, from entry of `runtime.stopTheWorldWithSema` to a return of
+/// `runtime.startTheWorldWithSema` in the same process. The entry of `startTheWorldWithSema`
+/// is recorded too: the Go runtime itself ends some pauses there (mark termination) and others
+/// after the world is restarted (sweep termination), and userspace reports both views.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct GoStwEvent {
@@ -83,11 +85,18 @@ pub struct GoStwEvent {
     pub pid: u32,
     /// Thread that stopped the world.
     pub tid: u32,
-    pub start_ns: u64,
-    pub duration_ns: u64,
-    /// First integer argument register at `stopTheWorldWithSema` entry: the `stwReason` from Go
+    /// Entry of `stopTheWorldWithSema`.
+    pub stop_ns: u64,
+    /// Entry of `startTheWorldWithSema`; 0 if the probe there did not fire.
+    pub restart_ns: u64,
+    /// Return of `startTheWorldWithSema`.
+    pub end_ns: u64,
+    /// First integer argument register at `stopTheWorldWithSema`: the `stwReason` from Go
     /// 1.21 on (register ABI), meaningless before. Userspace interprets it by Go version.
-    pub reason_arg: u64,
+    pub stop_arg: u64,
+    /// First integer argument register at `startTheWorldWithSema`: `emitTraceEvent` (bool)
+    /// in Go 1.17 to 1.20, true for mark termination.
+    pub start_arg: u64,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -114,8 +123,10 @@ pub struct ProcessExitEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StwStart {
-    pub start_ns: u64,
-    pub reason_arg: u64,
+    pub stop_ns: u64,
+    pub stop_arg: u64,
+    pub restart_ns: u64,
+    pub start_arg: u64,
     pub tid: u32,
     pub _pad: u32,
 }

@@ -2,9 +2,10 @@
 //! programs (exec) and to release their probes (exit).
 //!
 //! Entry uprobes only: a uretprobe rewrites the return address on the goroutine stack, and Go
-//! moves stacks, which crashes the process. A pause is the time from entry of
-//! `runtime.stopTheWorldWithSema` to entry of `runtime.startTheWorldWithSema` in the same
-//! process (the runtime allows one stop-the-world at a time per process).
+//! moves stacks, which crashes the process. Exits are probed at each return instruction. A
+//! pause runs from entry of `runtime.stopTheWorldWithSema` to the return of
+//! `runtime.startTheWorldWithSema` in the same process (the runtime allows one stop-the-world
+//! at a time per process).
 
 use agent_common::{
     COMM_LEN,
@@ -14,7 +15,9 @@ use agent_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint, uprobe},
     maps::HashMap,
     programs::{ProbeContext, TracePointContext},
@@ -35,8 +38,10 @@ pub fn go_stw_stop(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let start = StwStart {
         // SAFETY: helper without arguments.
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        reason_arg: first_go_arg(&ctx),
+        stop_ns: unsafe { bpf_ktime_get_ns() },
+        stop_arg: first_go_arg(&ctx),
+        restart_ns: 0,
+        start_arg: 0,
         tid: pid_tgid as u32,
         _pad: 0,
     };
@@ -46,14 +51,32 @@ pub fn go_stw_stop(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Entry of `startTheWorldWithSema`: the world is still stopped; note when restarting began.
 #[uprobe]
-pub fn go_stw_start(_ctx: ProbeContext) -> u32 {
+pub fn go_stw_start(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(entry) = GO_STW_INFLIGHT.get_ptr_mut(tgid) else {
+        bump(Counter::GoStwUnmatched);
+        return 0;
+    };
+    // SAFETY: a valid map value pointer; only this process' STW thread touches its entry.
+    unsafe {
+        (*entry).restart_ns = bpf_ktime_get_ns();
+        (*entry).start_arg = first_go_arg(&ctx);
+    }
+    0
+}
+
+/// Where `startTheWorldWithSema` has restarted the world: its call to `wakep` and each of its
+/// return instructions (probed one by one: a uretprobe would rewrite a return address on a
+/// stack Go may move). The first to fire emits the pause; later ones find no entry.
+#[uprobe]
+pub fn go_stw_start_return(_ctx: ProbeContext) -> u32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: the value is copied out before the entry is removed.
     let Some(start) = (unsafe { GO_STW_INFLIGHT.get(tgid) }).copied() else {
-        bump(Counter::GoStwUnmatched);
         return 0;
     };
     let _ = GO_STW_INFLIGHT.remove(tgid);
@@ -62,9 +85,11 @@ pub fn go_stw_start(_ctx: ProbeContext) -> u32 {
         header: header(EventKind::GoStw as u32),
         pid: tgid,
         tid: start.tid,
-        start_ns: start.start_ns,
-        duration_ns: now.saturating_sub(start.start_ns),
-        reason_arg: start.reason_arg,
+        stop_ns: start.stop_ns,
+        restart_ns: start.restart_ns,
+        end_ns: now,
+        stop_arg: start.stop_arg,
+        start_arg: start.start_arg,
         comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
     };
     if EVENTS.output::<GoStwEvent>(&event, 0).is_err() {

@@ -23,8 +23,8 @@ pub struct Options {
     pub check: bool,
 }
 
-/// Pinned so that every machine builds the same linker; bump it (the stamp makes setup rebuild)
-/// when a nightly needs an LLVM feature this release lacks.
+/// Pinned so every machine builds the same linker. Bump it when the nightly's LLVM major has no
+/// `llvm-<major>` feature in this release (`cargo info bpf-linker`); the stamp then forces a rebuild.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages, each with what the tests use it for.
@@ -328,7 +328,7 @@ fn bpf_linker(report: &mut Report) -> Result<()> {
         install(false)?;
     }
 
-    // bpf-linker's build.rs sets an rpath to <prefix>/lib, where the libLLVM soname lives.
+    // build.rs links with a RUNPATH of <prefix>/lib, where make_llvm_prefix put the soname.
     let version = output(Command::new(&bin).arg("--version")).with_context(|| {
         let ldd = output_any_status(Command::new("ldd").arg(&bin))
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

@@ -23,7 +23,7 @@ use crate::{
         go_processes::{GoProcessEvent, GoTracker},
         ring::{self, ReaderStats},
     },
-    signals::{GoStwPause, Signal, TcpReset, go_stw::stw_reason},
+    signals::{GoStwPause, Signal, TcpReset},
 };
 
 #[derive(Debug, clap::Args)]
@@ -219,9 +219,9 @@ impl Output {
 
     fn gc_stw(&mut self, p: &GoStwPause, tracker: Option<&GoTracker>) {
         self.printed_pauses += 1;
-        let time = self.wall_time(p.start_ns);
+        let time = self.wall_time(p.stop_ns);
         let go_version = tracker.and_then(|t| t.go_version(p.pid)).map(str::to_owned);
-        let reason = tracker.and_then(|t| t.go_minor(p.pid)).and_then(|minor| stw_reason(minor, p.reason_arg));
+        let view = p.view(tracker.and_then(|t| t.go_minor(p.pid)));
         if self.json {
             self.json_line(json!({
                 "kind": "gc_stw",
@@ -229,20 +229,22 @@ impl Output {
                 "pid": p.pid,
                 "tid": p.tid,
                 "comm": p.comm,
-                "start_ns": p.start_ns,
-                "duration_ns": p.duration_ns,
-                "reason": reason,
+                "start_ns": p.stop_ns,
+                "duration_ns": view.duration_ns,
+                "world_stopped_ns": view.world_stopped_ns,
+                "reason": view.reason,
                 "go_version": go_version,
             }));
             return;
         }
         let mut text = format!(
-            "{time} gc_stw    pid={} comm={} duration={:.1}µs",
+            "{time} gc_stw    pid={} comm={} duration={:.1}µs world_stopped={:.1}µs",
             p.pid,
             p.comm,
-            p.duration_ns as f64 / 1000.0
+            view.duration_ns as f64 / 1000.0,
+            view.world_stopped_ns as f64 / 1000.0,
         );
-        if let Some(reason) = reason {
+        if let Some(reason) = view.reason {
             text.push_str(&format!(" reason={reason:?}"));
         }
         if let Some(v) = go_version {

@@ -51,6 +51,10 @@ pub enum GoBinaryError {
     Truncated { what: &'static str },
     #[error("no file-backed section contains address {addr:#x}")]
     NoSectionForAddress { addr: u64 },
+    #[error("finding return instructions is not supported on {arch}")]
+    UnsupportedArchitecture { arch: String },
+    #[error("function {name} has no return instruction")]
+    NoReturn { name: String },
 }
 
 type Result<T> = std::result::Result<T, GoBinaryError>;
@@ -113,13 +117,25 @@ pub fn inspect(data: &[u8]) -> Result<GoBinary> {
 /// failure (`NoPclntab`, `UnsupportedPclntab`, `InvalidPclntab`, `Truncated`); ELF errors
 /// as for [`inspect`]; `NoSectionForAddress` if an entry lies outside file-backed sections.
 pub fn function_file_offsets(data: &[u8], names: &[&str]) -> Result<Vec<u64>> {
+    Ok(functions(data, names)?.into_iter().map(|f| f.file_offset).collect())
+}
+
+/// Where a function's machine code lies in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionCode {
+    pub file_offset: u64,
+    pub len: u64,
+}
+
+/// File ranges of the named functions, one per name, from `.symtab` or else `.gopclntab`.
+pub fn functions(data: &[u8], names: &[&str]) -> Result<Vec<FunctionCode>> {
     let file = parse_elf(data)?;
-    let mut addrs = symtab_lookup(&file, names);
-    if addrs.iter().any(Option::is_none) {
+    let mut found = symtab_lookup(&file, names);
+    if found.iter().any(Option::is_none) {
         match pclntab_lookup(&file, names) {
-            Ok(found) => {
-                for (slot, addr) in addrs.iter_mut().zip(found) {
-                    *slot = slot.or(addr);
+            Ok(from_pclntab) => {
+                for (slot, f) in found.iter_mut().zip(from_pclntab) {
+                    *slot = slot.or(f);
                 }
             }
             // Without a symtab the pclntab error is the real cause; with one,
@@ -130,14 +146,71 @@ pub fn function_file_offsets(data: &[u8], names: &[&str]) -> Result<Vec<u64>> {
     }
     names
         .iter()
-        .zip(addrs)
-        .map(|(name, addr)| {
-            let addr = addr.ok_or_else(|| GoBinaryError::SymbolNotFound {
+        .zip(found)
+        .map(|(name, f)| {
+            let (addr, len) = f.ok_or_else(|| GoBinaryError::SymbolNotFound {
                 name: (*name).to_owned(),
             })?;
-            vaddr_to_file_offset(&file, addr)
+            Ok(FunctionCode { file_offset: vaddr_to_file_offset(&file, addr)?, len })
         })
         .collect()
+}
+
+/// File offsets of the instructions of function `name` where the world can be considered
+/// running again: every return, and on x86-64 also every `CALL callee` (e.g. the
+/// `runtime.wakep` that `startTheWorldWithSema` makes right after reading its clock).
+///
+/// The agent needs exit points of Go functions without uretprobes (which rewrite return
+/// addresses on goroutine stacks that Go may move). A probe placed anywhere but on an
+/// instruction boundary would corrupt the target's code, so x86-64 code is decoded properly;
+/// arm64 instructions are fixed-width words.
+pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec<u64>> {
+    let file = parse_elf(data)?;
+    let code = functions(data, &[name])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| GoBinaryError::SymbolNotFound { name: name.to_owned() })?;
+    let callee_offset = match callee {
+        Some(c) => functions(data, &[c]).ok().and_then(|f| f.first().map(|f| f.file_offset)),
+        None => None,
+    };
+    let start = usize::try_from(code.file_offset).map_err(|_| truncated("function code"))?;
+    let len = usize::try_from(code.len).map_err(|_| truncated("function code"))?;
+    let bytes = start
+        .checked_add(len)
+        .and_then(|end| data.get(start..end))
+        .filter(|b| !b.is_empty())
+        .ok_or(truncated("function code"))?;
+    let exits: Vec<u64> = match file.architecture() {
+        object::Architecture::X86_64 => {
+            // Decode in file-offset space so CALL targets compare with the callee's offset
+            // (a direct CALL is relative, so the translation cancels out).
+            let mut decoder =
+                iced_x86::Decoder::with_ip(64, bytes, code.file_offset, iced_x86::DecoderOptions::NONE);
+            let mut exits = Vec::new();
+            while decoder.can_decode() {
+                let ins = decoder.decode();
+                let is_return = matches!(ins.code(), iced_x86::Code::Retnq | iced_x86::Code::Retnq_imm16);
+                let calls_callee = ins.code() == iced_x86::Code::Call_rel32_64
+                    && callee_offset.is_some_and(|c| ins.near_branch_target() == c);
+                if is_return || calls_callee {
+                    exits.push(ins.ip());
+                }
+            }
+            exits
+        }
+        object::Architecture::Aarch64 => bytes
+            .chunks_exact(4)
+            .enumerate()
+            .filter(|(_, w)| *w == [0xc0, 0x03, 0x5f, 0xd6])
+            .map(|(i, _)| code.file_offset + 4 * i as u64)
+            .collect(),
+        other => return Err(GoBinaryError::UnsupportedArchitecture { arch: format!("{other:?}") }),
+    };
+    if exits.is_empty() {
+        return Err(GoBinaryError::NoReturn { name: name.to_owned() });
+    }
+    Ok(exits)
 }
 
 fn parse_elf(data: &[u8]) -> Result<object::File<'_>> {
@@ -268,8 +341,8 @@ fn parse_go_version(v: &str) -> Option<(u32, u32)> {
 // ---- .symtab --------------------------------------------------------------------------
 
 /// Virtual addresses of the named functions from `.symtab` (all None when stripped).
-fn symtab_lookup(file: &object::File<'_>, names: &[&str]) -> Vec<Option<u64>> {
-    let mut found: HashMap<&[u8], Option<u64>> =
+fn symtab_lookup(file: &object::File<'_>, names: &[&str]) -> Vec<Option<(u64, u64)>> {
+    let mut found: HashMap<&[u8], Option<(u64, u64)>> =
         names.iter().map(|n| (n.as_bytes(), None)).collect();
     if let Some(table) = file.symbol_table() {
         for sym in table.symbols() {
@@ -277,7 +350,7 @@ fn symtab_lookup(file: &object::File<'_>, names: &[&str]) -> Vec<Option<u64>> {
                 continue;
             }
             if let Some(slot @ None) = sym.name_bytes().ok().and_then(|n| found.get_mut(n)) {
-                *slot = Some(sym.address());
+                *slot = Some((sym.address(), sym.size()));
             }
         }
     }
@@ -458,10 +531,11 @@ fn load_pclntab<'a>(file: &object::File<'a>) -> Result<Pclntab<'a>> {
     Err(GoBinaryError::NoPclntab)
 }
 
-/// Virtual addresses of the named functions from the pclntab.
-fn pclntab_lookup(file: &object::File<'_>, names: &[&str]) -> Result<Vec<Option<u64>>> {
+/// Virtual addresses and sizes of the named functions from the pclntab. A function ends where
+/// the next one starts (the functab has an extra final entry: the end of the text).
+fn pclntab_lookup(file: &object::File<'_>, names: &[&str]) -> Result<Vec<Option<(u64, u64)>>> {
     let tab = load_pclntab(file)?;
-    let mut found: HashMap<&[u8], Option<u64>> =
+    let mut found: HashMap<&[u8], Option<(u64, u64)>> =
         names.iter().map(|n| (n.as_bytes(), None)).collect();
     let mut missing = found.len();
     for i in 0..tab.nfunc {
@@ -469,7 +543,9 @@ fn pclntab_lookup(file: &object::File<'_>, names: &[&str]) -> Result<Vec<Option<
             break;
         }
         if let Some(slot @ None) = found.get_mut(tab.name(i)?) {
-            *slot = Some(tab.entry(i)?);
+            let entry = tab.entry(i)?;
+            let size = tab.entry(i + 1)?.saturating_sub(entry);
+            *slot = Some((entry, size));
             missing -= 1;
         }
     }

@@ -23,12 +23,13 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use super::{
-    GO_STW_START_PROGRAM, GO_STW_STOP_PROGRAM, ProbeError,
+    GO_STW_START_PROGRAM, GO_STW_START_RETURN_PROGRAM, GO_STW_STOP_PROGRAM, ProbeError,
     go_binary::{self, GoBinaryError, SymbolSource},
 };
 
 const STOP_THE_WORLD: &str = "runtime.stopTheWorldWithSema";
 const START_THE_WORLD: &str = "runtime.startTheWorldWithSema";
+const WAKEP: &str = "runtime.wakep";
 /// Binaries remembered as "not Go"; the cache is cleared when it grows past this.
 const REJECTED_CACHE: usize = 8192;
 
@@ -45,7 +46,8 @@ struct AttachedBinary {
     go_version: Option<String>,
     go_minor: Option<u32>,
     symbols: SymbolSource,
-    links: [UProbeLinkId; 2],
+    /// Entry of stop and start, and one per return instruction of start.
+    links: Vec<(&'static str, UProbeLinkId)>,
     pids: HashSet<u32>,
 }
 
@@ -201,7 +203,8 @@ impl GoTracker {
         gone.into_iter().filter_map(|pid| self.process_exited(ebpf, pid)).collect()
     }
 
-    /// The Go minor version of a tracked process (e.g. 19 for go1.19.8).
+    /// The Go minor version of a tracked process (e.g. 19 for go1.19.8). Go 2 does not exist;
+    /// a major version other than 1 reads as unknown.
     pub fn go_minor(&self, pid: u32) -> Option<u32> {
         let p = self.processes.get(&pid)?;
         self.binaries.get(&p.key)?.go_minor
@@ -216,7 +219,7 @@ impl GoTracker {
         TrackerStats {
             processes: self.processes.len(),
             binaries: self.binaries.len(),
-            uprobe_links: self.binaries.len() * 2,
+            uprobe_links: self.binaries.values().map(|b| b.links.len()).sum(),
             tracked_pids_map_entries: self.tracked_pids.keys().filter(Result::is_ok).count(),
         }
     }
@@ -256,20 +259,32 @@ fn attach_binary(ebpf: &mut Ebpf, exe: &PathBuf, exe_path: PathBuf) -> Result<At
     let (Some(&stop_offset), Some(&start_offset)) = (offsets.first(), offsets.get(1)) else {
         return Err(AttachError::Failed("symbol lookup returned too few offsets".to_owned()));
     };
-    let stop = attach_uprobe(ebpf, GO_STW_STOP_PROGRAM, stop_offset, exe)?;
-    let start = match attach_uprobe(ebpf, GO_STW_START_PROGRAM, start_offset, exe) {
-        Ok(link) => link,
-        Err(e) => {
-            detach_uprobe(ebpf, GO_STW_STOP_PROGRAM, stop);
-            return Err(e);
+    // The world runs again where startTheWorldWithSema calls wakep (just after the runtime reads
+    // its clock), or at a return if that call is not found; the first to fire ends the pause.
+    let returns = go_binary::exit_offsets(&data, START_THE_WORLD, Some(WAKEP))
+        .map_err(|e| AttachError::Failed(format!("{e}")))?;
+    let points = [(GO_STW_STOP_PROGRAM, stop_offset), (GO_STW_START_PROGRAM, start_offset)]
+        .into_iter()
+        .chain(returns.into_iter().map(|off| (GO_STW_START_RETURN_PROGRAM, off)));
+    let mut links = Vec::new();
+    for (program, offset) in points {
+        match attach_uprobe(ebpf, program, offset, exe) {
+            Ok(link) => links.push((program, link)),
+            Err(e) => {
+                // All or nothing: a partial set would report no pause or wrong ones.
+                for (program, link) in links {
+                    detach_uprobe(ebpf, program, link);
+                }
+                return Err(e);
+            }
         }
-    };
+    }
     Ok(AttachedBinary {
         exe: exe_path,
-        go_minor: info.go_version_number.map(|(_, minor)| minor),
+        go_minor: info.go_version_number.and_then(|(major, minor)| (major == 1).then_some(minor)),
         go_version: info.go_version,
         symbols: info.symbol_source,
-        links: [stop, start],
+        links,
         pids: HashSet::new(),
     })
 }
@@ -285,9 +300,9 @@ fn attach_uprobe(ebpf: &mut Ebpf, program: &'static str, offset: u64, exe: &Path
 }
 
 fn detach_binary(ebpf: &mut Ebpf, binary: AttachedBinary) {
-    let [stop, start] = binary.links;
-    detach_uprobe(ebpf, GO_STW_STOP_PROGRAM, stop);
-    detach_uprobe(ebpf, GO_STW_START_PROGRAM, start);
+    for (program, link) in binary.links {
+        detach_uprobe(ebpf, program, link);
+    }
     info!(exe = %binary.exe.display(), "released Go STW probes");
 }
 

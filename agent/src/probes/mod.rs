@@ -10,7 +10,7 @@ pub mod kernel_layout;
 pub mod ring;
 pub mod tracefs;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::collections::BTreeMap;
 
 use agent_common::counters::{COUNTER_SLOTS, Counter};
 use aya::{
@@ -110,6 +110,7 @@ const TRACEPOINTS: &[TracepointSpec] = &[
 /// Uprobe programs: loaded up front, attached per Go binary by `go_processes`.
 pub const GO_STW_STOP_PROGRAM: &str = "go_stw_stop";
 pub const GO_STW_START_PROGRAM: &str = "go_stw_start";
+pub const GO_STW_START_RETURN_PROGRAM: &str = "go_stw_start_return";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -156,7 +157,6 @@ pub struct LoadOptions {
 pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
-    pub tracefs: PathBuf,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -209,7 +209,7 @@ impl Probes {
             .map_err(|source| ProbeError::Map { name: "EVENTS", source })?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or(ProbeError::NoMap("COUNTERS"))?)
             .map_err(|source| ProbeError::Map { name: "COUNTERS", source })?;
-        Ok((Self { ebpf, status, tracefs, counters }, ring, decoder))
+        Ok((Self { ebpf, status, counters }, ring, decoder))
     }
 
     pub fn is_attached(&self, probe: ProbeName) -> bool {
@@ -262,7 +262,7 @@ fn attach_probe(ebpf: &mut Ebpf, probe: ProbeName, decoder: &Decoder) -> ProbeSt
         degraded.push("a tcp reset record layout was not understood; its events are counted as undecodable".to_owned());
     }
     if probe == ProbeName::GoGc && attached {
-        for name in [GO_STW_STOP_PROGRAM, GO_STW_START_PROGRAM] {
+        for name in [GO_STW_STOP_PROGRAM, GO_STW_START_PROGRAM, GO_STW_START_RETURN_PROGRAM] {
             if let Err(e) = load_uprobe(ebpf, name) {
                 let msg = format!("{name}: {:#}", anyhow::Error::new(e));
                 warn!(probe = probe.as_str(), "{msg}");

@@ -1,22 +1,43 @@
 //! Go stop-the-world pauses.
+//!
+//! The kernel reports three instants per pause: stop (entry of `stopTheWorldWithSema`),
+//! restart (entry of `startTheWorldWithSema`) and end (its return). The Go runtime's own
+//! accounting (gctrace, runtime/metrics) ends a GC mark-termination pause at restart and every
+//! other pause after the world is restarted, near end. `duration_ns` follows the runtime, so it
+//! agrees with what Go users already read; `world_stopped_ns` is the whole interval.
 
 use agent_common::events::GoStwEvent;
 use serde::Serialize;
 
 use super::{DecodeError, comm_str, read_record};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct GoStwPause {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
-    /// CLOCK_MONOTONIC nanoseconds when the world was stopped.
-    pub start_ns: u64,
-    pub duration_ns: u64,
-    /// Raw first argument of `stopTheWorldWithSema`; see [`stw_reason`].
-    #[serde(skip)]
-    pub reason_arg: u64,
+    pub stop_ns: u64,
+    /// 0 when the probe at `startTheWorldWithSema` entry did not fire.
+    pub restart_ns: u64,
+    pub end_ns: u64,
+    pub stop_arg: u64,
+    pub start_arg: u64,
 }
+
+/// A pause interpreted with the Go version of its process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StwView {
+    /// Why the world stopped, when the Go version says: the `stwReason` (Go 1.21+), or for
+    /// Go 1.17 to 1.20 "GC mark termination" inferred from `startTheWorldWithSema(true)` (this
+    /// assumes runtime/trace is not running, which passes true for every GC pause).
+    pub reason: Option<&'static str>,
+    /// The pause as the Go runtime accounts it (what GODEBUG=gctrace=1 prints).
+    pub duration_ns: u64,
+    /// From stopping the world until it runs again.
+    pub world_stopped_ns: u64,
+}
+
+pub const MARK_TERMINATION: &str = "GC mark termination";
 
 pub fn decode(bytes: &[u8]) -> Result<GoStwPause, DecodeError> {
     let ev: GoStwEvent = read_record(bytes, "go stw")?;
@@ -24,21 +45,38 @@ pub fn decode(bytes: &[u8]) -> Result<GoStwPause, DecodeError> {
         pid: ev.pid,
         tid: ev.tid,
         comm: comm_str(&ev.comm),
-        start_ns: ev.start_ns,
-        duration_ns: ev.duration_ns,
-        reason_arg: ev.reason_arg,
+        stop_ns: ev.stop_ns,
+        restart_ns: ev.restart_ns,
+        end_ns: ev.end_ns,
+        stop_arg: ev.stop_arg,
+        start_arg: ev.start_arg,
     })
 }
 
-/// The `stwReason` passed to `stopTheWorldWithSema` from Go 1.21 on (`runtime/proc.go`,
-/// `stwReasonStrings`). Earlier versions pass none: the caller only asks for `go >= 1.21`.
-pub fn stw_reason(go_minor: u32, arg: u64) -> Option<&'static str> {
-    if go_minor < 21 {
-        return None;
+impl GoStwPause {
+    /// Interprets the pause for a process running Go `1.<go_minor>` (None: unknown version).
+    pub fn view(&self, go_minor: Option<u32>) -> StwView {
+        let world_stopped_ns = self.end_ns.saturating_sub(self.stop_ns);
+        let reason = match go_minor {
+            Some(minor) if minor >= 21 => stw_reason(self.stop_arg),
+            // Register ABI, before stwReason: only `emitTraceEvent` tells mark termination.
+            Some(17..=20) if self.start_arg & 0xff == 1 => Some(MARK_TERMINATION),
+            _ => None,
+        };
+        let duration_ns = if reason == Some(MARK_TERMINATION) && self.restart_ns != 0 {
+            self.restart_ns.saturating_sub(self.stop_ns)
+        } else {
+            world_stopped_ns
+        };
+        StwView { reason, duration_ns, world_stopped_ns }
     }
+}
+
+/// `stwReasonStrings` of `runtime/proc.go` (Go 1.21+).
+fn stw_reason(arg: u64) -> Option<&'static str> {
     Some(match arg {
         0 => "unknown",
-        1 => "GC mark termination",
+        1 => MARK_TERMINATION,
         2 => "GC sweep termination",
         3 => "write heap dump",
         4 => "goroutine profile",
@@ -56,4 +94,52 @@ pub fn stw_reason(go_minor: u32, arg: u64) -> Option<&'static str> {
         16 => "ResetDebugLog (test)",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pause(stop_arg: u64, start_arg: u64) -> GoStwPause {
+        GoStwPause {
+            pid: 1,
+            tid: 1,
+            comm: String::new(),
+            stop_ns: 1_000,
+            restart_ns: 31_000,
+            end_ns: 101_000,
+            stop_arg,
+            start_arg,
+        }
+    }
+
+    #[test]
+    fn go_1_19_mark_termination_ends_at_restart() {
+        let v = pause(0xdead, 1).view(Some(19));
+        assert_eq!(v.reason, Some(MARK_TERMINATION));
+        assert_eq!((v.duration_ns, v.world_stopped_ns), (30_000, 100_000));
+    }
+
+    #[test]
+    fn go_1_19_other_pauses_end_when_the_world_runs() {
+        let v = pause(0xdead, 0).view(Some(19));
+        assert_eq!(v.reason, None);
+        assert_eq!(v.duration_ns, 100_000);
+    }
+
+    #[test]
+    fn go_1_21_uses_stw_reason() {
+        assert_eq!(pause(2, 1).view(Some(21)).reason, Some("GC sweep termination"));
+        assert_eq!(pause(2, 1).view(Some(21)).duration_ns, 100_000);
+        assert_eq!(pause(1, 0).view(Some(22)).duration_ns, 30_000);
+        assert_eq!(pause(999, 0).view(Some(22)).reason, None);
+    }
+
+    #[test]
+    fn unknown_version_or_missing_restart_reports_the_whole_pause() {
+        assert_eq!(pause(1, 1).view(None).duration_ns, 100_000);
+        let mut p = pause(0, 1);
+        p.restart_ns = 0;
+        assert_eq!(p.view(Some(19)).duration_ns, 100_000);
+    }
 }

@@ -15,7 +15,7 @@ pub use tcp_reset::{TcpReset, TcpResetDecoder};
 pub enum Signal {
     TcpReset(TcpReset),
     GoStw(GoStwPause),
-    ProcessExec { pid: u32, comm: String },
+    ProcessExec { pid: u32 },
     ProcessExit { pid: u32 },
 }
 
@@ -42,7 +42,7 @@ impl Decoder {
             Some(EventKind::GoStw) => go_stw::decode(bytes).map(Signal::GoStw),
             Some(EventKind::ProcessExec) => {
                 let ev: ProcessExecEvent = read_record(bytes, "process exec")?;
-                Ok(Signal::ProcessExec { pid: ev.pid, comm: comm_str(&ev.comm) })
+                Ok(Signal::ProcessExec { pid: ev.pid })
             }
             Some(EventKind::ProcessExit) => {
                 let ev: ProcessExitEvent = read_record(bytes, "process exit")?;
