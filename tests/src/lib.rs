@@ -114,6 +114,11 @@ impl Trace {
         self.child.id()
     }
 
+    /// What the agent logged so far (for failure messages).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// Collects events until `done(&events)` holds or `timeout` passes; true if it held.
     pub fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&[Value]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;

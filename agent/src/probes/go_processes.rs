@@ -7,8 +7,11 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt as _,
-    path::PathBuf,
+    fs::File,
+    io::Read as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    sync::mpsc,
 };
 
 use aya::{
@@ -16,11 +19,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::{
         UProbe,
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::{
     GO_STW_START_PROGRAM, GO_STW_START_RETURN_PROGRAM, GO_STW_STOP_PROGRAM, ProbeError,
@@ -87,6 +90,9 @@ pub struct GoTracker {
     processes: HashMap<u32, TrackedProcess>,
     tracked_pids: BpfHashMap<MapData, u32, u8>,
     own_pid: u32,
+    /// Released links go to a thread that drops them: each uprobe unregistration waits for an
+    /// SRCU grace period (tens of ms), which must not hold up the handling of new processes.
+    reaper: mpsc::Sender<Vec<UProbeLink>>,
 }
 
 impl GoTracker {
@@ -94,7 +100,17 @@ impl GoTracker {
         let map = ebpf.take_map("TRACKED_PIDS").ok_or(ProbeError::NoMap("TRACKED_PIDS"))?;
         let tracked_pids =
             BpfHashMap::try_from(map).map_err(|source| ProbeError::Map { name: "TRACKED_PIDS", source })?;
+        let (reaper, released) = mpsc::channel::<Vec<UProbeLink>>();
+        std::thread::Builder::new()
+            .name("uprobe-reaper".into())
+            .spawn(move || {
+                for links in released {
+                    drop(links);
+                }
+            })
+            .map_err(ProbeError::Reaper)?;
         Ok(Self {
+            reaper,
             binaries: HashMap::new(),
             rejected: HashMap::new(),
             processes: HashMap::new(),
@@ -122,8 +138,13 @@ impl GoTracker {
             return None;
         }
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        // Kernel threads and processes that already exited have no exe.
-        let meta = std::fs::metadata(&exe).ok()?;
+        // Kernel threads have no exe; a process may also be gone already. From here on we use
+        // our own descriptor, so the process exiting does not matter any more.
+        let Ok(file) = File::open(&exe) else {
+            trace!(pid, "no executable to inspect (kernel thread, or exited)");
+            return None;
+        };
+        let meta = file.metadata().ok()?;
         let key = BinaryKey { dev: meta.dev(), ino: meta.ino(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
         let start_time = process_start_time(pid)?;
         // A re-exec replaces the image: let go of the old binary first.
@@ -133,13 +154,14 @@ impl GoTracker {
             }
             self.process_exited(ebpf, pid);
         }
-        if self.rejected.contains_key(&key) {
+        if let Some(reason) = self.rejected.get(&key) {
+            debug!(pid, %reason, "binary already rejected");
             return None;
         }
         let exe_path = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
         let new_binary = !self.binaries.contains_key(&key);
         if new_binary {
-            match attach_binary(ebpf, &exe, exe_path.clone()) {
+            match attach_binary(ebpf, file, exe_path.clone()) {
                 Ok(binary) => {
                     info!(pid, exe = %exe_path.display(), go = ?binary.go_version, "attached Go STW probes");
                     self.binaries.insert(key, binary);
@@ -149,7 +171,10 @@ impl GoTracker {
                     self.remember_rejected(key, "not a Go binary".to_owned());
                     return None;
                 }
-                Err(AttachError::Gone) => return None,
+                Err(AttachError::Unreadable(e)) => {
+                    warn!(pid, exe = %exe_path.display(), error = %e, "cannot read binary");
+                    return None;
+                }
                 Err(AttachError::Failed(reason)) => {
                     warn!(pid, exe = %exe_path.display(), %reason, "Go binary skipped");
                     self.remember_rejected(key, reason.clone());
@@ -183,7 +208,7 @@ impl GoTracker {
             binary.pids.remove(&pid);
             if binary.pids.is_empty() {
                 if let Some(binary) = self.binaries.remove(&process.key) {
-                    detach_binary(ebpf, binary);
+                    self.detach_binary(ebpf, binary);
                     binary_released = true;
                 }
             }
@@ -232,6 +257,14 @@ impl GoTracker {
         }
     }
 
+    fn detach_binary(&self, ebpf: &mut Ebpf, binary: AttachedBinary) {
+        let links = binary.links.into_iter().filter_map(|(program, link)| take_link(ebpf, program, link)).collect();
+        if self.reaper.send(links).is_err() {
+            warn!("uprobe reaper thread is gone; links are released at exit");
+        }
+        info!(exe = %binary.exe.display(), "released Go STW probes");
+    }
+
     fn remember_rejected(&mut self, key: BinaryKey, reason: String) {
         if self.rejected.len() >= REJECTED_CACHE {
             self.rejected.clear();
@@ -242,13 +275,16 @@ impl GoTracker {
 
 enum AttachError {
     NotGo,
-    /// The process exited before we could read its binary.
-    Gone,
+    Unreadable(std::io::Error),
     Failed(String),
 }
 
-fn attach_binary(ebpf: &mut Ebpf, exe: &PathBuf, exe_path: PathBuf) -> Result<AttachedBinary, AttachError> {
-    let data = std::fs::read(exe).map_err(|_| AttachError::Gone)?;
+fn attach_binary(ebpf: &mut Ebpf, mut file: File, exe_path: PathBuf) -> Result<AttachedBinary, AttachError> {
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).map_err(AttachError::Unreadable)?;
+    // The kernel resolves this magic link to our open file: the same inode whatever the
+    // process does now, and reachable even when it lives in another mount namespace.
+    let exe = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let info = match go_binary::inspect(&data) {
         Ok(info) => info,
         Err(GoBinaryError::NotGo | GoBinaryError::NotElf) => return Err(AttachError::NotGo),
@@ -268,12 +304,12 @@ fn attach_binary(ebpf: &mut Ebpf, exe: &PathBuf, exe_path: PathBuf) -> Result<At
         .chain(returns.into_iter().map(|off| (GO_STW_START_RETURN_PROGRAM, off)));
     let mut links = Vec::new();
     for (program, offset) in points {
-        match attach_uprobe(ebpf, program, offset, exe) {
+        match attach_uprobe(ebpf, program, offset, &exe) {
             Ok(link) => links.push((program, link)),
             Err(e) => {
                 // All or nothing: a partial set would report no pause or wrong ones.
                 for (program, link) in links {
-                    detach_uprobe(ebpf, program, link);
+                    drop(take_link(ebpf, program, link));
                 }
                 return Err(e);
             }
@@ -289,7 +325,7 @@ fn attach_binary(ebpf: &mut Ebpf, exe: &PathBuf, exe_path: PathBuf) -> Result<At
     })
 }
 
-fn attach_uprobe(ebpf: &mut Ebpf, program: &'static str, offset: u64, exe: &PathBuf) -> Result<UProbeLinkId, AttachError> {
+fn attach_uprobe(ebpf: &mut Ebpf, program: &'static str, offset: u64, exe: &Path) -> Result<UProbeLinkId, AttachError> {
     let uprobe: &mut UProbe = ebpf
         .program_mut(program)
         .and_then(|p| p.try_into().ok())
@@ -299,20 +335,19 @@ fn attach_uprobe(ebpf: &mut Ebpf, program: &'static str, offset: u64, exe: &Path
         .map_err(|e| AttachError::Failed(format!("attaching {program} at {offset:#x}: {:#}", anyhow::Error::new(e))))
 }
 
-fn detach_binary(ebpf: &mut Ebpf, binary: AttachedBinary) {
-    for (program, link) in binary.links {
-        detach_uprobe(ebpf, program, link);
-    }
-    info!(exe = %binary.exe.display(), "released Go STW probes");
-}
-
-fn detach_uprobe(ebpf: &mut Ebpf, program: &'static str, link: UProbeLinkId) {
+/// Takes ownership of a link so it can be dropped (detached) elsewhere.
+fn take_link(ebpf: &mut Ebpf, program: &'static str, link: UProbeLinkId) -> Option<UProbeLink> {
     let result = ebpf
         .program_mut(program)
         .and_then(|p| <&mut UProbe>::try_from(p).ok())
-        .map(|uprobe| uprobe.detach(link));
-    if let Some(Err(e)) = result {
-        warn!(program, error = %e, "detaching uprobe failed");
+        .map(|uprobe| uprobe.take_link(link));
+    match result {
+        Some(Ok(link)) => Some(link),
+        Some(Err(e)) => {
+            warn!(program, error = %e, "cannot take uprobe link for release");
+            None
+        }
+        None => None,
     }
 }
 

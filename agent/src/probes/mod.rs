@@ -134,6 +134,8 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot start the uprobe reaper thread")]
+    Reaper(#[source] std::io::Error),
     #[error("no probe could be attached: {0}")]
     NothingAttached(String),
 }
