@@ -45,7 +45,10 @@ pub fn go_stw_stop(ctx: ProbeContext) -> u32 {
         tid: pid_tgid as u32,
         _pad: 0,
     };
-    if GO_STW_INFLIGHT.insert((pid_tgid >> 32) as u32, start, 0).is_err() {
+    if GO_STW_INFLIGHT
+        .insert((pid_tgid >> 32) as u32, start, 0)
+        .is_err()
+    {
         bump(Counter::GoStwInflightFull);
     }
     0

@@ -88,7 +88,11 @@ fn try_reset(ctx: &TracePointContext, direction: ResetDirection) -> Result<(), (
     let ev = entry.as_mut_ptr();
     let in_softirq = IN_SOFTIRQ.get(0).copied().unwrap_or(1);
     let pid_tgid = bpf_get_current_pid_tgid();
-    let len = if len as usize > TP_RECORD_MAX { TP_RECORD_MAX as u32 } else { len };
+    let len = if len as usize > TP_RECORD_MAX {
+        TP_RECORD_MAX as u32
+    } else {
+        len
+    };
 
     // SAFETY: `ev` points to a reservation of exactly size_of::<TcpResetEvent>() bytes, which
     // we fill completely before submitting.

@@ -16,14 +16,20 @@ use std::{
 use serde_json::Value;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Fails the test (with the reason) unless we are root.
 pub fn require_root() {
     // SAFETY: no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test loads eBPF programs and needs root: run it with `cargo xtask test`");
+    assert_eq!(
+        euid, 0,
+        "this test loads eBPF programs and needs root: run it with `cargo xtask test`"
+    );
 }
 
 /// The agent binary under test: `$AGENT_BIN`, else the workspace's debug build.
@@ -31,7 +37,11 @@ pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/debug/agent"));
-    assert!(path.exists(), "agent binary {} not found: build it (cargo xtask test does)", path.display());
+    assert!(
+        path.exists(),
+        "agent binary {} not found: build it (cargo xtask test does)",
+        path.display()
+    );
     path
 }
 
@@ -60,7 +70,10 @@ impl Trace {
             .arg("trace")
             .arg("--json")
             .args(args)
-            .env("AGENT_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "AGENT_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -71,8 +84,9 @@ impl Trace {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("agent printed a line that is not JSON ({e}): {line}"));
+                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("agent printed a line that is not JSON ({e}): {line}")
+                });
                 if tx.send(value).is_err() {
                     break;
                 }
@@ -87,7 +101,13 @@ impl Trace {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let mut trace = Trace { child, lines, stderr, ready: Value::Null, events: Vec::new() };
+        let mut trace = Trace {
+            child,
+            lines,
+            stderr,
+            ready: Value::Null,
+            events: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -130,7 +150,10 @@ impl Trace {
             if left.is_zero() {
                 return false;
             }
-            match self.lines.recv_timeout(left.min(Duration::from_millis(100))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
                 Ok(v) => {
                     self.events.push(v);
                     // Take everything already waiting before checking again: `done` may be costly.
@@ -170,9 +193,19 @@ impl Trace {
         // The stderr reader thread may still be flushing the last lines.
         std::thread::sleep(Duration::from_millis(50));
         let stderr = self.stderr.lock().unwrap().clone();
-        assert!(status.success(), "agent exited with {status}; stderr:\n{stderr}");
-        assert!(summary.is_object(), "agent printed no summary; stderr:\n{stderr}");
-        TraceOutput { events: std::mem::take(&mut self.events), summary, stderr }
+        assert!(
+            status.success(),
+            "agent exited with {status}; stderr:\n{stderr}"
+        );
+        assert!(
+            summary.is_object(),
+            "agent printed no summary; stderr:\n{stderr}"
+        );
+        TraceOutput {
+            events: std::mem::take(&mut self.events),
+            summary,
+            stderr,
+        }
     }
 }
 
@@ -197,7 +230,11 @@ pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
     let root = workspace_root();
     let out_dir = root.join("target/e2e-peers");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(if stripped { format!("{name}-stripped") } else { name.to_owned() });
+    let out = out_dir.join(if stripped {
+        format!("{name}-stripped")
+    } else {
+        name.to_owned()
+    });
     let src = root.join("tests/peers").join(name);
     let mut cmd = Command::new("go");
     cmd.arg("build").arg("-o").arg(&out);
@@ -208,7 +245,9 @@ pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
         .current_dir(&src)
         .env("GO111MODULE", "off")
         .env("GOCACHE", root.join("target/go-cache"));
-    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run go (install golang-go; cargo xtask setup does): {e}"));
+    let output = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run go (install golang-go; cargo xtask setup does): {e}")
+    });
     assert!(
         output.status.success(),
         "go build {name} failed:\n{}",

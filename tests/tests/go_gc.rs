@@ -47,7 +47,12 @@ impl GcStress {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
-        GcStress { child, stdin, stdout, stderr }
+        GcStress {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -68,15 +73,26 @@ impl GcStress {
         assert!(status.success());
         std::thread::sleep(Duration::from_millis(50));
         let stderr = self.stderr.lock().unwrap().clone();
-        stderr.lines().filter(|l| l.starts_with("gc ")).map(gctrace_stw_figures).collect()
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("gc "))
+            .map(gctrace_stw_figures)
+            .collect()
     }
 }
 
 /// `gc 3 @0.046s 2%: 0.13+0.33+0.073 ms clock, ...` -> (130.0, 73.0): the first and third clock
 /// figures are the two stop-the-world phases.
 fn gctrace_stw_figures(line: &str) -> (f64, f64) {
-    let clock = line.split(": ").nth(1).and_then(|r| r.split(" ms clock").next()).unwrap();
-    let parts: Vec<f64> = clock.split('+').map(|p| p.parse::<f64>().unwrap() * 1000.0).collect();
+    let clock = line
+        .split(": ")
+        .nth(1)
+        .and_then(|r| r.split(" ms clock").next())
+        .unwrap();
+    let parts: Vec<f64> = clock
+        .split('+')
+        .map(|p| p.parse::<f64>().unwrap() * 1000.0)
+        .collect();
     (parts[0], parts[2])
 }
 
@@ -84,13 +100,18 @@ fn gctrace_stw_figures(line: &str) -> (f64, f64) {
 /// mark termination (sweep termination) and ends with its last mark-termination pause (the
 /// runtime may restart mark once, with an extra pause gctrace does not print).
 fn agent_cycles(events: &[Value], pid: u32) -> Vec<(f64, f64)> {
-    let mut pauses: Vec<&Value> = events.iter().filter(|e| e["kind"] == "gc_stw" && e["pid"] == pid).collect();
+    let mut pauses: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "gc_stw" && e["pid"] == pid)
+        .collect();
     pauses.sort_by_key(|e| e["start_ns"].as_u64().unwrap());
     let us = |e: &Value| e["duration_ns"].as_f64().unwrap() / 1000.0;
     let mut cycles: Vec<(f64, Option<f64>)> = Vec::new();
     for p in pauses {
         if p["reason"] == "GC mark termination" {
-            let last = cycles.last_mut().unwrap_or_else(|| panic!("mark termination without a sweep termination: {p}"));
+            let last = cycles
+                .last_mut()
+                .unwrap_or_else(|| panic!("mark termination without a sweep termination: {p}"));
             last.1 = Some(us(p));
         } else {
             cycles.push((us(p), None));
@@ -98,14 +119,23 @@ fn agent_cycles(events: &[Value], pid: u32) -> Vec<(f64, f64)> {
     }
     cycles
         .into_iter()
-        .map(|(sweep, mark)| (sweep, mark.unwrap_or_else(|| panic!("cycle without mark termination"))))
+        .map(|(sweep, mark)| {
+            (
+                sweep,
+                mark.unwrap_or_else(|| panic!("cycle without mark termination")),
+            )
+        })
         .collect()
 }
 
 /// Checks the acceptance bound and prints the figures; returns the share within tolerance.
 fn compare(label: &str, gctrace: &[(f64, f64)], agent: &[(f64, f64)]) {
     assert_eq!(gctrace.len(), CYCLES, "{label}: gctrace cycles");
-    assert_eq!(agent.len(), gctrace.len(), "{label}: the agent must report both pauses of every cycle");
+    assert_eq!(
+        agent.len(),
+        gctrace.len(),
+        "{label}: the agent must report both pauses of every cycle"
+    );
     let mut within = 0;
     let mut diffs = Vec::new();
     for ((gs, gm), (a_s, a_m)) in gctrace.iter().zip(agent) {
@@ -127,11 +157,17 @@ fn compare(label: &str, gctrace: &[(f64, f64)], agent: &[(f64, f64)]) {
         diffs[n * 95 / 100],
         diffs[n - 1]
     );
-    assert!(share >= 0.95, "{label}: only {:.1}% of pauses within tolerance", share * 100.0);
+    assert!(
+        share >= 0.95,
+        "{label}: only {:.1}% of pauses within tolerance",
+        share * 100.0
+    );
 }
 
 fn attached(events: &[Value], pid: u32) -> Option<&Value> {
-    events.iter().find(|e| e["kind"] == "go_process" && e["state"] == "attached" && e["pid"] == pid)
+    events
+        .iter()
+        .find(|e| e["kind"] == "go_process" && e["state"] == "attached" && e["pid"] == pid)
 }
 
 fn wait_attached(trace: &mut Trace, pid: u32) -> Value {
@@ -171,7 +207,11 @@ fn pauses_of_a_process_started_after_the_agent_stripped_too() {
         let pid = go.pid();
         let gctrace = go.finish();
         let out = trace.stop();
-        let label = if stripped { "started after, stripped" } else { "started after" };
+        let label = if stripped {
+            "started after, stripped"
+        } else {
+            "started after"
+        };
         compare(label, &gctrace, &agent_cycles(&out.events, pid));
     }
 }
@@ -185,7 +225,10 @@ fn two_go_processes_at_once_are_not_mixed_up() {
     let mut b = GcStress::start(&binary);
     wait_attached(&mut trace, a.pid());
     let second = wait_attached(&mut trace, b.pid());
-    assert_eq!(second["new_binary"], false, "one set of probes serves both processes");
+    assert_eq!(
+        second["new_binary"], false,
+        "one set of probes serves both processes"
+    );
     let (pa, pb) = (a.pid(), b.pid());
     a.go();
     b.go();
@@ -193,7 +236,11 @@ fn two_go_processes_at_once_are_not_mixed_up() {
     let out = trace.stop();
     compare("concurrent A", &ga, &agent_cycles(&out.events, pa));
     compare("concurrent B", &gb, &agent_cycles(&out.events, pb));
-    let other = out.events.iter().filter(|e| e["kind"] == "gc_stw" && e["pid"] != pa && e["pid"] != pb).count();
+    let other = out
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "gc_stw" && e["pid"] != pa && e["pid"] != pb)
+        .count();
     eprintln!("pauses of other processes during the test: {other}");
 }
 
@@ -202,8 +249,16 @@ fn two_go_processes_at_once_are_not_mixed_up() {
 /// links are recognised by their program's name).
 fn kernel_uprobes() -> usize {
     let json = |args: &[&str]| -> Value {
-        let out = Command::new("bpftool").arg("-j").args(args).output().expect("bpftool (cargo xtask setup installs it)");
-        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool (cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]))
     };
     let stw_programs: Vec<u64> = json(&["prog", "show"])
@@ -217,20 +272,33 @@ fn kernel_uprobes() -> usize {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| stw_programs.contains(&id)))
+        .filter(|l| {
+            l["prog_id"]
+                .as_u64()
+                .is_some_and(|id| stw_programs.contains(&id))
+        })
         .count()
 }
 
 /// Entries of one of the agent's maps, as the kernel sees them (bpftool map dump).
 fn map_entries(name: &str) -> usize {
-    let out = Command::new("bpftool").args(["-j", "map", "dump", "name", name]).output().unwrap();
-    assert!(out.status.success(), "bpftool map dump {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool map dump {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array().map_or(0, Vec::len)
 }
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 #[test]
@@ -238,13 +306,23 @@ fn open_fds(pid: u32) -> usize {
 fn short_lived_go_processes_leave_nothing_behind() {
     let mut trace = Trace::start(&["--probes", "go-gc"]);
     let agent = trace.pid();
-    let before = (kernel_uprobes(), map_entries("TRACKED_PIDS"), map_entries("GO_STW_INFLIGHT"), open_fds(agent));
+    let before = (
+        kernel_uprobes(),
+        map_entries("TRACKED_PIDS"),
+        map_entries("GO_STW_INFLIGHT"),
+        open_fds(agent),
+    );
     let binary = go_peer("gcstress", false);
     let mut peak_uprobes = 0;
     let mut pids = Vec::new();
     for _wave in 0..10 {
         let mut wave: Vec<Child> = (0..10)
-            .map(|_| Command::new(&binary).args(["-sleep", "300ms"]).spawn().unwrap())
+            .map(|_| {
+                Command::new(&binary)
+                    .args(["-sleep", "300ms"])
+                    .spawn()
+                    .unwrap()
+            })
             .collect();
         pids.extend(wave.iter().map(Child::id));
         let last = wave.last().unwrap().id();
@@ -259,13 +337,29 @@ fn short_lived_go_processes_leave_nothing_behind() {
         }
     }
     let detached = |ev: &[Value]| {
-        pids.iter().all(|pid| ev.iter().any(|e| e["kind"] == "go_process" && e["state"] == "detached" && e["pid"] == *pid))
+        pids.iter().all(|pid| {
+            ev.iter()
+                .any(|e| e["kind"] == "go_process" && e["state"] == "detached" && e["pid"] == *pid)
+        })
     };
-    assert!(trace.wait_for(Duration::from_secs(10), detached), "not every short-lived process was released");
-    let attached_count = pids.iter().filter(|pid| attached(&trace.events, **pid).is_some()).count();
+    assert!(
+        trace.wait_for(Duration::from_secs(10), detached),
+        "not every short-lived process was released"
+    );
+    let attached_count = pids
+        .iter()
+        .filter(|pid| attached(&trace.events, **pid).is_some())
+        .count();
     // Links are dropped on a background thread (each uprobe unregistration waits for an SRCU
     // grace period): give the kernel a moment to show the release.
-    let counts = || (kernel_uprobes(), map_entries("TRACKED_PIDS"), map_entries("GO_STW_INFLIGHT"), open_fds(agent));
+    let counts = || {
+        (
+            kernel_uprobes(),
+            map_entries("TRACKED_PIDS"),
+            map_entries("GO_STW_INFLIGHT"),
+            open_fds(agent),
+        )
+    };
     let mut after = counts();
     for _ in 0..50 {
         if after == before {
@@ -278,8 +372,14 @@ fn short_lived_go_processes_leave_nothing_behind() {
         "100 short-lived Go processes: {attached_count} attached; peak kernel uprobes {peak_uprobes}; \
          (uprobes, TRACKED_PIDS, GO_STW_INFLIGHT, agent fds) before {before:?} after {after:?}"
     );
-    assert_eq!(attached_count, 100, "every process lived long enough to be found");
-    assert!(peak_uprobes >= 3, "probes were attached while the processes ran ({peak_uprobes})");
+    assert_eq!(
+        attached_count, 100,
+        "every process lived long enough to be found"
+    );
+    assert!(
+        peak_uprobes >= 3,
+        "probes were attached while the processes ran ({peak_uprobes})"
+    );
     assert_eq!(before, after, "something leaked");
     let out = trace.stop();
     let tracker = &out.summary["probes"]["go-gc"]["tracker_at_exit"];

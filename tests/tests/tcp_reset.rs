@@ -45,24 +45,69 @@ fn abortive_close(listener: &TcpListener, out: &mut Expectations) {
     let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, _) = listener.accept().unwrap();
     let (c, s) = (client.local_addr().unwrap(), server.local_addr().unwrap());
-    SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(client);
-    expect(out, Expected { direction: "sent", local: c, remote: s }, Cause::AbortiveClose);
-    expect(out, Expected { direction: "received", local: s, remote: c }, Cause::AbortiveClose);
+    expect(
+        out,
+        Expected {
+            direction: "sent",
+            local: c,
+            remote: s,
+        },
+        Cause::AbortiveClose,
+    );
+    expect(
+        out,
+        Expected {
+            direction: "received",
+            local: s,
+            remote: c,
+        },
+        Cause::AbortiveClose,
+    );
     drop(server);
 }
 
 /// A connect to a port nobody listens on: the kernel sends RST for the port (sent, no socket),
 /// the connecting socket receives it (received).
 fn closed_port(closed: SocketAddr, out: &mut Expectations) {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(closed), socket2::Type::STREAM, None).unwrap();
-    let any: SocketAddr = if closed.is_ipv4() { "127.0.0.1:0".parse().unwrap() } else { "[::1]:0".parse().unwrap() };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(closed),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    let any: SocketAddr = if closed.is_ipv4() {
+        "127.0.0.1:0".parse().unwrap()
+    } else {
+        "[::1]:0".parse().unwrap()
+    };
     socket.bind(&any.into()).unwrap();
     let local = socket.local_addr().unwrap().as_socket().unwrap();
-    let err = socket.connect(&closed.into()).expect_err("connect to a closed port must fail");
+    let err = socket
+        .connect(&closed.into())
+        .expect_err("connect to a closed port must fail");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
-    expect(out, Expected { direction: "sent", local: closed, remote: local }, Cause::ClosedPort);
-    expect(out, Expected { direction: "received", local, remote: closed }, Cause::ClosedPort);
+    expect(
+        out,
+        Expected {
+            direction: "sent",
+            local: closed,
+            remote: local,
+        },
+        Cause::ClosedPort,
+    );
+    expect(
+        out,
+        Expected {
+            direction: "received",
+            local,
+            remote: closed,
+        },
+        Cause::ClosedPort,
+    );
 }
 
 /// A port that was free a moment ago and that nothing listens on now.
@@ -84,7 +129,9 @@ fn make_resets(ip: &str, expected: &mut Expectations) -> HashSet<u16> {
 }
 
 fn addr(v: &Value) -> SocketAddr {
-    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not an address: {v}"))
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an address: {v}"))
 }
 
 #[test]
@@ -92,31 +139,56 @@ fn addr(v: &Value) -> SocketAddr {
 fn every_reset_reported_once_ipv4_and_ipv6() {
     let mut trace = Trace::start(&["--probes", "tcp-reset"]);
     assert_eq!(trace.ready["probes"][0]["name"], "tcp-reset");
-    assert_eq!(trace.ready["probes"][0]["attached"], true, "{}", trace.ready);
+    assert_eq!(
+        trace.ready["probes"][0]["attached"], true,
+        "{}",
+        trace.ready
+    );
 
     let mut expected = Expectations::new();
     let mut server_ports = make_resets("127.0.0.1", &mut expected);
     server_ports.extend(make_resets("::1", &mut expected));
     let want: usize = expected.values().map(|(_, n)| n).sum();
-    assert_eq!(want, 2 * 2 * RESETS_PER_FAMILY, "each reset is one sent and one received event");
+    assert_eq!(
+        want,
+        2 * 2 * RESETS_PER_FAMILY,
+        "each reset is one sent and one received event"
+    );
 
     // Our resets are the events touching our server or closed ports.
     let ours = |e: &Value| {
         e["kind"] == "tcp_reset"
-            && (server_ports.contains(&addr(&e["local"]).port()) || server_ports.contains(&addr(&e["remote"]).port()))
+            && (server_ports.contains(&addr(&e["local"]).port())
+                || server_ports.contains(&addr(&e["remote"]).port()))
     };
-    let complete = trace.wait_for(Duration::from_secs(20), |events| events.iter().filter(|e| ours(e)).count() >= want);
+    let complete = trace.wait_for(Duration::from_secs(20), |events| {
+        events.iter().filter(|e| ours(e)).count() >= want
+    });
     let out = trace.stop();
     let seen: Vec<&Value> = out.events.iter().filter(|e| ours(e)).collect();
-    assert!(complete, "only {} of {want} reset events arrived", seen.len());
+    assert!(
+        complete,
+        "only {} of {want} reset events arrived",
+        seen.len()
+    );
 
     let mut found: HashMap<Expected, usize> = HashMap::new();
     let own_pid = std::process::id();
     let mut pids_named = 0;
     for e in &seen {
-        let direction = if e["direction"] == "sent" { "sent" } else { "received" };
-        let key = Expected { direction, local: addr(&e["local"]), remote: addr(&e["remote"]) };
-        let (cause, _) = *expected.get(&key).unwrap_or_else(|| panic!("reset the test did not make: {e}"));
+        let direction = if e["direction"] == "sent" {
+            "sent"
+        } else {
+            "received"
+        };
+        let key = Expected {
+            direction,
+            local: addr(&e["local"]),
+            remote: addr(&e["remote"]),
+        };
+        let (cause, _) = *expected
+            .get(&key)
+            .unwrap_or_else(|| panic!("reset the test did not make: {e}"));
         *found.entry(key).or_default() += 1;
         // A pid is named only in task context, and then it is the process that really caused the
         // reset: here, always this test. (A received reset can run in task context too, when the
@@ -127,13 +199,21 @@ fn every_reset_reported_once_ipv4_and_ipv6() {
         }
         match (direction, cause) {
             ("sent", Cause::AbortiveClose) => {
-                assert_eq!(e["task"]["pid"], own_pid, "an abortive close runs in our task: {e}")
+                assert_eq!(
+                    e["task"]["pid"], own_pid,
+                    "an abortive close runs in our task: {e}"
+                )
             }
             // Answered from softirq, where "current" is whoever was interrupted.
-            ("sent", Cause::ClosedPort) => assert!(e["task"].is_null(), "softirq reset named a task: {e}"),
+            ("sent", Cause::ClosedPort) => {
+                assert!(e["task"].is_null(), "softirq reset named a task: {e}")
+            }
             _ => {}
         }
-        assert!(e["netns"].as_u64().is_some_and(|n| n > 0), "netns missing: {e}");
+        assert!(
+            e["netns"].as_u64().is_some_and(|n| n > 0),
+            "netns missing: {e}"
+        );
     }
     let wrong: Vec<_> = expected
         .iter()
@@ -141,13 +221,22 @@ fn every_reset_reported_once_ipv4_and_ipv6() {
         .map(|(k, (_, n))| (k, *n, found.get(k).copied().unwrap_or(0)))
         .take(5)
         .collect();
-    assert!(wrong.is_empty(), "(event, expected, reported) mismatches, first 5: {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "(event, expected, reported) mismatches, first 5: {wrong:?}"
+    );
     assert_eq!(seen.len(), want);
-    assert!(pids_named >= RESETS_PER_FAMILY, "at least every abortive close names our pid");
+    assert!(
+        pids_named >= RESETS_PER_FAMILY,
+        "at least every abortive close names our pid"
+    );
 
     let summary = &out.summary["probes"]["tcp-reset"];
     assert_eq!(summary["dropped_in_kernel"], 0, "{summary}");
-    assert!(summary["sent"].as_u64().unwrap() >= 2 * RESETS_PER_FAMILY as u64, "{summary}");
+    assert!(
+        summary["sent"].as_u64().unwrap() >= 2 * RESETS_PER_FAMILY as u64,
+        "{summary}"
+    );
     assert_eq!(out.summary["reader"]["undecodable"], 0, "{}", out.summary);
     eprintln!(
         "tcp resets: {} events checked ({} with our pid); summary {}",

@@ -4,7 +4,10 @@ use std::{os::unix::process::CommandExt as _, process::Command};
 
 use anyhow::{Context as _, Result};
 
-use crate::{setup, util::{run_status, workspace_root}};
+use crate::{
+    setup,
+    util::{run_status, workspace_root},
+};
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -16,9 +19,18 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<()> {
     setup::run(setup::Options { check: false })?;
     let root = workspace_root()?;
-    run_status(Command::new("cargo").current_dir(&root).args(["build", "--release", "--package", "agent"]))?;
+    run_status(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "agent",
+    ]))?;
     let agent = root.join("target/release/agent");
-    let args = if opts.args.is_empty() { vec!["trace".to_owned()] } else { opts.args };
+    let args = if opts.args.is_empty() {
+        vec!["trace".to_owned()]
+    } else {
+        opts.args
+    };
     eprintln!("xtask: running {} {}", agent.display(), args.join(" "));
     // Replace this process so Ctrl-C and SIGTERM reach the agent directly.
     let err = Command::new(&agent).args(&args).exec();

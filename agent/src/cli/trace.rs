@@ -60,7 +60,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(65536);
     let (stop_reader, shutdown) = watch::channel(false);
     let reader_stats = Arc::new(ReaderStats::default());
-    let reader = ring::spawn(ring, decoder, tx, shutdown, reader_stats.clone()).context("cannot poll the ring buffer")?;
+    let reader = ring::spawn(ring, decoder, tx, shutdown, reader_stats.clone())
+        .context("cannot poll the ring buffer")?;
 
     let mut out = Output::new(opts.json);
     let mut tracker = if probes.is_attached(ProbeName::GoGc) {
@@ -89,11 +90,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     Signal::TcpReset(reset) => out.tcp_reset(&reset),
                     Signal::GoStw(pause) => out.gc_stw(&pause, tracker.as_ref()),
                     Signal::ProcessExec { pid, .. } => {
-                        if let Some(t) = tracker.as_mut() {
-                            if let Some(e) = tokio::task::block_in_place(|| t.process_started(&mut probes.ebpf, pid)) {
+                        if let Some(t) = tracker.as_mut()
+                            && let Some(e) = tokio::task::block_in_place(|| t.process_started(&mut probes.ebpf, pid)) {
                                 out.go_process(&e);
                             }
-                        }
                     }
                     Signal::ProcessExit { pid } => {
                         if let Some(e) = tracker.as_mut().and_then(|t| t.process_exited(&mut probes.ebpf, pid)) {
@@ -263,15 +263,27 @@ impl Output {
             return;
         }
         let text = match e {
-            GoProcessEvent::Attached { pid, exe, go_version, symbols, .. } => format!(
+            GoProcessEvent::Attached {
+                pid,
+                exe,
+                go_version,
+                symbols,
+                ..
+            } => format!(
                 "go_process attached pid={pid} exe={} go={} symbols={symbols}",
                 exe.display(),
                 go_version.as_deref().unwrap_or("unknown")
             ),
             GoProcessEvent::Skipped { pid, exe, reason } => {
-                format!("go_process skipped pid={pid} exe={} reason={reason}", exe.display())
+                format!(
+                    "go_process skipped pid={pid} exe={} reason={reason}",
+                    exe.display()
+                )
             }
-            GoProcessEvent::Detached { pid, binary_released } => {
+            GoProcessEvent::Detached {
+                pid,
+                binary_released,
+            } => {
                 format!("go_process detached pid={pid} binary_released={binary_released}")
             }
         };
@@ -334,11 +346,13 @@ impl Output {
 
 fn realtime_minus_monotonic_ns() -> i128 {
     let read = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid clock id and pointer.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
     };
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
-

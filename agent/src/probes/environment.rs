@@ -34,8 +34,8 @@ const CAP_BPF: u32 = 39;
 /// Loading programs needs CAP_BPF, attaching tracepoints and uprobes CAP_PERFMON; CAP_SYS_ADMIN
 /// covers both on every kernel.
 pub fn check_capabilities() -> Result<(), EnvironmentError> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").map_err(EnvironmentError::UnreadableCapabilities)?;
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(EnvironmentError::UnreadableCapabilities)?;
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -117,7 +117,10 @@ pub fn inspect(data: &[u8]) -> Result<GoBinary> {
 /// failure (`NoPclntab`, `UnsupportedPclntab`, `InvalidPclntab`, `Truncated`); ELF errors
 /// as for [`inspect`]; `NoSectionForAddress` if an entry lies outside file-backed sections.
 pub fn function_file_offsets(data: &[u8], names: &[&str]) -> Result<Vec<u64>> {
-    Ok(functions(data, names)?.into_iter().map(|f| f.file_offset).collect())
+    Ok(functions(data, names)?
+        .into_iter()
+        .map(|f| f.file_offset)
+        .collect())
 }
 
 /// Where a function's machine code lies in the file.
@@ -151,7 +154,10 @@ pub fn functions(data: &[u8], names: &[&str]) -> Result<Vec<FunctionCode>> {
             let (addr, len) = f.ok_or_else(|| GoBinaryError::SymbolNotFound {
                 name: (*name).to_owned(),
             })?;
-            Ok(FunctionCode { file_offset: vaddr_to_file_offset(&file, addr)?, len })
+            Ok(FunctionCode {
+                file_offset: vaddr_to_file_offset(&file, addr)?,
+                len,
+            })
         })
         .collect()
 }
@@ -169,9 +175,13 @@ pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec
     let code = functions(data, &[name])?
         .into_iter()
         .next()
-        .ok_or_else(|| GoBinaryError::SymbolNotFound { name: name.to_owned() })?;
+        .ok_or_else(|| GoBinaryError::SymbolNotFound {
+            name: name.to_owned(),
+        })?;
     let callee_offset = match callee {
-        Some(c) => functions(data, &[c]).ok().and_then(|f| f.first().map(|f| f.file_offset)),
+        Some(c) => functions(data, &[c])
+            .ok()
+            .and_then(|f| f.first().map(|f| f.file_offset)),
         None => None,
     };
     let start = usize::try_from(code.file_offset).map_err(|_| truncated("function code"))?;
@@ -185,12 +195,19 @@ pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec
         object::Architecture::X86_64 => {
             // Decode in file-offset space so CALL targets compare with the callee's offset
             // (a direct CALL is relative, so the translation cancels out).
-            let mut decoder =
-                iced_x86::Decoder::with_ip(64, bytes, code.file_offset, iced_x86::DecoderOptions::NONE);
+            let mut decoder = iced_x86::Decoder::with_ip(
+                64,
+                bytes,
+                code.file_offset,
+                iced_x86::DecoderOptions::NONE,
+            );
             let mut exits = Vec::new();
             while decoder.can_decode() {
                 let ins = decoder.decode();
-                let is_return = matches!(ins.code(), iced_x86::Code::Retnq | iced_x86::Code::Retnq_imm16);
+                let is_return = matches!(
+                    ins.code(),
+                    iced_x86::Code::Retnq | iced_x86::Code::Retnq_imm16
+                );
                 let calls_callee = ins.code() == iced_x86::Code::Call_rel32_64
                     && callee_offset.is_some_and(|c| ins.near_branch_target() == c);
                 if is_return || calls_callee {
@@ -205,10 +222,16 @@ pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec
             .filter(|(_, w)| *w == [0xc0, 0x03, 0x5f, 0xd6])
             .map(|(i, _)| code.file_offset + 4 * i as u64)
             .collect(),
-        other => return Err(GoBinaryError::UnsupportedArchitecture { arch: format!("{other:?}") }),
+        other => {
+            return Err(GoBinaryError::UnsupportedArchitecture {
+                arch: format!("{other:?}"),
+            });
+        }
     };
     if exits.is_empty() {
-        return Err(GoBinaryError::NoReturn { name: name.to_owned() });
+        return Err(GoBinaryError::NoReturn {
+            name: name.to_owned(),
+        });
     }
     Ok(exits)
 }

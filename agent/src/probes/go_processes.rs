@@ -72,8 +72,15 @@ pub enum GoProcessEvent {
         /// False when the binary's probes were already attached for another process.
         new_binary: bool,
     },
-    Skipped { pid: u32, exe: PathBuf, reason: String },
-    Detached { pid: u32, binary_released: bool },
+    Skipped {
+        pid: u32,
+        exe: PathBuf,
+        reason: String,
+    },
+    Detached {
+        pid: u32,
+        binary_released: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -97,9 +104,13 @@ pub struct GoTracker {
 
 impl GoTracker {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
-        let map = ebpf.take_map("TRACKED_PIDS").ok_or(ProbeError::NoMap("TRACKED_PIDS"))?;
-        let tracked_pids =
-            BpfHashMap::try_from(map).map_err(|source| ProbeError::Map { name: "TRACKED_PIDS", source })?;
+        let map = ebpf
+            .take_map("TRACKED_PIDS")
+            .ok_or(ProbeError::NoMap("TRACKED_PIDS"))?;
+        let tracked_pids = BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: "TRACKED_PIDS",
+            source,
+        })?;
         let (reaper, released) = mpsc::channel::<Vec<UProbeLink>>();
         std::thread::Builder::new()
             .name("uprobe-reaper".into())
@@ -128,7 +139,9 @@ impl GoTracker {
         let pids: Vec<u32> = dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
-        pids.into_iter().filter_map(|pid| self.process_started(ebpf, pid)).collect()
+        pids.into_iter()
+            .filter_map(|pid| self.process_started(ebpf, pid))
+            .collect()
     }
 
     /// A process exec'd (or was found running): attach if it runs a Go binary. None when there is
@@ -145,7 +158,11 @@ impl GoTracker {
             return None;
         };
         let meta = file.metadata().ok()?;
-        let key = BinaryKey { dev: meta.dev(), ino: meta.ino(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
+        let key = BinaryKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        };
         let start_time = process_start_time(pid)?;
         // A re-exec replaces the image: let go of the old binary first.
         if let Some(old) = self.processes.get(&pid) {
@@ -178,13 +195,18 @@ impl GoTracker {
                 Err(AttachError::Failed(reason)) => {
                     warn!(pid, exe = %exe_path.display(), %reason, "Go binary skipped");
                     self.remember_rejected(key, reason.clone());
-                    return Some(GoProcessEvent::Skipped { pid, exe: exe_path, reason });
+                    return Some(GoProcessEvent::Skipped {
+                        pid,
+                        exe: exe_path,
+                        reason,
+                    });
                 }
             }
         }
         let binary = self.binaries.get_mut(&key)?;
         binary.pids.insert(pid);
-        self.processes.insert(pid, TrackedProcess { key, start_time });
+        self.processes
+            .insert(pid, TrackedProcess { key, start_time });
         if let Err(e) = self.tracked_pids.insert(pid, 1, 0) {
             // The periodic sweep still releases this process; it only loses the prompt exit.
             warn!(pid, error = %e, "cannot watch exit of Go process");
@@ -206,14 +228,17 @@ impl GoTracker {
         let mut binary_released = false;
         if let Some(binary) = self.binaries.get_mut(&process.key) {
             binary.pids.remove(&pid);
-            if binary.pids.is_empty() {
-                if let Some(binary) = self.binaries.remove(&process.key) {
-                    self.detach_binary(ebpf, binary);
-                    binary_released = true;
-                }
+            if binary.pids.is_empty()
+                && let Some(binary) = self.binaries.remove(&process.key)
+            {
+                self.detach_binary(ebpf, binary);
+                binary_released = true;
             }
         }
-        Some(GoProcessEvent::Detached { pid, binary_released })
+        Some(GoProcessEvent::Detached {
+            pid,
+            binary_released,
+        })
     }
 
     /// Releases processes that exited without the kernel telling us (exit event dropped, or the
@@ -225,7 +250,9 @@ impl GoTracker {
             .filter(|(pid, p)| process_start_time(**pid) != Some(p.start_time))
             .map(|(pid, _)| *pid)
             .collect();
-        gone.into_iter().filter_map(|pid| self.process_exited(ebpf, pid)).collect()
+        gone.into_iter()
+            .filter_map(|pid| self.process_exited(ebpf, pid))
+            .collect()
     }
 
     /// The Go minor version of a tracked process (e.g. 19 for go1.19.8). Go 2 does not exist;
@@ -258,7 +285,11 @@ impl GoTracker {
     }
 
     fn detach_binary(&self, ebpf: &mut Ebpf, binary: AttachedBinary) {
-        let links = binary.links.into_iter().filter_map(|(program, link)| take_link(ebpf, program, link)).collect();
+        let links = binary
+            .links
+            .into_iter()
+            .filter_map(|(program, link)| take_link(ebpf, program, link))
+            .collect();
         if self.reaper.send(links).is_err() {
             warn!("uprobe reaper thread is gone; links are released at exit");
         }
@@ -279,9 +310,14 @@ enum AttachError {
     Failed(String),
 }
 
-fn attach_binary(ebpf: &mut Ebpf, mut file: File, exe_path: PathBuf) -> Result<AttachedBinary, AttachError> {
+fn attach_binary(
+    ebpf: &mut Ebpf,
+    mut file: File,
+    exe_path: PathBuf,
+) -> Result<AttachedBinary, AttachError> {
     let mut data = Vec::new();
-    file.read_to_end(&mut data).map_err(AttachError::Unreadable)?;
+    file.read_to_end(&mut data)
+        .map_err(AttachError::Unreadable)?;
     // The kernel resolves this magic link to our open file: the same inode whatever the
     // process does now, and reachable even when it lives in another mount namespace.
     let exe = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
@@ -293,15 +329,24 @@ fn attach_binary(ebpf: &mut Ebpf, mut file: File, exe_path: PathBuf) -> Result<A
     let offsets = go_binary::function_file_offsets(&data, &[STOP_THE_WORLD, START_THE_WORLD])
         .map_err(|e| AttachError::Failed(format!("{e}")))?;
     let (Some(&stop_offset), Some(&start_offset)) = (offsets.first(), offsets.get(1)) else {
-        return Err(AttachError::Failed("symbol lookup returned too few offsets".to_owned()));
+        return Err(AttachError::Failed(
+            "symbol lookup returned too few offsets".to_owned(),
+        ));
     };
     // The world runs again where startTheWorldWithSema calls wakep (just after the runtime reads
     // its clock), or at a return if that call is not found; the first to fire ends the pause.
     let returns = go_binary::exit_offsets(&data, START_THE_WORLD, Some(WAKEP))
         .map_err(|e| AttachError::Failed(format!("{e}")))?;
-    let points = [(GO_STW_STOP_PROGRAM, stop_offset), (GO_STW_START_PROGRAM, start_offset)]
-        .into_iter()
-        .chain(returns.into_iter().map(|off| (GO_STW_START_RETURN_PROGRAM, off)));
+    let points = [
+        (GO_STW_STOP_PROGRAM, stop_offset),
+        (GO_STW_START_PROGRAM, start_offset),
+    ]
+    .into_iter()
+    .chain(
+        returns
+            .into_iter()
+            .map(|off| (GO_STW_START_RETURN_PROGRAM, off)),
+    );
     let mut links = Vec::new();
     for (program, offset) in points {
         match attach_uprobe(ebpf, program, offset, &exe) {
@@ -317,7 +362,9 @@ fn attach_binary(ebpf: &mut Ebpf, mut file: File, exe_path: PathBuf) -> Result<A
     }
     Ok(AttachedBinary {
         exe: exe_path,
-        go_minor: info.go_version_number.and_then(|(major, minor)| (major == 1).then_some(minor)),
+        go_minor: info
+            .go_version_number
+            .and_then(|(major, minor)| (major == 1).then_some(minor)),
         go_version: info.go_version,
         symbols: info.symbol_source,
         links,
@@ -325,14 +372,24 @@ fn attach_binary(ebpf: &mut Ebpf, mut file: File, exe_path: PathBuf) -> Result<A
     })
 }
 
-fn attach_uprobe(ebpf: &mut Ebpf, program: &'static str, offset: u64, exe: &Path) -> Result<UProbeLinkId, AttachError> {
+fn attach_uprobe(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    offset: u64,
+    exe: &Path,
+) -> Result<UProbeLinkId, AttachError> {
     let uprobe: &mut UProbe = ebpf
         .program_mut(program)
         .and_then(|p| p.try_into().ok())
         .ok_or_else(|| AttachError::Failed(format!("program {program} not loaded")))?;
     uprobe
         .attach(offset, exe, UProbeScope::AllProcesses)
-        .map_err(|e| AttachError::Failed(format!("attaching {program} at {offset:#x}: {:#}", anyhow::Error::new(e))))
+        .map_err(|e| {
+            AttachError::Failed(format!(
+                "attaching {program} at {offset:#x}: {:#}",
+                anyhow::Error::new(e)
+            ))
+        })
 }
 
 /// Takes ownership of a link so it can be dropped (detached) elsewhere.

@@ -57,17 +57,29 @@ pub fn resolve(
     let btf = match Btf::from_file(VMLINUX_BTF) {
         Ok(btf) => btf,
         Err(source) => {
-            let e = LayoutError::Btf { path: VMLINUX_BTF.to_owned(), source };
+            let e = LayoutError::Btf {
+                path: VMLINUX_BTF.to_owned(),
+                source,
+            };
             warn!(error = %e, "kernel BTF unavailable: resets will lack netns, state and cgroup");
             return layout;
         }
     };
-    let set = |slot: &mut u32, strukt: &str, path: &[&str]| match member_offset(&btf, strukt, path) {
+    let set = |slot: &mut u32, strukt: &str, path: &[&str]| match member_offset(&btf, strukt, path)
+    {
         Ok(off) => *slot = off,
         Err(e) => warn!(error = %e, member = %path.join("."), "kernel struct member not resolved"),
     };
-    set(&mut layout.sock_net, "sock", &["__sk_common", "skc_net", "net"]);
-    set(&mut layout.sock_state, "sock", &["__sk_common", "skc_state"]);
+    set(
+        &mut layout.sock_net,
+        "sock",
+        &["__sk_common", "skc_net", "net"],
+    );
+    set(
+        &mut layout.sock_state,
+        "sock",
+        &["__sk_common", "skc_state"],
+    );
     set(&mut layout.sock_cgroup, "sock", &["sk_cgrp_data", "cgroup"]);
     set(&mut layout.net_inum, "net", &["ns", "inum"]);
     set(&mut layout.cgroup_kn, "cgroup", &["kn"]);
@@ -78,7 +90,9 @@ pub fn resolve(
 }
 
 fn field_offset(format: &TracepointFormat, name: &str) -> u32 {
-    format.field(name).map_or(UNKNOWN_OFFSET, |f| f.offset as u32)
+    format
+        .field(name)
+        .map_or(UNKNOWN_OFFSET, |f| f.offset as u32)
 }
 
 /// Byte offset of `path` (e.g. `["__sk_common", "skc_net", "net"]`) inside `struct strukt`,
@@ -86,17 +100,23 @@ fn field_offset(format: &TracepointFormat, name: &str) -> u32 {
 pub fn member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32, LayoutError> {
     let mut current = btf
         .resolve_types_by_name(strukt)
-        .map_err(|source| LayoutError::Resolve { what: format!("struct {strukt}"), source })?
+        .map_err(|source| LayoutError::Resolve {
+            what: format!("struct {strukt}"),
+            source,
+        })?
         .into_iter()
         .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
-        .ok_or_else(|| LayoutError::NoStruct { name: strukt.to_owned() })?;
+        .ok_or_else(|| LayoutError::NoStruct {
+            name: strukt.to_owned(),
+        })?;
     let mut offset_bits = 0u32;
     let mut owner = strukt.to_owned();
     for member in path {
-        let (bits, ty) = find_member(btf, &current, member)?.ok_or_else(|| LayoutError::NoMember {
-            name: owner.clone(),
-            member: (*member).to_owned(),
-        })?;
+        let (bits, ty) =
+            find_member(btf, &current, member)?.ok_or_else(|| LayoutError::NoMember {
+                name: owner.clone(),
+                member: (*member).to_owned(),
+            })?;
         offset_bits += bits;
         current = ty;
         owner = (*member).to_owned();
@@ -111,17 +131,20 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, Type)>, 
         Type::Struct(s) | Type::Union(s) => &s.members,
         _ => return Ok(None),
     };
-    let err = |source| LayoutError::Resolve { what: format!("member {name}"), source };
+    let err = |source| LayoutError::Resolve {
+        what: format!("member {name}"),
+        source,
+    };
     for m in members {
         let member_name = btf.resolve_name(m).unwrap_or_default();
         let member_ty = peel(btf, btf.resolve_chained_type(m).map_err(err)?)?;
         if member_name == name {
             return Ok(Some((m.bit_offset(), member_ty)));
         }
-        if member_name.is_empty() {
-            if let Some((bits, found)) = find_member(btf, &member_ty, name)? {
-                return Ok(Some((m.bit_offset() + bits, found)));
-            }
+        if member_name.is_empty()
+            && let Some((bits, found)) = find_member(btf, &member_ty, name)?
+        {
+            return Ok(Some((m.bit_offset() + bits, found)));
         }
     }
     Ok(None)
@@ -137,7 +160,10 @@ fn peel(btf: &Btf, mut ty: Type) -> Result<Type, LayoutError> {
             Type::TypeTag(t) => btf.resolve_chained_type(t),
             _ => return Ok(ty),
         }
-        .map_err(|source| LayoutError::Resolve { what: "typedef chain".to_owned(), source })?;
+        .map_err(|source| LayoutError::Resolve {
+            what: "typedef chain".to_owned(),
+            source,
+        })?;
     }
     Ok(ty)
 }

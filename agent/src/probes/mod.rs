@@ -24,7 +24,8 @@ use tracing::{info, warn};
 use crate::signals::{Decoder, TcpResetDecoder, tcp_reset::RecordLayout};
 
 /// The kernel object built by `build.rs` from `agent-ebpf`.
-static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-probes"));
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-probes"));
 
 /// Probe families a user can turn on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize)]
@@ -169,7 +170,9 @@ impl Probes {
         environment::raise_memlock_limit();
 
         let wants = |p: ProbeName| opts.probes.contains(&p);
-        let read_format = |category: &str, name: &str| match tracefs::TracepointFormat::read(&tracefs, category, name) {
+        let read_format = |category: &str, name: &str| match tracefs::TracepointFormat::read(
+            &tracefs, category, name,
+        ) {
             Ok(f) => Some(f),
             Err(e) => {
                 warn!(error = %e, "tracepoint format unavailable");
@@ -177,7 +180,10 @@ impl Probes {
             }
         };
         let (send_fmt, recv_fmt) = if wants(ProbeName::TcpReset) {
-            (read_format("tcp", "tcp_send_reset"), read_format("tcp", "tcp_receive_reset"))
+            (
+                read_format("tcp", "tcp_send_reset"),
+                read_format("tcp", "tcp_receive_reset"),
+            )
         } else {
             (None, None)
         };
@@ -208,10 +214,27 @@ impl Probes {
         }
 
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::NoMap("EVENTS"))?)
-            .map_err(|source| ProbeError::Map { name: "EVENTS", source })?;
-        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or(ProbeError::NoMap("COUNTERS"))?)
-            .map_err(|source| ProbeError::Map { name: "COUNTERS", source })?;
-        Ok((Self { ebpf, status, counters }, ring, decoder))
+            .map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or(ProbeError::NoMap("COUNTERS"))?,
+        )
+        .map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        Ok((
+            Self {
+                ebpf,
+                status,
+                counters,
+            },
+            ring,
+            decoder,
+        ))
     }
 
     pub fn is_attached(&self, probe: ProbeName) -> bool {
@@ -246,7 +269,13 @@ fn attach_probe(ebpf: &mut Ebpf, probe: ProbeName, decoder: &Decoder) -> ProbeSt
                 }
             }
             Err(e) => {
-                let msg = format!("{}/{}: {:#}; {}", spec.category, spec.name, anyhow::Error::new(e), spec.without_it);
+                let msg = format!(
+                    "{}/{}: {:#}; {}",
+                    spec.category,
+                    spec.name,
+                    anyhow::Error::new(e),
+                    spec.without_it
+                );
                 warn!(probe = probe.as_str(), "{msg}");
                 degraded.push(msg);
                 if spec.required {
@@ -260,11 +289,21 @@ fn attach_probe(ebpf: &mut Ebpf, probe: ProbeName, decoder: &Decoder) -> ProbeSt
         ProbeName::TcpReset => required_ok > 0,
         ProbeName::GoGc => required_failed == 0,
     };
-    if probe == ProbeName::TcpReset && attached && (decoder.tcp_reset.sent.is_none() || decoder.tcp_reset.received.is_none()) {
-        degraded.push("a tcp reset record layout was not understood; its events are counted as undecodable".to_owned());
+    if probe == ProbeName::TcpReset
+        && attached
+        && (decoder.tcp_reset.sent.is_none() || decoder.tcp_reset.received.is_none())
+    {
+        degraded.push(
+            "a tcp reset record layout was not understood; its events are counted as undecodable"
+                .to_owned(),
+        );
     }
     if probe == ProbeName::GoGc && attached {
-        for name in [GO_STW_STOP_PROGRAM, GO_STW_START_PROGRAM, GO_STW_START_RETURN_PROGRAM] {
+        for name in [
+            GO_STW_STOP_PROGRAM,
+            GO_STW_START_PROGRAM,
+            GO_STW_START_RETURN_PROGRAM,
+        ] {
             if let Err(e) = load_uprobe(ebpf, name) {
                 let msg = format!("{name}: {:#}", anyhow::Error::new(e));
                 warn!(probe = probe.as_str(), "{msg}");
@@ -276,7 +315,11 @@ fn attach_probe(ebpf: &mut Ebpf, probe: ProbeName, decoder: &Decoder) -> ProbeSt
     if attached {
         info!(probe = probe.as_str(), "probe attached");
     }
-    ProbeStatus { name: probe, attached, degraded }
+    ProbeStatus {
+        name: probe,
+        attached,
+        degraded,
+    }
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<(), ProbeError> {
@@ -284,11 +327,20 @@ fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<(), Probe
         .program_mut(spec.program)
         .ok_or(ProbeError::NoProgram(spec.program))?
         .try_into()
-        .map_err(|source| ProbeError::Program { name: spec.program, source })?;
-    program.load().map_err(|source| ProbeError::Program { name: spec.program, source })?;
+        .map_err(|source| ProbeError::Program {
+            name: spec.program,
+            source,
+        })?;
+    program.load().map_err(|source| ProbeError::Program {
+        name: spec.program,
+        source,
+    })?;
     program
         .attach(spec.category, spec.name)
-        .map_err(|source| ProbeError::Program { name: spec.program, source })?;
+        .map_err(|source| ProbeError::Program {
+            name: spec.program,
+            source,
+        })?;
     Ok(())
 }
 
@@ -298,5 +350,7 @@ fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeError> {
         .ok_or(ProbeError::NoProgram(name))?
         .try_into()
         .map_err(|source| ProbeError::Program { name, source })?;
-    program.load().map_err(|source| ProbeError::Program { name, source })
+    program
+        .load()
+        .map_err(|source| ProbeError::Program { name, source })
 }

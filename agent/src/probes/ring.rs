@@ -66,7 +66,12 @@ pub fn spawn(
 }
 
 /// Moves up to `BATCH` records into `batch`; true when the ring is empty.
-fn drain(ring: &mut RingBuf<MapData>, decoder: &Decoder, stats: &ReaderStats, batch: &mut Vec<Signal>) -> bool {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    decoder: &Decoder,
+    stats: &ReaderStats,
+    batch: &mut Vec<Signal>,
+) -> bool {
     while batch.len() < BATCH {
         let Some(item) = ring.next() else { return true };
         stats.records.fetch_add(1, Ordering::Relaxed);

@@ -40,7 +40,11 @@ pub struct TracepointFormat {
 
 impl TracepointFormat {
     pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self, TracefsError> {
-        let path = tracefs.join("events").join(category).join(name).join("format");
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::NoTracepoint {
             category: category.to_owned(),
             name: name.to_owned(),
@@ -96,11 +100,19 @@ fn parse_field(rest: &str) -> Option<(String, Field)> {
     }
     // The name is the last identifier of the declaration, before any array suffix.
     let decl = decl.split('[').next()?.trim_end();
-    let name = decl.rsplit(|c: char| c.is_whitespace() || c == '*').next()?;
+    let name = decl
+        .rsplit(|c: char| c.is_whitespace() || c == '*')
+        .next()?;
     if name.is_empty() {
         return None;
     }
-    Some((name.to_owned(), Field { offset: offset?, size: size? }))
+    Some((
+        name.to_owned(),
+        Field {
+            offset: offset?,
+            size: size?,
+        },
+    ))
 }
 
 /// Finds `__print_symbolic(REC->x, { 0, "A" }, { 1, "B" })` with numeric values.
@@ -118,12 +130,14 @@ fn parse_symbol_tables(fmt: &str) -> HashMap<String, HashMap<u64, String>> {
             if body[..open].contains(')') {
                 break;
             }
-            let Some(close) = body[open..].find('}') else { break };
+            let Some(close) = body[open..].find('}') else {
+                break;
+            };
             let entry = &body[open + 1..open + close];
-            if let Some((value, name)) = entry.split_once(',') {
-                if let Ok(value) = value.trim().parse::<u64>() {
-                    table.insert(value, name.trim().trim_matches('"').to_owned());
-                }
+            if let Some((value, name)) = entry.split_once(',')
+                && let Ok(value) = value.trim().parse::<u64>()
+            {
+                table.insert(value, name.trim().trim_matches('"').to_owned());
             }
             body = &body[open + close + 1..];
         }

@@ -68,7 +68,11 @@ impl GoStwPause {
         } else {
             world_stopped_ns
         };
-        StwView { reason, duration_ns, world_stopped_ns }
+        StwView {
+            reason,
+            duration_ns,
+            world_stopped_ns,
+        }
     }
 }
 
@@ -129,7 +133,10 @@ mod tests {
 
     #[test]
     fn go_1_21_uses_stw_reason() {
-        assert_eq!(pause(2, 1).view(Some(21)).reason, Some("GC sweep termination"));
+        assert_eq!(
+            pause(2, 1).view(Some(21)).reason,
+            Some("GC sweep termination")
+        );
         assert_eq!(pause(2, 1).view(Some(21)).duration_ns, 100_000);
         assert_eq!(pause(1, 0).view(Some(22)).duration_ns, 30_000);
         assert_eq!(pause(999, 0).view(Some(22)).reason, None);

@@ -22,7 +22,11 @@ pub enum Signal {
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is too short for {what} ({need} bytes)")]
-    Short { what: &'static str, len: usize, need: usize },
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
     #[error("unknown record kind {0}")]
     UnknownKind(u32),
     #[error("tcp reset record: {0}")]
@@ -60,7 +64,11 @@ impl Decoder {
 pub(crate) fn read_record<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
     let need = std::mem::size_of::<T>();
     if bytes.len() < need {
-        return Err(DecodeError::Short { what, len: bytes.len(), need });
+        return Err(DecodeError::Short {
+            what,
+            len: bytes.len(),
+            need,
+        });
     }
     // SAFETY: length checked above; read_unaligned has no alignment requirement; T is one of the
     // integer-only wire structs, valid for any bit pattern.

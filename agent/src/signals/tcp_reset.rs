@@ -89,9 +89,16 @@ impl RecordLayout {
             _ => return None,
         };
         let reason = f("reason").map(|field| {
-            (field, format.symbols.get("reason").cloned().unwrap_or_default())
+            (
+                field,
+                format.symbols.get("reason").cloned().unwrap_or_default(),
+            )
         });
-        Some(Self { addresses, reason, sock_cookie: f("sock_cookie") })
+        Some(Self {
+            addresses,
+            reason,
+            sock_cookie: f("sock_cookie"),
+        })
     }
 }
 
@@ -110,7 +117,9 @@ impl TcpResetDecoder {
             d if d == ResetDirection::Received as u32 => (Direction::Received, &self.received),
             _ => return Err(DecodeError::TcpReset("unknown direction")),
         };
-        let layout = layout.as_ref().ok_or(DecodeError::TcpReset("no layout for this tracepoint"))?;
+        let layout = layout
+            .as_ref()
+            .ok_or(DecodeError::TcpReset("no layout for this tracepoint"))?;
         let len = (ev.record_len as usize).min(ev.record.len());
         if len == 0 {
             return Err(DecodeError::TcpReset("kernel could not copy the record"));
@@ -135,7 +144,11 @@ impl TcpResetDecoder {
             }),
             netns: (ev.netns_ino != 0).then_some(ev.netns_ino),
             cgroup_id: (ev.cgroup_id != 0).then_some(ev.cgroup_id),
-            sock_cookie: layout.sock_cookie.as_ref().and_then(|f| read_uint(record, f)).filter(|&c| c != 0),
+            sock_cookie: layout
+                .sock_cookie
+                .as_ref()
+                .and_then(|f| read_uint(record, f))
+                .filter(|&c| c != 0),
         })
     }
 }
@@ -150,7 +163,15 @@ fn addresses(layout: &AddressLayout, r: &[u8]) -> Result<(SocketAddr, SocketAddr
             sockaddr(slice(r, saddr).ok_or(bad.clone())?)?,
             sockaddr(slice(r, daddr).ok_or(bad)?)?,
         )),
-        AddressLayout::Split { sport, dport, family, saddr, daddr, saddr_v6, daddr_v6 } => {
+        AddressLayout::Split {
+            sport,
+            dport,
+            family,
+            saddr,
+            daddr,
+            saddr_v6,
+            daddr_v6,
+        } => {
             let family = read_uint(r, family).ok_or(bad.clone())? as u16;
             let sport = read_uint(r, sport).ok_or(bad.clone())? as u16;
             let dport = read_uint(r, dport).ok_or(bad.clone())? as u16;
@@ -183,12 +204,18 @@ fn sockaddr(b: &[u8]) -> Result<SocketAddr, DecodeError> {
 }
 
 fn ipv4(b: &[u8]) -> Result<Ipv4Addr, DecodeError> {
-    let a: [u8; 4] = b.get(..4).and_then(|s| s.try_into().ok()).ok_or(DecodeError::TcpReset("short ipv4"))?;
+    let a: [u8; 4] = b
+        .get(..4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DecodeError::TcpReset("short ipv4"))?;
     Ok(Ipv4Addr::from(a))
 }
 
 fn ipv6(b: &[u8]) -> Result<Ipv6Addr, DecodeError> {
-    let a: [u8; 16] = b.get(..16).and_then(|s| s.try_into().ok()).ok_or(DecodeError::TcpReset("short ipv6"))?;
+    let a: [u8; 16] = b
+        .get(..16)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DecodeError::TcpReset("short ipv6"))?;
     Ok(Ipv6Addr::from(a))
 }
 

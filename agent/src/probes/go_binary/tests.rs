@@ -101,9 +101,11 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
 
 fn lookups(data: &[u8]) -> (Vec<Option<u64>>, Vec<Option<u64>>) {
     let file = parse_elf(data).unwrap();
+    let addrs =
+        |v: Vec<Option<(u64, u64)>>| v.into_iter().map(|f| f.map(|(addr, _)| addr)).collect();
     (
-        symtab_lookup(&file, &FUNCS),
-        pclntab_lookup(&file, &FUNCS).unwrap(),
+        addrs(symtab_lookup(&file, &FUNCS)),
+        addrs(pclntab_lookup(&file, &FUNCS).unwrap()),
     )
 }
 
@@ -221,8 +223,7 @@ fn offsets_match_go_tool_nm_and_objdump() {
 #[test]
 fn missing_symbol_is_reported_by_name() {
     for name in ["plain", "stripped"] {
-        let err =
-            function_file_offsets(&read_bin(name), &["main.main", "main.nope"]).unwrap_err();
+        let err = function_file_offsets(&read_bin(name), &["main.main", "main.nope"]).unwrap_err();
         assert!(
             matches!(&err, GoBinaryError::SymbolNotFound { name } if name == "main.nope"),
             "{err}"
@@ -317,4 +318,33 @@ fn go_version_parsing() {
     assert_eq!(parse_go_version("devel go1.22-abcdef Tue"), Some((1, 22)));
     assert_eq!(parse_go_version("go"), None);
     assert_eq!(parse_go_version(""), None);
+}
+
+/// startTheWorldWithSema's exits: its call to wakep and its returns, found identically through
+/// .symtab and through .gopclntab (stripped build of the same source), each on an instruction
+/// that really is a CALL to wakep (e8 rel32) or a RET (c3).
+#[test]
+fn start_the_world_exits_same_for_symtab_and_pclntab() {
+    let plain = read_bin("plain");
+    let stripped = read_bin("stripped");
+    let name = "runtime.startTheWorldWithSema";
+    let a = exit_offsets(&plain, name, Some("runtime.wakep")).unwrap();
+    let b = exit_offsets(&stripped, name, Some("runtime.wakep")).unwrap();
+    assert_eq!(a, b);
+    let wakep = function_file_offsets(&plain, &["runtime.wakep"]).unwrap()[0];
+    let mut calls = 0;
+    for &off in &a {
+        let at = &plain[off as usize..];
+        match at[0] {
+            0xc3 => {}
+            0xe8 => {
+                let rel = i32::from_le_bytes(at[1..5].try_into().unwrap());
+                assert_eq!((off as i64 + 5 + i64::from(rel)) as u64, wakep);
+                calls += 1;
+            }
+            other => panic!("exit at {off:#x} is neither RET nor CALL wakep: {other:#x}"),
+        }
+    }
+    assert_eq!(calls, 1, "one wakep call in startTheWorldWithSema: {a:x?}");
+    assert!(a.len() >= 2, "at least one return: {a:x?}");
 }

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use super::*;
 
 // Verbatim from Linux 6.18 (/sys/kernel/tracing/events/tcp/*/format), shortened print fmt.
@@ -38,12 +40,36 @@ print fmt: "family=%s sport=%hu", __print_symbolic(REC->family, { 2, "AF_INET" }
 #[test]
 fn parses_fields_and_arrays() {
     let f = TracepointFormat::parse("tcp/tcp_send_reset", SEND_RESET_6_18).unwrap();
-    assert_eq!(f.field("skaddr"), Some(&Field { offset: 16, size: 8 }));
-    assert_eq!(f.field("saddr"), Some(&Field { offset: 32, size: 28 }));
-    assert_eq!(f.field("reason"), Some(&Field { offset: 28, size: 4 }));
+    assert_eq!(
+        f.field("skaddr"),
+        Some(&Field {
+            offset: 16,
+            size: 8
+        })
+    );
+    assert_eq!(
+        f.field("saddr"),
+        Some(&Field {
+            offset: 32,
+            size: 28
+        })
+    );
+    assert_eq!(
+        f.field("reason"),
+        Some(&Field {
+            offset: 28,
+            size: 4
+        })
+    );
     assert_eq!(f.record_len(), 88);
     let r = TracepointFormat::parse("tcp/tcp_receive_reset", RECEIVE_RESET_6_18).unwrap();
-    assert_eq!(r.field("daddr_v6"), Some(&Field { offset: 46, size: 16 }));
+    assert_eq!(
+        r.field("daddr_v6"),
+        Some(&Field {
+            offset: 46,
+            size: 16
+        })
+    );
     assert_eq!(r.record_len(), 72);
 }
 
@@ -64,6 +90,10 @@ fn malformed_field_is_an_error_not_a_panic() {
     let err = TracepointFormat::parse("x/y", "format:\n\tfield:int x;\toffset:zz;\tsize:4;\n");
     assert!(matches!(err, Err(TracefsError::Malformed { .. })));
     // Truncated print fmt tables are ignored.
-    let f = TracepointFormat::parse("x/y", "print fmt: \"%d\", __print_symbolic(REC->a, { 1, \"A\"").unwrap();
+    let f = TracepointFormat::parse(
+        "x/y",
+        "print fmt: \"%d\", __print_symbolic(REC->a, { 1, \"A\"",
+    )
+    .unwrap();
     assert!(f.symbols.is_empty() || f.symbols["a"][&1] == "A");
 }

@@ -37,7 +37,11 @@ fn layouts() -> TcpResetDecoder {
 
 fn event(direction: ResetDirection, record: &[u8], task: bool) -> Vec<u8> {
     let mut ev = TcpResetEvent {
-        header: EventHeader { kind: EventKind::TcpReset as u32, cpu: 0, ktime_ns: 42 },
+        header: EventHeader {
+            kind: EventKind::TcpReset as u32,
+            cpu: 0,
+            ktime_ns: 42,
+        },
         direction: direction as u32,
         task_context: u32::from(task),
         pid: 100,
@@ -53,7 +57,10 @@ fn event(direction: ResetDirection, record: &[u8], task: bool) -> Vec<u8> {
     ev.record[..record.len()].copy_from_slice(record);
     // SAFETY: plain-integer repr(C) struct viewed as bytes.
     unsafe {
-        std::slice::from_raw_parts((&raw const ev).cast::<u8>(), std::mem::size_of::<TcpResetEvent>())
+        std::slice::from_raw_parts(
+            (&raw const ev).cast::<u8>(),
+            std::mem::size_of::<TcpResetEvent>(),
+        )
     }
     .to_vec()
 }
@@ -70,7 +77,9 @@ fn sent_ipv6_sockaddr_layout() {
     r[60..62].copy_from_slice(&AF_INET6.to_ne_bytes());
     r[62..64].copy_from_slice(&8080u16.to_be_bytes());
     r[68..84].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
-    let reset = layouts().decode(&event(ResetDirection::Sent, &r, true)).unwrap();
+    let reset = layouts()
+        .decode(&event(ResetDirection::Sent, &r, true))
+        .unwrap();
     assert_eq!(reset.direction, Direction::Sent);
     assert_eq!(reset.local, "[::1]:40000".parse().unwrap());
     assert_eq!(reset.remote, "[::1]:8080".parse().unwrap());
@@ -89,7 +98,9 @@ fn received_ipv4_split_layout_has_no_task_in_softirq() {
     r[22..26].copy_from_slice(&[127, 0, 0, 1]);
     r[26..30].copy_from_slice(&[127, 0, 0, 2]);
     r[64..72].copy_from_slice(&7u64.to_ne_bytes());
-    let reset = layouts().decode(&event(ResetDirection::Received, &r, false)).unwrap();
+    let reset = layouts()
+        .decode(&event(ResetDirection::Received, &r, false))
+        .unwrap();
     assert_eq!(reset.local, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(reset.remote, "127.0.0.2:40000".parse().unwrap());
     assert_eq!(reset.task, None);
@@ -105,7 +116,10 @@ fn hostile_records_are_errors() {
     let r = vec![0xffu8; 88];
     assert!(d.decode(&event(ResetDirection::Sent, &r, true)).is_err());
     // Record shorter than the fields.
-    assert!(d.decode(&event(ResetDirection::Received, &[0u8; 20], true)).is_err());
+    assert!(
+        d.decode(&event(ResetDirection::Received, &[0u8; 20], true))
+            .is_err()
+    );
     let mut bytes = event(ResetDirection::Received, &[0u8; 72], true);
     bytes[16] = 9; // direction 9
     assert!(d.decode(&bytes).is_err());
