@@ -82,9 +82,9 @@ pub fn run(opts: Options) -> Result<()> {
                 report.missing.len()
             );
         }
-        println!("setup: nothing missing (checked in {secs:.1}s)");
+        eprintln!("setup: nothing missing (checked in {secs:.1}s)");
     } else {
-        println!("setup: done in {secs:.1}s");
+        eprintln!("setup: done in {secs:.1}s");
     }
     Ok(())
 }
@@ -100,7 +100,7 @@ impl Report {
     fn missing(&mut self, what: impl Into<String>) -> bool {
         let what = what.into();
         if self.check {
-            println!("setup: missing: {what}");
+            eprintln!("setup: missing: {what}");
             self.missing.push(what);
             false
         } else {
@@ -125,7 +125,7 @@ fn nightly(report: &mut Report) -> Result<bool> {
         if !report.missing("nightly toolchain (with rust-src)") {
             return Ok(false);
         }
-        println!("setup: installing nightly toolchain (minimal profile, with rust-src)");
+        eprintln!("setup: installing nightly toolchain (minimal profile, with rust-src)");
         run_status(Command::new("rustup").args([
             "toolchain",
             "install",
@@ -147,9 +147,9 @@ fn nightly(report: &mut Report) -> Result<bool> {
         .map(str::trim)
         .any(|c| c == "rust-src" || c.starts_with("rust-src-"));
     if has_rust_src {
-        println!("setup: nightly toolchain with rust-src already installed");
+        eprintln!("setup: nightly toolchain with rust-src already installed");
     } else if report.missing("rust-src component for nightly") {
-        println!("setup: installing rust-src for nightly");
+        eprintln!("setup: installing rust-src for nightly");
         run_status(Command::new("rustup").args([
             "component",
             "add",
@@ -282,7 +282,7 @@ fn bpf_linker(report: &mut Report) -> Result<()> {
             format!("installed one is {}", s.bpf_linker)
         }
         (Some(_), Ok(version)) => {
-            println!(
+            eprintln!(
                 "setup: {} (LLVM {}) already installed",
                 version.trim(),
                 llvm.major
@@ -297,7 +297,7 @@ fn bpf_linker(report: &mut Report) -> Result<()> {
     )) {
         return Ok(());
     }
-    println!(
+    eprintln!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} ({reason}); takes a few minutes",
         llvm.major
     );
@@ -324,7 +324,7 @@ fn bpf_linker(report: &mut Report) -> Result<()> {
         run_status(&mut cmd)
     };
     if let Err(e) = install(true) {
-        println!("setup: {e:#}; retrying without --locked");
+        eprintln!("setup: {e:#}; retrying without --locked");
         install(false)?;
     }
 
@@ -341,7 +341,7 @@ fn bpf_linker(report: &mut Report) -> Result<()> {
     );
     fs::write(&stamp_path, stamp_text)
         .with_context(|| format!("cannot write {}", stamp_path.display()))?;
-    println!(
+    eprintln!(
         "setup: installed {} (LLVM {}) at {}",
         version.trim(),
         llvm.major,
@@ -376,7 +376,7 @@ fn check_feature_exists(feature: &str) -> Result<()> {
         Ok(info) => info,
         Err(e) => {
             // `cargo info` is only a nicer error; the install itself will still tell.
-            println!(
+            eprintln!(
                 "setup: warning: could not list bpf-linker's features: {}",
                 first_line(&e)
             );
@@ -443,12 +443,12 @@ fn warn_if_shadowed(bin: &Path) {
     });
     match found {
         Some(found) if found == bin => {}
-        Some(found) => println!(
+        Some(found) => eprintln!(
             "setup: warning: `bpf-linker` on PATH is {}, not {}",
             found.display(),
             bin.display()
         ),
-        None => println!(
+        None => eprintln!(
             "setup: warning: {} is not on PATH; add it",
             bin.parent().unwrap_or(bin).display()
         ),
@@ -469,7 +469,7 @@ fn first_line(e: &anyhow::Error) -> String {
 fn apt(report: &mut Report) -> Result<()> {
     let missing = missing_apt_packages()?;
     if missing.is_empty() {
-        println!(
+        eprintln!(
             "setup: apt packages already installed ({})",
             APT_PACKAGES.join(" ")
         );
@@ -478,7 +478,7 @@ fn apt(report: &mut Report) -> Result<()> {
     if !report.missing(format!("apt packages: {}", missing.join(" "))) {
         return Ok(());
     }
-    println!("setup: installing apt packages: {}", missing.join(" "));
+    eprintln!("setup: installing apt packages: {}", missing.join(" "));
     // The package lists of a fresh machine are empty or stale, so update first.
     run_quiet(Command::new("apt-get").args(["-qq", "update"]))?;
     // Finishes what an interrupted install (a session stopped mid-way) left unconfigured.
@@ -486,7 +486,7 @@ fn apt(report: &mut Report) -> Result<()> {
     if let Err(e) = apt_install(&missing) {
         // Seen here: another apt run at the same time deleted the downloaded .debs mid-install
         // (the image's docker-clean hook empties /var/cache/apt/archives); a second try works.
-        println!(
+        eprintln!(
             "setup: apt-get install failed ({}); retrying once",
             first_line(&e)
         );
@@ -561,7 +561,7 @@ fn pip(report: &mut Report) -> Result<()> {
         .filter(|p| !installed.contains(&normalize_pip_name(p)))
         .collect();
     if missing.is_empty() {
-        println!(
+        eprintln!(
             "setup: python packages already installed ({})",
             PIP_PACKAGES.join(" ")
         );
@@ -570,7 +570,7 @@ fn pip(report: &mut Report) -> Result<()> {
     if !report.missing(format!("python packages: {}", missing.join(" "))) {
         return Ok(());
     }
-    println!("setup: installing python packages: {}", missing.join(" "));
+    eprintln!("setup: installing python packages: {}", missing.join(" "));
     run_quiet(
         Command::new("python3")
             .args(["-m", "pip", "install", "--quiet"])
@@ -602,12 +602,12 @@ fn tracefs(report: &mut Report) {
             fields.next() == Some(TRACEFS) && fields.next() == Some("tracefs")
         }),
         Err(e) => {
-            println!("setup: warning: cannot read /proc/self/mounts ({e}); not checking tracefs");
+            eprintln!("setup: warning: cannot read /proc/self/mounts ({e}); not checking tracefs");
             return;
         }
     };
     if mounted {
-        println!("setup: tracefs already mounted at {TRACEFS}");
+        eprintln!("setup: tracefs already mounted at {TRACEFS}");
         return;
     }
     if !report.missing(format!("tracefs at {TRACEFS}")) {
@@ -617,7 +617,7 @@ fn tracefs(report: &mut Report) {
     cmd.args(["-t", "tracefs", "tracefs", TRACEFS]);
     let why = match output_any_status(&mut cmd) {
         Ok(out) if out.status.success() => {
-            println!("setup: mounted tracefs at {TRACEFS}");
+            eprintln!("setup: mounted tracefs at {TRACEFS}");
             return;
         }
         Ok(out) => format!(
@@ -628,7 +628,7 @@ fn tracefs(report: &mut Report) {
         Err(e) => first_line(&e),
     };
     // Not fatal: building and most tests work without it.
-    println!(
+    eprintln!(
         "setup: warning: could not mount tracefs at {TRACEFS} ({why}); \
          tests that attach tracepoints/kprobes will fail"
     );
