@@ -17,7 +17,7 @@ pub struct GoBinary {
     pub go_version: Option<String>,
     /// Parsed (major, minor) of `go_version`, e.g. (1, 19).
     pub go_version_number: Option<(u32, u32)>,
-    /// Where symbols will be looked up by [`function_file_offsets`].
+    /// Where symbols will be looked up by [`find_functions`].
     pub symbol_source: SymbolSource,
 }
 
@@ -53,8 +53,8 @@ pub enum GoBinaryError {
     NoSectionForAddress { addr: u64 },
     #[error("finding return instructions is not supported on {arch}")]
     UnsupportedArchitecture { arch: String },
-    #[error("function {name} has no return instruction")]
-    NoReturn { name: String },
+    #[error("function at file offset {file_offset:#x} has no return instruction")]
+    NoReturn { file_offset: u64 },
 }
 
 type Result<T> = std::result::Result<T, GoBinaryError>;
@@ -86,7 +86,7 @@ pub fn inspect(data: &[u8]) -> Result<GoBinary> {
         return Err(GoBinaryError::NotGo);
     }
     // Sections reaching past the end of the file mean a truncated/corrupt file: say so
-    // now rather than failing later in function_file_offsets.
+    // now rather than failing later in find_functions.
     let buildinfo = buildinfo
         .map(|s| section_data(&s, ".go.buildinfo section"))
         .transpose()?;
@@ -108,30 +108,18 @@ pub fn inspect(data: &[u8]) -> Result<GoBinary> {
     })
 }
 
-/// File offsets (`vaddr - sh_addr + sh_offset` of the containing section, as uprobe
-/// attach wants) of the entry points of the named functions, one per name.
-/// Uses `.symtab` when present, otherwise (or for names missing there) `.gopclntab`.
-///
-/// # Errors
-/// `SymbolNotFound` for the first name found nowhere; without `.symtab`, any pclntab
-/// failure (`NoPclntab`, `UnsupportedPclntab`, `InvalidPclntab`, `Truncated`); ELF errors
-/// as for [`inspect`]; `NoSectionForAddress` if an entry lies outside file-backed sections.
-pub fn function_file_offsets(data: &[u8], names: &[&str]) -> Result<Vec<u64>> {
-    Ok(functions(data, names)?
-        .into_iter()
-        .map(|f| f.file_offset)
-        .collect())
-}
-
-/// Where a function's machine code lies in the file.
+/// Where a function's machine code lies in the file: `file_offset` is what uprobe attach wants
+/// (`vaddr - sh_addr + sh_offset` of the containing section).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FunctionCode {
     pub file_offset: u64,
     pub len: u64,
 }
 
-/// File ranges of the named functions, one per name, from `.symtab` or else `.gopclntab`.
-pub fn functions(data: &[u8], names: &[&str]) -> Result<Vec<FunctionCode>> {
+/// File ranges of the named functions, one per name, from `.symtab` or else `.gopclntab`; a
+/// name that is not found is `None`, so optional functions are looked up in the same pass as
+/// required ones.
+pub fn find_functions(data: &[u8], names: &[&str]) -> Result<Vec<Option<FunctionCode>>> {
     let file = parse_elf(data)?;
     let mut found = symtab_lookup(&file, names);
     if found.iter().any(Option::is_none) {
@@ -142,48 +130,36 @@ pub fn functions(data: &[u8], names: &[&str]) -> Result<Vec<FunctionCode>> {
                 }
             }
             // Without a symtab the pclntab error is the real cause; with one,
-            // "symbol not found" (below) is the more useful answer.
+            // "symbol not found" ([`GoBinaryError::SymbolNotFound`], from the caller) is the more useful answer.
             Err(e) if file.symbol_table().is_none() => return Err(e),
             Err(_) => {}
         }
     }
-    names
-        .iter()
-        .zip(found)
-        .map(|(name, f)| {
-            let (addr, len) = f.ok_or_else(|| GoBinaryError::SymbolNotFound {
-                name: (*name).to_owned(),
-            })?;
-            Ok(FunctionCode {
-                file_offset: vaddr_to_file_offset(&file, addr)?,
-                len,
+    found
+        .into_iter()
+        .map(|f| {
+            f.map(|(addr, len)| {
+                Ok(FunctionCode {
+                    file_offset: vaddr_to_file_offset(&file, addr)?,
+                    len,
+                })
             })
+            .transpose()
         })
         .collect()
 }
 
-/// File offsets of the instructions of function `name` where the world can be considered
-/// running again: every return, and on x86-64 also every `CALL callee` (e.g. the
+/// File offsets of the instructions of function `code` where the world can be considered
+/// running again: every return, and on x86-64 also every CALL to the function at file offset
+/// `callee` (e.g. the
 /// `runtime.wakep` that `startTheWorldWithSema` makes right after reading its clock).
 ///
 /// The agent needs exit points of Go functions without uretprobes (which rewrite return
 /// addresses on goroutine stacks that Go may move). A probe placed anywhere but on an
 /// instruction boundary would corrupt the target's code, so x86-64 code is decoded properly;
 /// arm64 instructions are fixed-width words.
-pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec<u64>> {
+pub fn exit_offsets(data: &[u8], code: FunctionCode, callee: Option<u64>) -> Result<Vec<u64>> {
     let file = parse_elf(data)?;
-    let code = functions(data, &[name])?
-        .into_iter()
-        .next()
-        .ok_or_else(|| GoBinaryError::SymbolNotFound {
-            name: name.to_owned(),
-        })?;
-    let callee_offset = match callee {
-        Some(c) => functions(data, &[c])
-            .ok()
-            .and_then(|f| f.first().map(|f| f.file_offset)),
-        None => None,
-    };
     let start = usize::try_from(code.file_offset).map_err(|_| truncated("function code"))?;
     let len = usize::try_from(code.len).map_err(|_| truncated("function code"))?;
     let bytes = start
@@ -209,7 +185,7 @@ pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec
                     iced_x86::Code::Retnq | iced_x86::Code::Retnq_imm16
                 );
                 let calls_callee = ins.code() == iced_x86::Code::Call_rel32_64
-                    && callee_offset.is_some_and(|c| ins.near_branch_target() == c);
+                    && callee.is_some_and(|c| ins.near_branch_target() == c);
                 if is_return || calls_callee {
                     exits.push(ins.ip());
                 }
@@ -230,7 +206,7 @@ pub fn exit_offsets(data: &[u8], name: &str, callee: Option<&str>) -> Result<Vec
     };
     if exits.is_empty() {
         return Err(GoBinaryError::NoReturn {
-            name: name.to_owned(),
+            file_offset: code.file_offset,
         });
     }
     Ok(exits)

@@ -326,20 +326,28 @@ fn attach_binary(
         Err(GoBinaryError::NotGo | GoBinaryError::NotElf) => return Err(AttachError::NotGo),
         Err(e) => return Err(AttachError::Failed(format!("{e}"))),
     };
-    let offsets = go_binary::function_file_offsets(&data, &[STOP_THE_WORLD, START_THE_WORLD])
+    // One symbol pass for all three: on a stripped binary each pass walks the whole pclntab.
+    let found = go_binary::find_functions(&data, &[STOP_THE_WORLD, START_THE_WORLD, WAKEP])
         .map_err(|e| AttachError::Failed(format!("{e}")))?;
-    let (Some(&stop_offset), Some(&start_offset)) = (offsets.first(), offsets.get(1)) else {
-        return Err(AttachError::Failed(
-            "symbol lookup returned too few offsets".to_owned(),
-        ));
+    let required = |i: usize, name: &str| {
+        found.get(i).copied().flatten().ok_or_else(|| {
+            AttachError::Failed(
+                GoBinaryError::SymbolNotFound {
+                    name: name.to_owned(),
+                }
+                .to_string(),
+            )
+        })
     };
+    let (stop, start) = (required(0, STOP_THE_WORLD)?, required(1, START_THE_WORLD)?);
+    let wakep = found.get(2).copied().flatten().map(|f| f.file_offset);
     // The world runs again where startTheWorldWithSema calls wakep (just after the runtime reads
     // its clock), or at a return if that call is not found; the first to fire ends the pause.
-    let returns = go_binary::exit_offsets(&data, START_THE_WORLD, Some(WAKEP))
+    let returns = go_binary::exit_offsets(&data, start, wakep)
         .map_err(|e| AttachError::Failed(format!("{e}")))?;
     let points = [
-        (GO_STW_STOP_PROGRAM, stop_offset),
-        (GO_STW_START_PROGRAM, start_offset),
+        (GO_STW_STOP_PROGRAM, stop.file_offset),
+        (GO_STW_START_PROGRAM, start.file_offset),
     ]
     .into_iter()
     .chain(

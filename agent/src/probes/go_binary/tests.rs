@@ -99,6 +99,26 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
+/// Required lookups, as the agent makes them: every name must be found.
+fn functions(data: &[u8], names: &[&str]) -> Result<Vec<FunctionCode>> {
+    names
+        .iter()
+        .zip(find_functions(data, names)?)
+        .map(|(name, f)| {
+            f.ok_or_else(|| GoBinaryError::SymbolNotFound {
+                name: (*name).to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn function_file_offsets(data: &[u8], names: &[&str]) -> Result<Vec<u64>> {
+    Ok(functions(data, names)?
+        .into_iter()
+        .map(|f| f.file_offset)
+        .collect())
+}
+
 fn lookups(data: &[u8]) -> (Vec<Option<u64>>, Vec<Option<u64>>) {
     let file = parse_elf(data).unwrap();
     let addrs =
@@ -327,9 +347,13 @@ fn go_version_parsing() {
 fn start_the_world_exits_same_for_symtab_and_pclntab() {
     let plain = read_bin("plain");
     let stripped = read_bin("stripped");
-    let name = "runtime.startTheWorldWithSema";
-    let a = exit_offsets(&plain, name, Some("runtime.wakep")).unwrap();
-    let b = exit_offsets(&stripped, name, Some("runtime.wakep")).unwrap();
+    let names = ["runtime.startTheWorldWithSema", "runtime.wakep"];
+    let exits = |data: &[u8]| {
+        let f = functions(data, &names).unwrap();
+        exit_offsets(data, f[0], Some(f[1].file_offset)).unwrap()
+    };
+    let a = exits(&plain);
+    let b = exits(&stripped);
     assert_eq!(a, b);
     let wakep = function_file_offsets(&plain, &["runtime.wakep"]).unwrap()[0];
     let mut calls = 0;
