@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::{ProbeContext, TracePointContext},
 };
 
-use crate::maps::{EVENTS, bump, header, layout};
+use crate::maps::{EVENTS, bump, header, layout, wakeup_flags};
 
 /// Pauses in progress, by tgid.
 #[map]
@@ -95,7 +95,10 @@ pub fn go_stw_start_return(_ctx: ProbeContext) -> u32 {
         start_arg: start.start_arg,
         comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
     };
-    if EVENTS.output::<GoStwEvent>(&event, 0).is_err() {
+    if EVENTS
+        .output::<GoStwEvent>(&event, wakeup_flags(size_of::<GoStwEvent>() as u64))
+        .is_err()
+    {
         bump(Counter::GoStwDropped);
     }
     0
@@ -125,6 +128,8 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
     };
+    // Woken at once (flags 0): the agent attaches to new Go processes, and every millisecond
+    // before that is a pause it cannot see. An exec costs far more than the wake-up.
     if EVENTS.output::<ProcessExecEvent>(&event, 0).is_err() {
         bump(Counter::ProcessExecDropped);
     }
@@ -159,7 +164,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         pid: tgid,
         _pad: 0,
     };
-    if EVENTS.output::<ProcessExitEvent>(&event, 0).is_err() {
+    if EVENTS
+        .output::<ProcessExitEvent>(&event, wakeup_flags(size_of::<ProcessExitEvent>() as u64))
+        .is_err()
+    {
         bump(Counter::ProcessExitDropped);
     }
     0

@@ -1,5 +1,6 @@
 //! `cargo xtask`: orchestration only. Each subcommand is a module with a documented `Options`.
 
+mod bench;
 mod run;
 mod setup;
 mod test;
@@ -24,6 +25,11 @@ enum Command {
     Run(run::Options),
     /// Set up, then run every test: lints, unit tests, and the privileged end-to-end tests.
     Test(test::Options),
+    /// Benchmarks, measured side by side against real peers: `cargo xtask bench probes`.
+    Bench(bench::Options),
+    /// Internal to `bench probes`: make TCP resets in a network namespace of our own.
+    #[command(hide = true)]
+    ResetStorm(bench::reset_storm::Options),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +37,8 @@ fn main() -> ExitCode {
         Command::Setup(opts) => setup::run(opts),
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
+        Command::Bench(opts) => bench::run(opts),
+        Command::ResetStorm(opts) => bench::reset_storm::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

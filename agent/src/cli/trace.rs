@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 
+use serde::Serialize;
 use serde_json::json;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -37,6 +38,10 @@ pub struct Options {
     /// Size of the kernel ring buffer; a power of two, at least one page.
     #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = parse_ring_size)]
     ring_buffer_bytes: u32,
+    /// How often the ring buffer is read when the kernel has not woken the agent (it does once
+    /// the ring is 1/16 full): the most a signal waits before the agent sees it.
+    #[arg(long, default_value = "10ms", value_parser = parse_poll_interval)]
+    ring_poll_interval: Duration,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -45,6 +50,14 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
         return Err("must be a power of two of at least 4096".to_owned());
     }
     Ok(v)
+}
+
+fn parse_poll_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(1) {
+        return Err("must be between 1ms and 1s".to_owned());
+    }
+    Ok(d)
 }
 
 /// How often tracked Go processes are checked for a missed exit.
@@ -60,8 +73,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(65536);
     let (stop_reader, shutdown) = watch::channel(false);
     let reader_stats = Arc::new(ReaderStats::default());
-    let reader = ring::spawn(ring, decoder, tx, shutdown, reader_stats.clone())
-        .context("cannot poll the ring buffer")?;
+    let reader = ring::spawn(
+        ring,
+        decoder,
+        tx,
+        shutdown,
+        reader_stats.clone(),
+        opts.ring_poll_interval,
+    )
+    .context("cannot poll the ring buffer")?;
 
     let mut out = Output::new(opts.json);
     let mut tracker = if probes.is_attached(ProbeName::GoGc) {
@@ -86,6 +106,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::select! {
             signal = rx.recv() => {
                 let Some(signal) = signal else { break };
+                // Events are written in batches: flush once the queue is empty, not per line.
+                let flush = rx.is_empty();
                 match signal {
                     Signal::TcpReset(reset) => out.tcp_reset(&reset),
                     Signal::GoStw(pause) => out.gc_stw(&pause, tracker.as_ref()),
@@ -100,6 +122,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                             out.go_process(&e);
                         }
                     }
+                }
+                if flush {
+                    out.flush();
                 }
             }
             _ = sweep.tick() => {
@@ -126,7 +151,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// Prints signals as text or JSON lines; counts what it printed.
 struct Output {
     json: bool,
-    stdout: std::io::StdoutLock<'static>,
+    /// Buffered: a write(2) per event line cost more than formatting it.
+    stdout: std::io::BufWriter<std::io::StdoutLock<'static>>,
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
     boot_offset_ns: i128,
     printed_resets: u64,
@@ -137,7 +163,7 @@ impl Output {
     fn new(json: bool) -> Self {
         Self {
             json,
-            stdout: std::io::stdout().lock(),
+            stdout: std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()),
             boot_offset_ns: realtime_minus_monotonic_ns(),
             printed_resets: 0,
             printed_pauses: 0,
@@ -150,15 +176,19 @@ impl Output {
         humantime::format_rfc3339_micros(t).to_string()
     }
 
+    /// Writes one line into the buffer; `flush` sends it. A closed stdout (e.g. `| head`) must
+    /// not kill the agent, so write errors are ignored.
     fn line(&mut self, text: &str) {
-        // A closed stdout (e.g. `| head`) must not kill the agent; the summary notes nothing.
         let _ = writeln!(self.stdout, "{text}");
-        let _ = self.stdout.flush();
     }
 
-    fn json_line(&mut self, value: serde_json::Value) {
-        let text = value.to_string();
-        self.line(&text);
+    fn json_line(&mut self, value: impl Serialize) {
+        let _ = serde_json::to_writer(&mut self.stdout, &value);
+        let _ = self.stdout.write_all(b"\n");
+    }
+
+    fn flush(&mut self) {
+        let _ = self.stdout.flush();
     }
 
     fn ready(&mut self, probes: &Probes) {
@@ -179,18 +209,18 @@ impl Output {
             }
             self.line("ready: printing kernel signals (Ctrl-C to stop)");
         }
+        self.flush();
     }
 
     fn tcp_reset(&mut self, r: &TcpReset) {
         self.printed_resets += 1;
         let time = self.wall_time(r.ktime_ns);
         if self.json {
-            let mut v = serde_json::to_value(r).unwrap_or_default();
-            if let Some(map) = v.as_object_mut() {
-                map.insert("kind".into(), "tcp_reset".into());
-                map.insert("time".into(), time.into());
-            }
-            self.json_line(v);
+            self.json_line(Tagged {
+                kind: "tcp_reset",
+                time: Some(&time),
+                event: r,
+            });
             return;
         }
         let arrow = match r.direction {
@@ -255,11 +285,12 @@ impl Output {
 
     fn go_process(&mut self, e: &GoProcessEvent) {
         if self.json {
-            let mut v = serde_json::to_value(e).unwrap_or_default();
-            if let Some(map) = v.as_object_mut() {
-                map.insert("kind".into(), "go_process".into());
-            }
-            self.json_line(v);
+            self.json_line(Tagged {
+                kind: "go_process",
+                time: None,
+                event: e,
+            });
+            self.flush();
             return;
         }
         let text = match e {
@@ -288,6 +319,7 @@ impl Output {
             }
         };
         self.line(&text);
+        self.flush();
     }
 
     fn summary(
@@ -341,7 +373,18 @@ impl Output {
             }
             self.line(&format!("  ring reader: {reader}"));
         }
+        self.flush();
     }
+}
+
+/// An event as a JSON line: `kind` (and `time`) first, then the event's own fields.
+#[derive(Serialize)]
+struct Tagged<'a, T: Serialize> {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'a str>,
+    #[serde(flatten)]
+    event: &'a T,
 }
 
 fn realtime_minus_monotonic_ns() -> i128 {

@@ -150,48 +150,21 @@ pub fn find_functions(data: &[u8], names: &[&str]) -> Result<Vec<Option<Function
 }
 
 /// File offsets of the instructions of function `code` where the world can be considered
-/// running again: every return, and on x86-64 also every CALL to the function at file offset
-/// `callee` (e.g. the
-/// `runtime.wakep` that `startTheWorldWithSema` makes right after reading its clock).
+/// running again: on x86-64 each CALL to the function at file offset `callee` (e.g. the
+/// `runtime.wakep` that `startTheWorldWithSema` makes right after reading its clock), and each
+/// return that some path from the entry reaches without passing such a call; on arm64 every
+/// return.
 ///
 /// The agent needs exit points of Go functions without uretprobes (which rewrite return
 /// addresses on goroutine stacks that Go may move). A probe placed anywhere but on an
 /// instruction boundary would corrupt the target's code, so x86-64 code is decoded properly;
-/// arm64 instructions are fixed-width words.
+/// arm64 instructions are fixed-width words. Returns only reached after the callee call are
+/// left out: each probe hit costs a trap (and for a RET, a single-step) in the target process.
 pub fn exit_offsets(data: &[u8], code: FunctionCode, callee: Option<u64>) -> Result<Vec<u64>> {
     let file = parse_elf(data)?;
-    let start = usize::try_from(code.file_offset).map_err(|_| truncated("function code"))?;
-    let len = usize::try_from(code.len).map_err(|_| truncated("function code"))?;
-    let bytes = start
-        .checked_add(len)
-        .and_then(|end| data.get(start..end))
-        .filter(|b| !b.is_empty())
-        .ok_or(truncated("function code"))?;
+    let bytes = function_bytes(data, code)?;
     let exits: Vec<u64> = match file.architecture() {
-        object::Architecture::X86_64 => {
-            // Decode in file-offset space so CALL targets compare with the callee's offset
-            // (a direct CALL is relative, so the translation cancels out).
-            let mut decoder = iced_x86::Decoder::with_ip(
-                64,
-                bytes,
-                code.file_offset,
-                iced_x86::DecoderOptions::NONE,
-            );
-            let mut exits = Vec::new();
-            while decoder.can_decode() {
-                let ins = decoder.decode();
-                let is_return = matches!(
-                    ins.code(),
-                    iced_x86::Code::Retnq | iced_x86::Code::Retnq_imm16
-                );
-                let calls_callee = ins.code() == iced_x86::Code::Call_rel32_64
-                    && callee.is_some_and(|c| ins.near_branch_target() == c);
-                if is_return || calls_callee {
-                    exits.push(ins.ip());
-                }
-            }
-            exits
-        }
+        object::Architecture::X86_64 => x86_exits(bytes, code.file_offset, callee),
         object::Architecture::Aarch64 => bytes
             .chunks_exact(4)
             .enumerate()
@@ -210,6 +183,110 @@ pub fn exit_offsets(data: &[u8], code: FunctionCode, callee: Option<u64>) -> Res
         });
     }
     Ok(exits)
+}
+
+/// Where to put an entry probe on function `code`: its first instruction, or on x86-64 the
+/// conditional jump of Go's stack-bound check (`CMP 0x10(R14), SP; JBE morestack`, possibly
+/// after a `LEA` into a scratch register) when the function starts with one.
+///
+/// The kernel emulates a probed conditional jump but must single-step most other instructions
+/// out of line, which costs a second trap (#DB; in a VM, an exit to the hypervisor). The jump is
+/// reached a few nanoseconds after entry with the argument registers untouched, and is re-run,
+/// like the entry, when the stack grows.
+pub fn entry_offset(data: &[u8], code: FunctionCode) -> Result<u64> {
+    let file = parse_elf(data)?;
+    let bytes = function_bytes(data, code)?;
+    if file.architecture() != object::Architecture::X86_64 {
+        return Ok(code.file_offset);
+    }
+    let mut decoder =
+        iced_x86::Decoder::with_ip(64, bytes, code.file_offset, iced_x86::DecoderOptions::NONE);
+    // At most: LEA, CMP, Jcc.
+    for _ in 0..3 {
+        if !decoder.can_decode() {
+            break;
+        }
+        let ins = decoder.decode();
+        let harmless = match ins.mnemonic() {
+            iced_x86::Mnemonic::Cmp => true,
+            // LEA only computes an address; it must not clobber an argument register.
+            iced_x86::Mnemonic::Lea => matches!(
+                ins.op0_register(),
+                iced_x86::Register::R12 | iced_x86::Register::R13
+            ),
+            _ => false,
+        };
+        if ins.flow_control() == iced_x86::FlowControl::ConditionalBranch {
+            return Ok(ins.ip());
+        }
+        if !harmless {
+            break;
+        }
+    }
+    Ok(code.file_offset)
+}
+
+fn function_bytes(data: &[u8], code: FunctionCode) -> Result<&[u8]> {
+    let start = usize::try_from(code.file_offset).map_err(|_| truncated("function code"))?;
+    let len = usize::try_from(code.len).map_err(|_| truncated("function code"))?;
+    start
+        .checked_add(len)
+        .and_then(|end| data.get(start..end))
+        .filter(|b| !b.is_empty())
+        .ok_or(truncated("function code"))
+}
+
+/// x86-64 exits: walk the control flow from the entry, ending a path at a CALL to `callee` or
+/// a return. An indirect jump makes the walk unsure, so then every return counts.
+fn x86_exits(bytes: &[u8], base: u64, callee: Option<u64>) -> Vec<u64> {
+    use iced_x86::{Code, FlowControl};
+    // Decode in file-offset space so CALL targets compare with the callee's offset (a direct
+    // CALL is relative, so the translation cancels out).
+    let insns: Vec<iced_x86::Instruction> =
+        iced_x86::Decoder::with_ip(64, bytes, base, iced_x86::DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+    let index: HashMap<u64, usize> = insns.iter().enumerate().map(|(i, x)| (x.ip(), i)).collect();
+    let is_return = |x: &iced_x86::Instruction| matches!(x.code(), Code::Retnq | Code::Retnq_imm16);
+    let calls_callee = |x: &iced_x86::Instruction| {
+        x.code() == Code::Call_rel32_64 && callee.is_some_and(|c| x.near_branch_target() == c)
+    };
+
+    let mut seen = vec![false; insns.len()];
+    let mut todo = vec![0usize];
+    let mut exits = Vec::new();
+    while let Some(i) = todo.pop() {
+        let Some(ins) = insns.get(i) else { continue };
+        if std::mem::replace(&mut seen[i], true) {
+            continue;
+        }
+        if calls_callee(ins) || is_return(ins) {
+            exits.push(ins.ip());
+            continue;
+        }
+        let target = || index.get(&ins.near_branch_target()).copied();
+        match ins.flow_control() {
+            FlowControl::UnconditionalBranch => todo.extend(target()),
+            FlowControl::ConditionalBranch => {
+                todo.extend(target());
+                todo.push(i + 1);
+            }
+            // INT3/UD2 padding after calls that do not return.
+            FlowControl::Interrupt | FlowControl::Exception => {}
+            FlowControl::IndirectBranch => {
+                // A jump table we do not follow: fall back to every return and callee call.
+                return insns
+                    .iter()
+                    .filter(|x| is_return(x) || calls_callee(x))
+                    .map(iced_x86::Instruction::ip)
+                    .collect();
+            }
+            // Calls (including to functions that never return: conservative), plain code.
+            _ => todo.push(i + 1),
+        }
+    }
+    exits.sort_unstable();
+    exits
 }
 
 fn parse_elf(data: &[u8]) -> Result<object::File<'_>> {

@@ -345,9 +345,12 @@ fn attach_binary(
     // its clock), or at a return if that call is not found; the first to fire ends the pause.
     let returns = go_binary::exit_offsets(&data, start, wakep)
         .map_err(|e| AttachError::Failed(format!("{e}")))?;
+    let entry = |code| {
+        go_binary::entry_offset(&data, code).map_err(|e| AttachError::Failed(format!("{e}")))
+    };
     let points = [
-        (GO_STW_STOP_PROGRAM, stop.file_offset),
-        (GO_STW_START_PROGRAM, start.file_offset),
+        (GO_STW_STOP_PROGRAM, entry(stop)?),
+        (GO_STW_START_PROGRAM, entry(start)?),
     ]
     .into_iter()
     .chain(

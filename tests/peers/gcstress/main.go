@@ -17,7 +17,7 @@ var sink [][]byte
 func main() {
 	cycles := flag.Int("cycles", 60, "GC cycles to force")
 	interval := flag.Duration("interval", 20*time.Millisecond, "pause between cycles")
-	wait := flag.Bool("wait", false, "wait for a line on stdin before forcing cycles")
+	wait := flag.Bool("wait", false, "wait for a line on stdin before the work (forcing cycles or allocating)")
 	sleep := flag.Duration("sleep", 0, "only sleep this long and exit (short-lived process)")
 	alloc := flag.Int("alloc-mb", 0, "allocate this many MiB of garbage without forcing GC, then exit (benchmark load)")
 	flag.Parse()
@@ -26,16 +26,16 @@ func main() {
 		time.Sleep(*sleep)
 		return
 	}
-	if *alloc > 0 {
-		allocate(*alloc)
-		return
-	}
 	fmt.Println("ready")
 	if *wait {
 		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
 			fmt.Fprintln(os.Stderr, "stdin:", err)
 			os.Exit(1)
 		}
+	}
+	if *alloc > 0 {
+		allocate(*alloc)
+		return
 	}
 	for i := 0; i < *cycles; i++ {
 		// Garbage and live data, so marking has work to do.
@@ -52,10 +52,14 @@ func main() {
 }
 
 // allocate churns through garbage while keeping a few MiB live: the runtime collects on its own.
+// It prints the number of GC cycles it went through, so a benchmark can check that the agent
+// reported two pauses for each.
 func allocate(mib int) {
 	live := make([][]byte, 4096)
 	for i := 0; i < mib*1024; i++ {
 		live[i%len(live)] = make([]byte, 1024)
 	}
-	fmt.Println(len(live))
+	var stats runtime.MemStats
+	runtime.ReadMemStats(&stats)
+	fmt.Printf("gc_cycles %d\n", stats.NumGC)
 }

@@ -340,35 +340,80 @@ fn go_version_parsing() {
     assert_eq!(parse_go_version(""), None);
 }
 
-/// startTheWorldWithSema's exits: its call to wakep and its returns, found identically through
-/// .symtab and through .gopclntab (stripped build of the same source), each on an instruction
-/// that really is a CALL to wakep (e8 rel32) or a RET (c3).
+/// startTheWorldWithSema's exits, found identically through .symtab and through .gopclntab
+/// (stripped build of the same source): with wakep known, its one call to wakep (e8 rel32 to
+/// wakep) and no return, since Go 1.19 returns only after that call; without it, the returns.
 #[test]
 fn start_the_world_exits_same_for_symtab_and_pclntab() {
     let plain = read_bin("plain");
     let stripped = read_bin("stripped");
     let names = ["runtime.startTheWorldWithSema", "runtime.wakep"];
-    let exits = |data: &[u8]| {
+    let exits = |data: &[u8], with_callee: bool| {
         let f = functions(data, &names).unwrap();
-        exit_offsets(data, f[0], Some(f[1].file_offset)).unwrap()
+        exit_offsets(data, f[0], with_callee.then_some(f[1].file_offset)).unwrap()
     };
-    let a = exits(&plain);
-    let b = exits(&stripped);
-    assert_eq!(a, b);
+    let a = exits(&plain, true);
+    assert_eq!(a, exits(&stripped, true));
     let wakep = function_file_offsets(&plain, &["runtime.wakep"]).unwrap()[0];
-    let mut calls = 0;
-    for &off in &a {
-        let at = &plain[off as usize..];
-        match at[0] {
-            0xc3 => {}
-            0xe8 => {
-                let rel = i32::from_le_bytes(at[1..5].try_into().unwrap());
-                assert_eq!((off as i64 + 5 + i64::from(rel)) as u64, wakep);
-                calls += 1;
-            }
-            other => panic!("exit at {off:#x} is neither RET nor CALL wakep: {other:#x}"),
+    assert_eq!(a.len(), 1, "one exit, the wakep call: {a:x?}");
+    let at = &plain[a[0] as usize..];
+    assert_eq!(at[0], 0xe8, "CALL rel32 at {:#x}", a[0]);
+    let rel = i32::from_le_bytes(at[1..5].try_into().unwrap());
+    assert_eq!((a[0] as i64 + 5 + i64::from(rel)) as u64, wakep);
+
+    let returns = exits(&plain, false);
+    assert_eq!(returns, exits(&stripped, false));
+    assert!(!returns.is_empty());
+    for off in returns {
+        assert_eq!(plain[off as usize], 0xc3, "RET at {off:#x}");
+    }
+}
+
+/// The entry probes go on the JBE of Go's stack check (`CMPQ 0x10(R14), SP` is 4 bytes), which
+/// the kernel emulates instead of single-stepping.
+#[test]
+fn entry_probe_on_stack_check_jump() {
+    for name in ["plain", "stripped", "pie"] {
+        let data = read_bin(name);
+        let f = functions(&data, &FUNCS[..2]).unwrap();
+        for code in f {
+            let at = entry_offset(&data, code).unwrap();
+            assert_eq!(at, code.file_offset + 4, "{name}");
+            assert_eq!(
+                &data[at as usize..at as usize + 2],
+                &[0x0f, 0x86],
+                "{name}: JBE rel32"
+            );
         }
     }
-    assert_eq!(calls, 1, "one wakep call in startTheWorldWithSema: {a:x?}");
-    assert!(a.len() >= 2, "at least one return: {a:x?}");
+}
+
+/// Hand-assembled control flow: a return reached around the callee call is an exit, one only
+/// reached after it is not; an indirect jump falls back to every return and call.
+#[test]
+fn exits_follow_control_flow() {
+    let base = 0x1000;
+    let callee = 0x2000u64;
+    let call = |at: u64| {
+        let rel = (callee as i64 - (at as i64 + 5)) as i32;
+        let mut v = vec![0xe8];
+        v.extend_from_slice(&rel.to_le_bytes());
+        v
+    };
+    // 1000: test rax,rax; 1003: je 100b; 1005: call callee; 100a: ret; 100b: ret
+    let mut code = vec![0x48, 0x85, 0xc0, 0x74, 0x06];
+    code.extend(call(0x1005));
+    code.extend([0xc3, 0xc3]);
+    assert_eq!(x86_exits(&code, base, Some(callee)), vec![0x1005, 0x100b]);
+    assert_eq!(x86_exits(&code, base, None), vec![0x100a, 0x100b]);
+
+    // 1000: jmp rax; 1002: call callee; 1007: ret
+    let mut code = vec![0xff, 0xe0];
+    code.extend(call(0x1002));
+    code.push(0xc3);
+    assert_eq!(x86_exits(&code, base, Some(callee)), vec![0x1002, 0x1007]);
+
+    // A loop back to the entry ends: 1000: cmp rax,rbx; 1003: jne 1000; 1005: ret
+    let code = [0x48, 0x39, 0xd8, 0x75, 0xfb, 0xc3];
+    assert_eq!(x86_exits(&code, base, None), vec![0x1005]);
 }

@@ -1,0 +1,384 @@
+//! `cargo xtask bench probes`: what the kernel probes cost and whether they keep up.
+//!
+//! 1. Reset storm: at least 100,000 TCP resets made as fast as two threads can, in a network
+//!    namespace of the storm's own. Reported vs made (the storm's count, cross-checked with the
+//!    kernel's `OutRsts`), drops, the agent's CPU seconds per million events, and the storm's
+//!    wall time with the probes vs without (what the tracepoint programs cost the kernel).
+//! 2. GC-heavy Go program: wall time with the probes attached vs not, interleaved runs
+//!    (off/on, then on/off, ...) so drift on a noisy machine hits both sides; median of each.
+//! 3. Exec-to-attach latency: how long after exec a new Go process has its probes.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use super::{agent::Agent, median, quantile, reset_storm::run_storm_child};
+use crate::util::{run_status, workspace_root};
+
+#[derive(Debug, clap::Parser)]
+pub struct Options {
+    /// Resets in the storm (each seen twice by the agent: sent and received).
+    #[arg(long, default_value_t = 100_000)]
+    resets: u64,
+    /// Runs of the GC-heavy program with probes and as many without.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// MiB of garbage the GC-heavy program churns through per run.
+    #[arg(long, default_value_t = 12_000)]
+    alloc_mb: u64,
+    /// Go processes started one after another to time exec-to-attach.
+    #[arg(long, default_value_t = 20)]
+    exec_samples: usize,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    let root = workspace_root()?;
+    eprintln!("bench probes: building the agent (release) and the Go load");
+    run_status(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "agent",
+    ]))?;
+    let agent_bin = root.join("target/release/agent");
+    let gcstress = build_gcstress(&root)?;
+
+    let storm = reset_storm(&agent_bin, &opts)?;
+    let gc = gc_overhead(&agent_bin, &gcstress, &opts)?;
+    let attach = exec_to_attach(&agent_bin, &gcstress, &opts)?;
+
+    let results = json!({ "reset_storm": storm, "gc_overhead": gc, "exec_to_attach": attach });
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("probes.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
+    println!("\nresults also in {}", path.display());
+    Ok(())
+}
+
+fn build_gcstress(root: &Path) -> Result<PathBuf> {
+    let out = root.join("target/e2e-peers/gcstress");
+    run_status(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(root.join("tests/peers/gcstress"))
+            .env("GO111MODULE", "off")
+            .env("GOCACHE", root.join("target/go-cache")),
+    )?;
+    Ok(out)
+}
+
+fn reset_storm(agent_bin: &Path, opts: &Options) -> Result<Value> {
+    eprintln!(
+        "bench probes: reset storm of {} resets, first without the agent",
+        opts.resets
+    );
+    let baseline = run_storm_child(opts.resets)?;
+
+    eprintln!("bench probes: reset storm with the agent");
+    let agent = Agent::start(agent_bin, &[])?;
+    let (cpu_before, events_before) = (agent.cpu_seconds()?, agent.with(|t| t.events));
+    let storm = run_storm_child(opts.resets)?;
+    let made = storm.resets_made();
+    let seen = |t: &super::agent::Tally, dir: &str| {
+        t.resets
+            .get(&(storm.netns, dir.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    // Wait for the agent to print every reset, or to go quiet for 5 s.
+    agent.wait_for(Duration::from_secs(300), Duration::from_secs(5), |t| {
+        seen(t, "sent") >= made && seen(t, "received") >= made
+    });
+    let (cpu_after, events_after) = (agent.cpu_seconds()?, agent.with(|t| t.events));
+    let (sent, received, bad_lines) =
+        agent.with(|t| (seen(t, "sent"), seen(t, "received"), t.bad_lines));
+    let summary = agent.stop()?;
+
+    let probe = &summary["probes"]["tcp-reset"];
+    let dropped = probe["dropped_in_kernel"].as_u64().unwrap_or(0);
+    let undecodable = summary["reader"]["undecodable"].as_u64().unwrap_or(0);
+    let events = events_after - events_before;
+    let cpu = cpu_after - cpu_before;
+    let cpu_per_million = if events > 0 {
+        cpu / events as f64 * 1e6
+    } else {
+        f64::NAN
+    };
+    let ratio_sent = sent as f64 / made as f64;
+    let ratio_received = received as f64 / made as f64;
+
+    println!("\n== reset storm ==");
+    println!(
+        "resets made             {made} ({} abortive close, {} closed port; kernel OutRsts {})",
+        storm.abortive_closes, storm.closed_port_connects, storm.kernel_out_rsts
+    );
+    println!(
+        "reported / made         sent {sent}/{made} = {ratio_sent:.4}, received {received}/{made} = {ratio_received:.4}   (target 1.0)"
+    );
+    println!(
+        "dropped                 {dropped} in the kernel, {undecodable} undecodable, {bad_lines} non-JSON lines   (target 0)"
+    );
+    println!(
+        "agent CPU               {cpu:.2} s for {events} events = {cpu_per_million:.2} CPU s per million events"
+    );
+    println!(
+        "storm wall time         {:.2} s with probes, {:.2} s without = {:.3}x ({:.0} vs {:.0} resets/s)",
+        storm.seconds,
+        baseline.seconds,
+        storm.seconds / baseline.seconds,
+        made as f64 / storm.seconds,
+        baseline.resets_made() as f64 / baseline.seconds,
+    );
+    if storm.kernel_out_rsts != made {
+        println!(
+            "note: the kernel counted {} RSTs sent, the storm made {made}",
+            storm.kernel_out_rsts
+        );
+    }
+
+    Ok(json!({
+        "resets_made": made,
+        "kernel_out_rsts": storm.kernel_out_rsts,
+        "reported_sent": sent,
+        "reported_received": received,
+        "ratio_sent": ratio_sent,
+        "ratio_received": ratio_received,
+        "dropped_in_kernel": dropped,
+        "undecodable": undecodable,
+        "agent_cpu_seconds": cpu,
+        "agent_events": events,
+        "agent_cpu_seconds_per_million_events": cpu_per_million,
+        "storm_seconds_with_probes": storm.seconds,
+        "storm_seconds_without_probes": baseline.seconds,
+    }))
+}
+
+/// One run of the GC-heavy program: wall seconds of its work, GC cycles it reported.
+struct GcRun {
+    seconds: f64,
+    /// User + system CPU seconds of the whole process (start-up included).
+    cpu_seconds: f64,
+    gc_cycles: u64,
+    pid: u32,
+}
+
+/// Starts gcstress, lets it allocate once it is ready, times the work to its exit.
+/// `before_work` runs between start and the go signal (waiting for the agent's attach).
+fn gc_run(
+    gcstress: &Path,
+    alloc_mb: u64,
+    before_work: impl FnOnce(u32) -> Result<()>,
+) -> Result<GcRun> {
+    let mut child = Command::new(gcstress)
+        .args(["-wait", "-alloc-mb", &alloc_mb.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", gcstress.display()))?;
+    let pid = child.id();
+    let mut stdout = BufReader::new(child.stdout.take().context("gcstress stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("gcstress printed {line:?} instead of ready");
+    }
+    before_work(pid)?;
+    let mut stdin = child.stdin.take().context("gcstress stdin")?;
+    let start = Instant::now();
+    stdin.write_all(b"go\n")?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    let (status, cpu_seconds) = wait_with_cpu(pid)?;
+    let seconds = start.elapsed().as_secs_f64();
+    if status != 0 {
+        bail!("gcstress exited with wait status {status:#x}");
+    }
+    let gc_cycles = line
+        .trim()
+        .strip_prefix("gc_cycles ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("gcstress printed {line:?} instead of gc_cycles N"))?;
+    Ok(GcRun {
+        seconds,
+        cpu_seconds,
+        gc_cycles,
+        pid,
+    })
+}
+
+/// wait4(2): the exit status and the child's user + system CPU seconds.
+fn wait_with_cpu(pid: u32) -> Result<(i32, f64)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers; pid is our own unreaped child.
+    let rc = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("wait4");
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((status, secs(usage.ru_utime) + secs(usage.ru_stime)))
+}
+
+fn gc_overhead(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Value> {
+    eprintln!(
+        "bench probes: GC-heavy Go program ({} MiB of garbage), {} runs with probes and {} without, interleaved",
+        opts.alloc_mb, opts.runs, opts.runs
+    );
+    let (mut off, mut on, mut off_cpu, mut on_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rows = Vec::new();
+    for i in 0..opts.runs {
+        let attached_first = i % 2 == 1;
+        let mut pair = [None, None];
+        for attached in [attached_first, !attached_first] {
+            let run = if attached {
+                let agent = Agent::start(agent_bin, &[])?;
+                let run = gc_run(gcstress, opts.alloc_mb, |pid| {
+                    let ok =
+                        agent.wait_for(Duration::from_secs(10), Duration::from_secs(10), |t| {
+                            t.attached.contains_key(&pid)
+                        });
+                    if ok {
+                        Ok(())
+                    } else {
+                        bail!(
+                            "the agent did not attach to gcstress pid {pid}; stderr:\n{}",
+                            agent.stderr()
+                        )
+                    }
+                })?;
+                // Two pauses per cycle, plus one for ReadMemStats at the end.
+                let expected = 2 * run.gc_cycles + 1;
+                agent.wait_for(Duration::from_secs(60), Duration::from_secs(3), |t| {
+                    t.pauses.get(&run.pid).copied().unwrap_or(0) >= expected
+                });
+                let reported = agent.with(|t| t.pauses.get(&run.pid).copied().unwrap_or(0));
+                agent.stop()?;
+                (run, Some((reported, expected)))
+            } else {
+                (gc_run(gcstress, opts.alloc_mb, |_| Ok(()))?, None)
+            };
+            pair[usize::from(attached)] = Some(run);
+        }
+        let [
+            Some((off_run, _)),
+            Some((on_run, Some((reported, expected)))),
+        ] = pair
+        else {
+            bail!("internal: a run of the pair is missing");
+        };
+        println!(
+            "  run {}: without {:.3} s, with {:.3} s ({:.4}x); {} GC cycles, {reported}/{expected} pauses reported",
+            i + 1,
+            off_run.seconds,
+            on_run.seconds,
+            on_run.seconds / off_run.seconds,
+            on_run.gc_cycles,
+        );
+        off.push(off_run.seconds);
+        on.push(on_run.seconds);
+        off_cpu.push(off_run.cpu_seconds);
+        on_cpu.push(on_run.cpu_seconds);
+        rows.push(json!({
+            "without_seconds": off_run.seconds,
+            "with_seconds": on_run.seconds,
+            "without_cpu_seconds": off_run.cpu_seconds,
+            "with_cpu_seconds": on_run.cpu_seconds,
+            "gc_cycles_with": on_run.gc_cycles,
+            "gc_cycles_without": off_run.gc_cycles,
+            "pauses_reported": reported,
+            "pauses_expected": expected,
+        }));
+    }
+    let med_off = median(&off).unwrap_or(f64::NAN);
+    let med_on = median(&on).unwrap_or(f64::NAN);
+    let pair_ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+    let cycles: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["gc_cycles_with"].as_f64())
+        .collect();
+    let cycles_per_s = median(&cycles).unwrap_or(f64::NAN) / med_on;
+    println!("\n== GC-heavy Go program, probes attached vs not ==");
+    println!(
+        "median wall time        {med_on:.3} s with, {med_off:.3} s without = {:.4}x   (target <= 1.01)",
+        med_on / med_off
+    );
+    let (cpu_on, cpu_off) = (
+        median(&on_cpu).unwrap_or(f64::NAN),
+        median(&off_cpu).unwrap_or(f64::NAN),
+    );
+    println!(
+        "median of pair ratios   {:.4}x; about {cycles_per_s:.0} GC cycles/s, {:.0} pauses/s",
+        median(&pair_ratios).unwrap_or(f64::NAN),
+        2.0 * cycles_per_s,
+    );
+    println!(
+        "median CPU time         {cpu_on:.3} s with, {cpu_off:.3} s without = {:.4}x (user + system of the Go process)",
+        cpu_on / cpu_off
+    );
+    Ok(json!({
+        "alloc_mb": opts.alloc_mb,
+        "runs": rows,
+        "median_with_seconds": med_on,
+        "median_without_seconds": med_off,
+        "ratio_of_medians": med_on / med_off,
+        "median_pair_ratio": median(&pair_ratios),
+        "median_with_cpu_seconds": cpu_on,
+        "median_without_cpu_seconds": cpu_off,
+    }))
+}
+
+fn exec_to_attach(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Value> {
+    eprintln!(
+        "bench probes: exec-to-attach latency, {} Go processes one after another",
+        opts.exec_samples
+    );
+    let agent = Agent::start(agent_bin, &["--probes", "go-gc"])?;
+    let mut latencies_ms = Vec::new();
+    for _ in 0..opts.exec_samples {
+        let start = Instant::now();
+        let mut child = Command::new(gcstress)
+            .args(["-sleep", "500ms"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        let attached = agent.wait_for(Duration::from_secs(10), Duration::from_secs(10), |t| {
+            t.attached.contains_key(&pid)
+        });
+        let at = agent.with(|t| t.attached.get(&pid).copied());
+        child.wait()?;
+        match (attached, at) {
+            (true, Some(at)) => latencies_ms.push(at.duration_since(start).as_secs_f64() * 1e3),
+            _ => bail!(
+                "the agent did not attach to pid {pid}; stderr:\n{}",
+                agent.stderr()
+            ),
+        }
+    }
+    agent.stop()?;
+    let p = |q| quantile(&latencies_ms, q).unwrap_or(f64::NAN);
+    println!("\n== exec to attach (spawn until the agent's attached line) ==");
+    println!(
+        "latency                 median {:.1} ms, p95 {:.1} ms, max {:.1} ms over {} processes",
+        p(0.5),
+        p(0.95),
+        p(1.0),
+        latencies_ms.len()
+    );
+    Ok(json!({
+        "samples_ms": latencies_ms,
+        "median_ms": p(0.5),
+        "p95_ms": p(0.95),
+        "max_ms": p(1.0),
+    }))
+}
