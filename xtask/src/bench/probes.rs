@@ -317,6 +317,23 @@ fn gc_overhead(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Valu
         median(&on_cpu).unwrap_or(f64::NAN),
         median(&off_cpu).unwrap_or(f64::NAN),
     );
+    let spread = |v: &[f64]| {
+        let m = median(v).unwrap_or(f64::NAN);
+        let lo = quantile(v, 0.0).unwrap_or(f64::NAN);
+        let hi = quantile(v, 1.0).unwrap_or(f64::NAN);
+        format!(
+            "{:+.1}%..{:+.1}%",
+            (lo / m - 1.0) * 100.0,
+            (hi / m - 1.0) * 100.0
+        )
+    };
+    // The runs' own dispersion, for reading the ratio: on a noisy machine a ratio inside it
+    // says "no overhead this machine can resolve", not "1.00".
+    println!(
+        "run-to-run spread       with {}, without {} around their medians",
+        spread(&on),
+        spread(&off)
+    );
     println!(
         "median of pair ratios   {:.4}x; about {cycles_per_s:.0} GC cycles/s, {:.0} pauses/s",
         median(&pair_ratios).unwrap_or(f64::NAN),
