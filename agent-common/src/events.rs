@@ -10,6 +10,10 @@ pub enum EventKind {
     GoStw = 2,
     ProcessExec = 3,
     ProcessExit = 4,
+    /// [`crate::h2::H2FrameEvent`]
+    H2Frame = 5,
+    /// [`crate::h2::H2FlowEvent`]
+    H2Flow = 6,
 }
 
 impl EventKind {
@@ -19,6 +23,8 @@ impl EventKind {
             2 => Some(Self::GoStw),
             3 => Some(Self::ProcessExec),
             4 => Some(Self::ProcessExit),
+            5 => Some(Self::H2Frame),
+            6 => Some(Self::H2Flow),
             _ => None,
         }
     }

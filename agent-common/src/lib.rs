@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod events;
+pub mod h2;
 pub mod layout;
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).

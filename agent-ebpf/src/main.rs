@@ -6,6 +6,7 @@
 #![no_main]
 
 mod go_runtime;
+mod h2_frames;
 mod maps;
 mod tcp_reset;
 

@@ -22,9 +22,14 @@ use crate::{
     probes::{
         LoadOptions, ProbeName, Probes,
         go_processes::{GoProcessEvent, GoTracker},
+        h2_hooks::H2Options,
         ring::{self, ReaderStats},
     },
-    signals::{GoStwPause, Signal, TcpReset},
+    signals::{
+        GoStwPause, Signal, TcpReset,
+        h2_frame::{H2FlowChange, H2Frame},
+        rapid_reset::{RapidReset, RapidResetDetector, RapidResetPolicy},
+    },
 };
 
 #[derive(Debug, clap::Args)]
@@ -42,6 +47,19 @@ pub struct Options {
     /// the ring is 1/16 full): the most a signal waits before the agent sees it.
     #[arg(long, default_value = "10ms", value_parser = parse_poll_interval)]
     ring_poll_interval: Duration,
+    /// h2-frames: report every frame type, not only HEADERS, RST_STREAM, SETTINGS and GOAWAY.
+    #[arg(long)]
+    all_frames: bool,
+    /// h2-frames: cgroup v2 directory to attach to (default: the cgroup v2 root, every socket).
+    #[arg(long)]
+    cgroup: Option<std::path::PathBuf>,
+    /// h2-frames: attach with TC to these interfaces instead of cgroup_skb.
+    #[arg(long = "tc-interface", value_delimiter = ',')]
+    tc_interfaces: Vec<String>,
+    /// h2-frames: client RST_STREAM frames per second one connection may sustain before a
+    /// `rapid_reset` signal (CVE-2023-44487).
+    #[arg(long, default_value_t = 100)]
+    rapid_reset_rate: u32,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -67,6 +85,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (mut probes, ring, decoder) = Probes::load(&LoadOptions {
         probes: opts.probes.clone(),
         ring_buffer_bytes: opts.ring_buffer_bytes,
+        h2: H2Options {
+            all_frames: opts.all_frames,
+            cgroup: opts.cgroup.clone(),
+            tc_interfaces: opts.tc_interfaces.clone(),
+        },
     })
     .context("cannot attach the probes")?;
 
@@ -98,6 +121,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     out.ready(&probes);
 
+    let mut rapid_reset = RapidResetDetector::new(RapidResetPolicy {
+        max_resets_per_sec: opts.rapid_reset_rate,
+        cooldown_ns: 10_000_000_000,
+    });
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
@@ -122,6 +149,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                             out.go_process(&e);
                         }
                     }
+                    Signal::H2Frame(frame) => {
+                        out.h2_frame(&frame);
+                        if let Some(signal) = rapid_reset.observe(&frame) {
+                            out.rapid_reset(&signal);
+                        }
+                    }
+                    Signal::H2Flow(change) => out.h2_flow(&change),
                 }
                 if flush {
                     out.flush();
@@ -157,6 +191,7 @@ struct Output {
     boot_offset_ns: i128,
     printed_resets: u64,
     printed_pauses: u64,
+    printed_frames: u64,
 }
 
 impl Output {
@@ -167,6 +202,7 @@ impl Output {
             boot_offset_ns: realtime_minus_monotonic_ns(),
             printed_resets: 0,
             printed_pauses: 0,
+            printed_frames: 0,
         }
     }
 
@@ -283,6 +319,63 @@ impl Output {
         self.line(&text);
     }
 
+    fn h2_frame(&mut self, f: &H2Frame) {
+        self.printed_frames += 1;
+        let time = self.wall_time(f.ktime_ns);
+        if self.json {
+            self.json_line(Tagged {
+                kind: "h2_frame",
+                time: Some(&time),
+                event: f,
+            });
+            return;
+        }
+        let detail = serde_json::to_string(&f.detail).unwrap_or_default();
+        let text = format!(
+            "{time} h2_frame  {} -> {} {:<7} {:<13} stream={} flags={:#04x} len={} {detail}",
+            f.flow.src, f.flow.dst, f.direction, f.frame_type, f.stream_id, f.flags, f.length
+        );
+        self.line(&text);
+    }
+
+    fn h2_flow(&mut self, c: &H2FlowChange) {
+        let time = self.wall_time(c.ktime_ns);
+        if self.json {
+            self.json_line(Tagged {
+                kind: "h2_flow",
+                time: Some(&time),
+                event: c,
+            });
+            return;
+        }
+        let text = format!(
+            "{time} h2_flow   {} -> {} {} {}",
+            c.flow.src,
+            c.flow.dst,
+            c.change,
+            c.reason.unwrap_or("")
+        );
+        self.line(&text);
+    }
+
+    fn rapid_reset(&mut self, r: &RapidReset) {
+        let time = self.wall_time(r.ktime_ns);
+        if self.json {
+            self.json_line(Tagged {
+                kind: "rapid_reset",
+                time: Some(&time),
+                event: r,
+            });
+        } else {
+            let text = format!(
+                "{time} RAPID_RESET client {} -> server {}: {} resets in the last second (limit {}/s), {} in all",
+                r.flow.src, r.flow.dst, r.resets_last_second, r.max_resets_per_sec, r.resets_total
+            );
+            self.line(&text);
+        }
+        self.flush();
+    }
+
     fn go_process(&mut self, e: &GoProcessEvent) {
         if self.json {
             self.json_line(Tagged {
@@ -360,6 +453,12 @@ impl Output {
                 }),
             );
         }
+        if probes.is_attached(ProbeName::H2Frames) {
+            per_probe.insert(
+                "h2-frames".into(),
+                h2_summary(probes, &get, self.printed_frames),
+            );
+        }
         let reader = json!({
             "records": reader.records.load(Ordering::Relaxed),
             "undecodable": reader.undecodable.load(Ordering::Relaxed),
@@ -375,6 +474,60 @@ impl Output {
         }
         self.flush();
     }
+}
+
+/// Most flows listed in the summary.
+const SUMMARY_FLOWS: usize = 4096;
+
+fn h2_summary(probes: &Probes, get: &dyn Fn(&str) -> u64, printed: u64) -> serde_json::Value {
+    use agent_common::h2::FRAME_TYPE_SLOTS;
+    let flows: Vec<serde_json::Value> = probes
+        .h2_flows(SUMMARY_FLOWS)
+        .iter()
+        .map(|(key, st)| {
+            let flow = crate::signals::h2_frame::Flow::from_key(key).ok();
+            let mut frames = serde_json::Map::new();
+            for (t, n) in st.frames.iter().enumerate().take(FRAME_TYPE_SLOTS) {
+                if *n > 0 {
+                    let name = if t + 1 == FRAME_TYPE_SLOTS {
+                        "OTHER"
+                    } else {
+                        crate::signals::h2_frame::type_name(t as u8)
+                    };
+                    frames.insert(name.into(), (*n).into());
+                }
+            }
+            json!({
+                "src": flow.map(|f| f.src.to_string()),
+                "dst": flow.map(|f| f.dst.to_string()),
+                "sender": match st.role { 1 => Some("client"), 2 => Some("server"), _ => None },
+                "frames": frames,
+                "lost": st.lost,
+                "resyncs": st.resyncs,
+                "following": st.phase != agent_common::h2::phase::LOST,
+            })
+        })
+        .collect();
+    json!({
+        "attachment": probes.h2_attachment,
+        "frames": get("h2_frames"),
+        "printed": printed,
+        "dropped_in_kernel": get("h2_frames_dropped"),
+        "flow_events_dropped": get("h2_flow_events_dropped"),
+        "segments": get("h2_segments"),
+        "segments_already_seen": get("h2_segments_already_seen"),
+        "segments_not_followed": get("h2_segments_not_followed"),
+        "lost": {
+            "gap": get("h2_lost_gap"),
+            "oversize": get("h2_lost_oversize"),
+            "budget": get("h2_lost_budget"),
+            "unreadable": get("h2_lost_unreadable"),
+        },
+        "prefaces": get("h2_prefaces"),
+        "syncs": get("h2_syncs"),
+        "flows_full": get("h2_flows_full"),
+        "flows": flows,
+    })
 }
 
 /// An event as a JSON line: `kind` (and `time`) first, then the event's own fields.

@@ -6,13 +6,17 @@
 pub mod environment;
 pub mod go_binary;
 pub mod go_processes;
+pub mod h2_hooks;
 pub mod kernel_layout;
 pub mod ring;
 pub mod tracefs;
 
 use std::collections::BTreeMap;
 
-use agent_common::counters::{COUNTER_SLOTS, Counter};
+use agent_common::{
+    counters::{COUNTER_SLOTS, Counter},
+    h2::{FlowKey, FlowState, H2Config},
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
@@ -35,6 +39,8 @@ pub enum ProbeName {
     TcpReset,
     /// Go runtime stop-the-world pauses (GC), with Go process discovery.
     GoGc,
+    /// HTTP/2 frames on the wire (cgroup_skb, or TC on named interfaces).
+    H2Frames,
 }
 
 impl ProbeName {
@@ -42,6 +48,7 @@ impl ProbeName {
         match self {
             ProbeName::TcpReset => "tcp-reset",
             ProbeName::GoGc => "go-gc",
+            ProbeName::H2Frames => "h2-frames",
         }
     }
 }
@@ -154,12 +161,15 @@ pub struct ProbeStatus {
 pub struct LoadOptions {
     pub probes: Vec<ProbeName>,
     pub ring_buffer_bytes: u32,
+    pub h2: h2_hooks::H2Options,
 }
 
 /// The loaded programs and the handles the agent reads from.
 pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
+    /// Where the HTTP/2 tracker attached, when it did.
+    pub h2_attachment: Option<h2_hooks::H2Attachment>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -195,17 +205,46 @@ impl Probes {
             },
         };
 
+        let h2_config = H2Config {
+            all_frames: u32::from(opts.h2.all_frames),
+            ..H2Config::DEFAULT
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
+            .override_global("H2_CONFIG", &h2_config, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .load(PROBES_OBJECT)
             .map_err(ProbeError::Load)?;
 
         let mut status = Vec::new();
+        let mut h2_attachment = None;
         let mut requested: Vec<ProbeName> = opts.probes.clone();
         requested.sort();
         requested.dedup();
         for probe in requested {
+            if probe == ProbeName::H2Frames {
+                status.push(match h2_hooks::attach(&mut ebpf, &opts.h2) {
+                    Ok(at) => {
+                        info!(probe = probe.as_str(), attachment = ?at, "probe attached");
+                        h2_attachment = Some(at);
+                        ProbeStatus {
+                            name: probe,
+                            attached: true,
+                            degraded: Vec::new(),
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!("{:#}", anyhow::Error::new(e));
+                        warn!(probe = probe.as_str(), "{msg}");
+                        ProbeStatus {
+                            name: probe,
+                            attached: false,
+                            degraded: vec![msg],
+                        }
+                    }
+                });
+                continue;
+            }
             status.push(attach_probe(&mut ebpf, probe, &decoder));
         }
         if !status.iter().any(|s| s.attached) {
@@ -230,6 +269,7 @@ impl Probes {
             Self {
                 ebpf,
                 status,
+                h2_attachment,
                 counters,
             },
             ring,
@@ -239,6 +279,17 @@ impl Probes {
 
     pub fn is_attached(&self, probe: ProbeName) -> bool {
         self.status.iter().any(|s| s.name == probe && s.attached)
+    }
+
+    /// The HTTP/2 tracker's flows and their per-type frame counts (at most `limit`).
+    pub fn h2_flows(&self, limit: usize) -> Vec<(FlowKey, FlowState)> {
+        let Some(map) = self.ebpf.map("H2_FLOWS") else {
+            return Vec::new();
+        };
+        let Ok(flows) = aya::maps::HashMap::<_, FlowKey, FlowState>::try_from(map) else {
+            return Vec::new();
+        };
+        flows.iter().filter_map(Result::ok).take(limit).collect()
     }
 
     /// Kernel counters summed over CPUs, by name.
@@ -288,6 +339,7 @@ fn attach_probe(ebpf: &mut Ebpf, probe: ProbeName, decoder: &Decoder) -> ProbeSt
         // Each reset tracepoint is useful alone.
         ProbeName::TcpReset => required_ok > 0,
         ProbeName::GoGc => required_failed == 0,
+        ProbeName::H2Frames => false,
     };
     if probe == ProbeName::TcpReset
         && attached

@@ -4,6 +4,8 @@
 //! cannot decode is counted by the reader, never silently skipped.
 
 pub mod go_stw;
+pub mod h2_frame;
+pub mod rapid_reset;
 pub mod tcp_reset;
 
 use agent_common::events::{EventHeader, EventKind, ProcessExecEvent, ProcessExitEvent};
@@ -17,6 +19,8 @@ pub enum Signal {
     GoStw(GoStwPause),
     ProcessExec { pid: u32 },
     ProcessExit { pid: u32 },
+    H2Frame(h2_frame::H2Frame),
+    H2Flow(h2_frame::H2FlowChange),
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("tcp reset record: {0}")]
     TcpReset(&'static str),
+    #[error("http/2 record: {0}")]
+    H2(&'static str),
 }
 
 /// Decodes ring-buffer records into signals.
@@ -52,6 +58,8 @@ impl Decoder {
                 let ev: ProcessExitEvent = read_record(bytes, "process exit")?;
                 Ok(Signal::ProcessExit { pid: ev.pid })
             }
+            Some(EventKind::H2Frame) => h2_frame::decode_frame(bytes).map(Signal::H2Frame),
+            Some(EventKind::H2Flow) => h2_frame::decode_flow(bytes).map(Signal::H2Flow),
             None => Err(DecodeError::UnknownKind(header.kind)),
         }
     }

@@ -1,0 +1,208 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+// errMismatch reports a call that succeeded but did not get its request echoed back.
+var errMismatch = errors.New("echo differs from the request")
+
+// bidi describes the two streaming methods to the client side.
+var bidi = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
+
+// oneDialer opens the client's only TCP connection and refuses to open another: when the server
+// closes it (GOAWAY on GracefulStop), later calls fail with UNAVAILABLE instead of quietly going
+// over a new connection the test does not know about.
+type oneDialer struct {
+	mu   sync.Mutex
+	conn net.Conn
+}
+
+func (d *oneDialer) dial(ctx context.Context, addr string) (net.Conn, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.conn != nil {
+		return nil, errors.New("grpcpeer client: not opening a second connection")
+	}
+	var nd net.Dialer
+	c, err := nd.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	d.conn = c
+	return c, nil
+}
+
+func runClient(args []string) {
+	fs := flag.NewFlagSet("client", flag.ExitOnError)
+	addr := fs.String("addr", "", "server address, host:port (IPv6 as [::1]:port)")
+	method := fs.String("method", "unary", "unary, stream, slow or reset")
+	calls := fs.Int("calls", 1, "number of calls")
+	concurrency := fs.Int("concurrency", 1, "calls in flight at once")
+	size := fs.Int("size", 32, "bytes per request message")
+	messages := fs.Int("messages", 3, "messages sent (and echoed) per stream call")
+	cancelAfter := fs.Duration("cancel-after", 0, "cancel each call after this long (the client sends RST_STREAM CANCEL); 0: never")
+	fs.Parse(args)
+
+	var call func(ctx context.Context, conn *grpc.ClientConn, req []byte) error
+	switch *method {
+	case "unary":
+		call = func(ctx context.Context, conn *grpc.ClientConn, req []byte) error {
+			return callUnary(ctx, conn, methodUnary, req)
+		}
+	case "slow":
+		call = func(ctx context.Context, conn *grpc.ClientConn, req []byte) error {
+			return callUnary(ctx, conn, methodSlow, req)
+		}
+	case "stream":
+		call = func(ctx context.Context, conn *grpc.ClientConn, req []byte) error {
+			return callStream(ctx, conn, req, *messages)
+		}
+	case "reset":
+		call = callReset
+	default:
+		fatalf("unknown method %q (want unary, stream, slow or reset)", *method)
+	}
+	if *addr == "" {
+		fatalf("client needs -addr")
+	}
+	if *concurrency < 1 {
+		*concurrency = 1
+	}
+
+	var d oneDialer
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	conn, err := grpc.DialContext(ctx, *addr,
+		grpc.WithInsecure(), // h2c
+		grpc.WithContextDialer(d.dial),
+		// Connect before the first call, so that "connected" describes a real connection, and
+		// give up at once if the server is not there.
+		grpc.WithBlock(),
+		grpc.FailOnNonTempDialError(true),
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMessage)),
+	)
+	cancel()
+	if err != nil {
+		fatalf("dial %s: %v", *addr, err)
+	}
+	defer conn.Close()
+	say("connected %s %s", d.conn.LocalAddr(), d.conn.RemoteAddr())
+
+	req := make([]byte, *size)
+	for i := range req {
+		req[i] = byte('a' + i%26)
+	}
+	jobs := make(chan int)
+	var wg sync.WaitGroup
+	for w := 0; w < *concurrency; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				err := runCall(conn, call, req, *cancelAfter)
+				code := status.Code(err).String()
+				if errors.Is(err, errMismatch) {
+					code = "EchoMismatch"
+				}
+				say("call %d %s", i, code)
+			}
+		}()
+	}
+	for i := 0; i < *calls; i++ {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
+	// Closing the connection does not flush what grpc-go's writer still holds, such as the
+	// RST_STREAM NO_ERROR the client sends when the server ends a Reset call the client has not
+	// half-closed: give it a moment so that the last call's frames are on the wire too.
+	time.Sleep(100 * time.Millisecond)
+	say("done")
+}
+
+// runCall makes one call, cancelled after cancelAfter if that is not 0. A call that returns early
+// is cancelled too, so that its stream never lingers on the connection.
+func runCall(conn *grpc.ClientConn, call func(context.Context, *grpc.ClientConn, []byte) error, req []byte, cancelAfter time.Duration) error {
+	// Not context.WithTimeout: a deadline would go out as grpc-timeout and end the call with
+	// DEADLINE_EXCEEDED; cancelling is what makes grpc-go send RST_STREAM CANCEL.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if cancelAfter > 0 {
+		t := time.AfterFunc(cancelAfter, cancel)
+		defer t.Stop()
+	}
+	return call(ctx, conn, req)
+}
+
+func callUnary(ctx context.Context, conn *grpc.ClientConn, method string, req []byte) error {
+	var resp []byte
+	if err := conn.Invoke(ctx, method, req, &resp); err != nil {
+		return err
+	}
+	if !bytes.Equal(resp, req) {
+		return errMismatch
+	}
+	return nil
+}
+
+// callStream sends n messages one after the other, each echoed before the next, then half-closes
+// and expects the server to end the stream with OK.
+func callStream(ctx context.Context, conn *grpc.ClientConn, req []byte, n int) error {
+	s, err := conn.NewStream(ctx, bidi, methodStream)
+	if err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		// SendMsg returns io.EOF when the stream has ended; RecvMsg then tells why.
+		if err := s.SendMsg(req); err != nil && err != io.EOF {
+			return err
+		}
+		var resp []byte
+		if err := s.RecvMsg(&resp); err != nil {
+			return err
+		}
+		if !bytes.Equal(resp, req) {
+			return errMismatch
+		}
+	}
+	if err := s.CloseSend(); err != nil {
+		return err
+	}
+	return recvEnd(s)
+}
+
+// callReset sends one message and deliberately never half-closes, so that the server's answer
+// (trailers before the client's END_STREAM) comes with RST_STREAM from the server.
+func callReset(ctx context.Context, conn *grpc.ClientConn, req []byte) error {
+	s, err := conn.NewStream(ctx, bidi, methodReset)
+	if err != nil {
+		return err
+	}
+	if err := s.SendMsg(req); err != nil && err != io.EOF {
+		return err
+	}
+	return recvEnd(s)
+}
+
+// recvEnd drains the stream and returns its status: nil for OK.
+func recvEnd(s grpc.ClientStream) error {
+	for {
+		var resp []byte
+		if err := s.RecvMsg(&resp); err != nil {
+			if err == io.EOF {
+				return nil
+			}
+			return err
+		}
+	}
+}
