@@ -244,6 +244,8 @@ pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
     cmd.arg(".")
         .current_dir(&src)
         .env("GO111MODULE", "off")
+        // Debian's Go sources (grpc-go and its dependencies); no module proxy here.
+        .env("GOPATH", "/usr/share/gocode")
         .env("GOCACHE", root.join("target/go-cache"));
     let output = cmd.output().unwrap_or_else(|e| {
         panic!("cannot run go (install golang-go; cargo xtask setup does): {e}")
@@ -254,4 +256,53 @@ pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
         String::from_utf8_lossy(&output.stderr)
     );
     out
+}
+
+/// A port on `ip` that was free a moment ago.
+pub fn free_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Peer {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Peer {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Peer {
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {name} ({}): {e}",
+                cmd.get_program().to_string_lossy()
+            )
+        });
+        Peer {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Sends a signal (e.g. SIGTERM for a graceful stop).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
