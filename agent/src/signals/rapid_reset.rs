@@ -24,7 +24,7 @@ pub struct RapidResetPolicy {
 /// The signal: `flow` is the client-to-server direction of the connection.
 #[derive(Clone, Debug, Serialize)]
 pub struct RapidReset {
-    #[serde(skip)]
+    /// CLOCK_MONOTONIC nanoseconds of the reset that tripped the detector.
     pub ktime_ns: u64,
     #[serde(flatten)]
     pub flow: Flow,
