@@ -197,3 +197,145 @@ fn rapid_reset_signalled_within_a_second_and_never_for_h2load() {
         "one signal per cooldown"
     );
 }
+
+/// Runs `hostile.py CASE` against `server`; returns its log and the client address.
+fn hostile(server: SocketAddr, case: &str, extra: &[&str]) -> (Vec<Value>, SocketAddr) {
+    let out = Command::new("python3")
+        .arg(workspace_root().join("tests/peers/h2py/hostile.py"))
+        .arg(server.ip().to_string())
+        .arg(server.port().to_string())
+        .arg(case)
+        .args(extra)
+        .output()
+        .unwrap();
+    let log: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let client = log
+        .iter()
+        .find(|v| v["event"] == "connected")
+        .unwrap_or_else(|| panic!("hostile.py {case}: {log:?}"))["local"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (log, client)
+}
+
+/// Hostile and awkward bytes: valid frames written a byte per segment, or hundreds in one
+/// segment, or zero-length, are followed exactly; garbage and 16 MiB length fields mark the
+/// flow lost (counted); a non-HTTP/2 client yields no frames. The server keeps serving, the
+/// agent keeps running, and a clean connection afterwards is still followed exactly.
+#[test]
+#[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
+fn hostile_bytes_are_followed_or_counted_never_harmful() {
+    let (_server, web) = nghttpd("127.0.0.1");
+    let mut trace = Trace::start(&["--probes", "h2-frames", "--all-frames"]);
+    let client_frames = |events: &[Value], client: SocketAddr| -> Vec<(u64, u64, u64)> {
+        of_kind(events, "h2_frame")
+            .filter(|e| e["src"] == client.to_string())
+            .map(|e| {
+                (
+                    e["type_id"].as_u64().unwrap(),
+                    e["flags"].as_u64().unwrap(),
+                    e["stream_id"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // A truncated frame's header is on the wire, so it is reported; its missing payload only
+    // shows when the connection ends. Garbage (malformed, no frame header) never counts.
+    let logged = |log: &[Value]| -> Vec<(u64, u64, u64)> {
+        log.iter()
+            .filter(|v| {
+                v["dir"] == "send"
+                    && v["type_id"].is_u64()
+                    && (v["malformed"] != true || v["truncated"] == true)
+            })
+            .map(|v| {
+                (
+                    v["type_id"].as_u64().unwrap(),
+                    v["flags"].as_u64().unwrap(),
+                    v["stream"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    let mut report = Vec::new();
+    for (case, extra) in [
+        ("split", &[][..]),
+        ("coalesced", &["--count", "500"][..]),
+        ("zero-length", &["--valid-only"][..]),
+        ("truncated-headers", &[][..]),
+    ] {
+        let (log, client) = hostile(web, case, extra);
+        let want = logged(&log);
+        assert!(!want.is_empty(), "{case}: nothing logged");
+        let ok = trace.wait_for(Duration::from_secs(5), |ev| {
+            client_frames(ev, client) == want
+        });
+        let got = client_frames(&trace.events, client);
+        assert!(
+            ok,
+            "{case}: client sent {} frames {want:?}\nagent reported {} {got:?}",
+            want.len(),
+            got.len()
+        );
+        report.push(format!("{case}: {} frames followed exactly", want.len()));
+    }
+
+    for (case, extra) in [("garbage", &["--seed", "7"][..]), ("huge-length", &[][..])] {
+        let (_log, client) = hostile(web, case, extra);
+        let ok = trace.wait_for(Duration::from_secs(5), |ev| {
+            of_kind(ev, "h2_flow").any(|e| e["src"] == client.to_string() && e["change"] == "lost")
+        });
+        assert!(ok, "{case}: the client's flow was not marked lost");
+        report.push(format!(
+            "{case}: flow lost, {} frames reported before it",
+            client_frames(&trace.events, client).len()
+        ));
+    }
+
+    let (_log, client) = hostile(web, "not-h2", &[]);
+    trace.wait_for(Duration::from_millis(300), |_| false);
+    assert!(
+        client_frames(&trace.events, client).is_empty(),
+        "frames reported for an HTTP/1.1 client"
+    );
+
+    // Still serving, still followed exactly.
+    let out = h2client(web, &["--requests", "3", "--path", "/page"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "server no longer serves after the hostile cases"
+    );
+    let log: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let client: SocketAddr = log[0]["local"].as_str().unwrap().parse().unwrap();
+    let want = logged(&log);
+    let ok = trace.wait_for(Duration::from_secs(5), |ev| {
+        client_frames(ev, client) == want
+    });
+    assert!(
+        ok,
+        "clean connection after the hostile ones not followed exactly"
+    );
+
+    let out = trace.stop();
+    let h2 = &out.summary["probes"]["h2-frames"];
+    eprintln!(
+        "{}\nsummary counters: lost {} not followed {}",
+        report.join("\n"),
+        h2["lost"],
+        h2["segments_not_followed"]
+    );
+    assert!(h2["lost"]["oversize"].as_u64().unwrap() >= 2, "{h2}");
+    assert_eq!(h2["dropped_in_kernel"], 0);
+}
