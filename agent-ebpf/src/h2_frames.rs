@@ -459,7 +459,7 @@ struct Walk {
     len: u32,
     /// Offset into the payload of the next byte to look at.
     off: u32,
-    hook: u8,
+    hook: Hook,
     all_frames: u8,
     /// Set when the walk ended the segment (consumed or lost).
     done: u8,
@@ -479,7 +479,7 @@ fn walk(skb: *mut __sk_buff, state: *mut FlowState, seg: &Segment, hook: Hook) {
         payload_off: seg.payload_off,
         len: seg.payload_len,
         off: cursor.wrapping_sub(seg.seq),
-        hook: hook as u8,
+        hook,
         all_frames: u8::from(cfg.all_frames != 0),
         done: 0,
         _pad: 0,
@@ -564,7 +564,7 @@ extern "C" fn step(_index: u64, ctx: *mut c_void) -> i64 {
             unsafe { &*w.key },
             LostReason::Oversize,
             st.frame_seq,
-            hook_of(w.hook),
+            w.hook,
         );
         st.cursor = w.seq.wrapping_add(w.len);
         w.done = 1;
@@ -592,15 +592,6 @@ extern "C" fn step(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-fn hook_of(v: u8) -> Hook {
-    match v {
-        1 => Hook::CgroupIngress,
-        2 => Hook::TcEgress,
-        3 => Hook::TcIngress,
-        _ => Hook::CgroupEgress,
-    }
-}
-
 fn unreadable(w: &mut Walk, st: &mut FlowState) -> i64 {
     // SAFETY: as in `step`.
     lose(
@@ -608,7 +599,7 @@ fn unreadable(w: &mut Walk, st: &mut FlowState) -> i64 {
         unsafe { &*w.key },
         LostReason::Unreadable,
         st.cursor,
-        hook_of(w.hook),
+        w.hook,
     );
     st.cursor = w.seq.wrapping_add(w.len);
     w.done = 1;
@@ -670,7 +661,7 @@ fn emit(w: &Walk, st: &FlowState) {
         (*ev).stream_id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
         (*ev).frame_type = frame_type;
         (*ev).flags = flags;
-        (*ev).hook = w.hook;
+        (*ev).hook = w.hook as u8;
         (*ev).role = st.role;
         (*ev).captured = st.have;
         (*ev)._pad = [0; 7];

@@ -306,3 +306,62 @@ impl Drop for Peer {
         let _ = self.child.wait();
     }
 }
+
+/// `[ip]` for IPv6 literals, `ip` otherwise: the host part of `host:port`.
+pub fn bracket(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
+    }
+}
+
+/// `nghttpd` (cleartext HTTP/2) serving `docroot` on `ip` and a free port; POST and PUT bodies
+/// are echoed back.
+pub fn nghttpd(ip: &str, docroot: &Path) -> (Peer, std::net::SocketAddr) {
+    let port = free_port(ip);
+    let peer = Peer::spawn(
+        "nghttpd",
+        Command::new("nghttpd")
+            .args(["--no-tls", "--echo-upload", "-a", ip, "-d"])
+            .arg(docroot)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let addr = std::net::SocketAddr::new(ip.parse().unwrap(), port);
+    wait_listening(addr);
+    (peer, addr)
+}
+
+/// The grpc-go test server (`tests/peers/grpcpeer`) on `ip` and a port it picks, with extra
+/// flags; returns once it says where it listens.
+pub fn grpc_server(ip: &str, extra: &[&str]) -> (Peer, std::net::SocketAddr) {
+    let bin = go_peer("grpcpeer", false);
+    let mut peer = Peer::spawn(
+        "grpcpeer",
+        Command::new(bin)
+            .args(["server", "-addr", &format!("{}:0", bracket(ip))])
+            .args(extra)
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(peer.child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("grpcpeer said {line:?}"))
+        .parse()
+        .unwrap();
+    (peer, addr)
+}
+
+/// The JSON objects among a peer's output lines (the Python peers log one per line).
+pub fn json_lines(output: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(output)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

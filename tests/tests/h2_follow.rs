@@ -9,26 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{Peer, Trace, free_port, of_kind, wait_listening, workspace_root};
+use e2e::{Peer, Trace, json_lines, of_kind, workspace_root};
 use serde_json::Value;
 
 fn nghttpd(ip: &str) -> (Peer, SocketAddr) {
     let dir = workspace_root().join("target/e2e-h2-follow");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("page"), "x".repeat(20_000)).unwrap();
-    let port = free_port(ip);
-    let peer = Peer::spawn(
-        "nghttpd",
-        Command::new("nghttpd")
-            .args(["--no-tls", "-a", ip, "-d"])
-            .arg(&dir)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    let addr = SocketAddr::new(ip.parse().unwrap(), port);
-    wait_listening(addr);
-    (peer, addr)
+    e2e::nghttpd(ip, &dir)
 }
 
 fn h2client(server: SocketAddr, args: &[&str]) -> Command {
@@ -156,10 +144,7 @@ fn rapid_reset_signalled_within_a_second_and_never_for_h2load() {
     let out = h2client(web, &["--rapid-reset", "1000", "--duration", "2"])
         .output()
         .unwrap();
-    let log: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let log: Vec<Value> = json_lines(&out.stdout);
     let connected = log.iter().find(|v| v["event"] == "connected").unwrap();
     let client: SocketAddr = connected["local"].as_str().unwrap().parse().unwrap();
     let first_reset_s = log
@@ -208,10 +193,7 @@ fn hostile(server: SocketAddr, case: &str, extra: &[&str]) -> (Vec<Value>, Socke
         .args(extra)
         .output()
         .unwrap();
-    let log: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let log: Vec<Value> = json_lines(&out.stdout);
     let client = log
         .iter()
         .find(|v| v["event"] == "connected")
@@ -314,10 +296,7 @@ fn hostile_bytes_are_followed_or_counted_never_harmful() {
         out.status.success(),
         "server no longer serves after the hostile cases"
     );
-    let log: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let log: Vec<Value> = json_lines(&out.stdout);
     let client: SocketAddr = log[0]["local"].as_str().unwrap().parse().unwrap();
     let want = logged(&log);
     let ok = trace.wait_for(Duration::from_secs(5), |ev| {
@@ -346,23 +325,7 @@ fn hostile_bytes_are_followed_or_counted_never_harmful() {
 #[test]
 #[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn h2load_against_grpc_go_is_followed() {
-    let bin = e2e::go_peer("grpcpeer", false);
-    let mut server = Peer::spawn(
-        "grpcpeer",
-        Command::new(bin)
-            .args(["server", "-addr", "127.0.0.1:0"])
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(server.child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (_server, addr) = e2e::grpc_server("127.0.0.1", &[]);
     let body = workspace_root().join("target/e2e-h2-follow/grpc-32.bin");
     std::fs::create_dir_all(body.parent().unwrap()).unwrap();
     let mut framed = vec![0u8, 0, 0, 0, 32];

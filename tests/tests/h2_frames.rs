@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use e2e::{Peer, Trace, free_port, go_peer, of_kind, wait_listening, workspace_root};
+use e2e::{Trace, grpc_server, json_lines, nghttpd, of_kind, workspace_root};
 use serde_json::Value;
 
 /// (direction as the client saw it: "send" / "recv", frame type) -> frames.
@@ -91,8 +91,8 @@ fn reported(events: &[Value], server: SocketAddr) -> BTreeMap<SocketAddr, (Count
 
 /// Frames from the JSON-lines log of `tests/peers/h2py/h2client.py`.
 fn parse_h2py(out: &str) -> Vec<WireFrame> {
-    out.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    json_lines(out.as_bytes())
+        .into_iter()
         .filter(|v| v["dir"].is_string() && v["type_id"].is_u64())
         .map(|v| WireFrame {
             dir: v["dir"].as_str().unwrap().to_owned(),
@@ -246,52 +246,6 @@ fn grpc_body(path: &Path, payload_len: usize) -> PathBuf {
 
 fn url(server: SocketAddr, path: &str) -> String {
     format!("http://{server}{path}")
-}
-
-fn grpc_server(ip: &str, extra: &[&str]) -> (Peer, SocketAddr) {
-    let bin = go_peer("grpcpeer", false);
-    let mut peer = Peer::spawn(
-        "grpcpeer",
-        Command::new(bin)
-            .args(["server", "-addr", &format!("{}:0", bracket(ip))])
-            .args(extra)
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(peer.child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("grpcpeer said {line:?}"))
-        .parse()
-        .unwrap();
-    (peer, addr)
-}
-
-fn bracket(ip: &str) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_owned()
-    }
-}
-
-fn nghttpd(ip: &str, docroot: &Path) -> (Peer, SocketAddr) {
-    let port = free_port(ip);
-    let peer = Peer::spawn(
-        "nghttpd",
-        Command::new("nghttpd")
-            .args(["--no-tls", "--echo-upload", "-a", ip, "-d"])
-            .arg(docroot)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    let addr = SocketAddr::new(ip.parse().unwrap(), port);
-    wait_listening(addr);
-    (peer, addr)
 }
 
 fn scratch() -> PathBuf {

@@ -18,14 +18,7 @@ pub struct Options {
 
 pub fn run(opts: Options) -> Result<()> {
     setup::run(setup::Options { check: false })?;
-    let root = workspace_root()?;
-    run_status(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "agent",
-    ]))?;
-    let agent = root.join("target/release/agent");
+    let agent = build_release_agent(&workspace_root()?)?;
     let args = if opts.args.is_empty() {
         vec!["trace".to_owned()]
     } else {
@@ -35,4 +28,15 @@ pub fn run(opts: Options) -> Result<()> {
     // Replace this process so Ctrl-C and SIGTERM reach the agent directly.
     let err = Command::new(&agent).args(&args).exec();
     Err(err).with_context(|| format!("cannot run {}", agent.display()))
+}
+
+/// Builds the agent in release mode (kernel object included) and returns its path.
+pub fn build_release_agent(root: &std::path::Path) -> Result<std::path::PathBuf> {
+    run_status(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "agent",
+    ]))?;
+    Ok(root.join("target/release/agent"))
 }

@@ -500,7 +500,7 @@ fn h2_summary(probes: &Probes, get: &dyn Fn(&str) -> u64, printed: u64) -> serde
             json!({
                 "src": flow.map(|f| f.src.to_string()),
                 "dst": flow.map(|f| f.dst.to_string()),
-                "sender": match st.role { 1 => Some("client"), 2 => Some("server"), _ => None },
+                "sender": crate::signals::h2_frame::role_name(st.role),
                 "frames": frames,
                 "lost": st.lost,
                 "resyncs": st.resyncs,

@@ -53,8 +53,8 @@ pub fn spawn(
         loop {
             tokio::select! {
                 _ = poll.tick() => {
-                    while !drain(fd.get_mut(), &decoder, &stats, &mut batch) {
-                        if !send_all(&tx, &mut batch).await { return }
+                    if !drain_all(fd.get_mut(), &decoder, &stats, &mut batch, &tx).await {
+                        return;
                     }
                 }
                 ready = fd.readable_mut() => {
@@ -66,10 +66,9 @@ pub fn spawn(
                     }
                 }
                 _ = shutdown.changed() => {
-                    while !drain(fd.get_mut(), &decoder, &stats, &mut batch) {
-                        if !send_all(&tx, &mut batch).await { return }
+                    if drain_all(fd.get_mut(), &decoder, &stats, &mut batch, &tx).await {
+                        send_all(&tx, &mut batch).await;
                     }
-                    send_all(&tx, &mut batch).await;
                     return;
                 }
             }
@@ -99,6 +98,23 @@ fn drain(
         }
     }
     false
+}
+
+/// Drains the ring completely, handing on each full batch (the last, partial one stays in
+/// `batch`); false when the receiver is gone.
+async fn drain_all(
+    ring: &mut RingBuf<MapData>,
+    decoder: &Decoder,
+    stats: &ReaderStats,
+    batch: &mut Vec<Signal>,
+    tx: &mpsc::Sender<Signal>,
+) -> bool {
+    while !drain(ring, decoder, stats, batch) {
+        if !send_all(tx, batch).await {
+            return false;
+        }
+    }
+    true
 }
 
 async fn send_all(tx: &mpsc::Sender<Signal>, batch: &mut Vec<Signal>) -> bool {

@@ -152,11 +152,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<H2Frame, DecodeError> {
         flow: Flow::from_key(&ev.flow)?,
         direction,
         hook,
-        sender: match ev.role {
-            r if r == Role::Client as u8 => Some("client"),
-            r if r == Role::Server as u8 => Some("server"),
-            _ => None,
-        },
+        sender: role_name(ev.role),
         frame_type: type_name(ev.frame_type),
         type_id: ev.frame_type,
         flags: ev.flags,
@@ -189,6 +185,15 @@ pub fn decode_flow(bytes: &[u8]) -> Result<H2FlowChange, DecodeError> {
         direction,
         hook,
     })
+}
+
+/// A flow sender's [`Role`] as the events name it; None when unknown.
+pub fn role_name(role: u8) -> Option<&'static str> {
+    match role {
+        r if r == Role::Client as u8 => Some("client"),
+        r if r == Role::Server as u8 => Some("server"),
+        _ => None,
+    }
 }
 
 pub fn type_name(t: u8) -> &'static str {

@@ -40,13 +40,7 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<()> {
     let root = workspace_root()?;
     eprintln!("bench probes: building the agent (release) and the Go load");
-    run_status(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "agent",
-    ]))?;
-    let agent_bin = root.join("target/release/agent");
+    let agent_bin = crate::run::build_release_agent(&root)?;
     let gcstress = build_gcstress(&root)?;
 
     let storm = reset_storm(&agent_bin, &opts)?;
