@@ -14,6 +14,8 @@ pub enum EventKind {
     H2Frame = 5,
     /// [`crate::h2::H2FlowEvent`]
     H2Flow = 6,
+    /// [`crate::h2::H2FrameBatchEvent`]
+    H2FrameBatch = 7,
 }
 
 impl EventKind {
@@ -25,6 +27,7 @@ impl EventKind {
             4 => Some(Self::ProcessExit),
             5 => Some(Self::H2Frame),
             6 => Some(Self::H2Flow),
+            7 => Some(Self::H2FrameBatch),
             _ => None,
         }
     }

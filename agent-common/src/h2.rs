@@ -185,6 +185,56 @@ pub struct H2FrameEvent {
     pub payload: [u8; PAYLOAD_CAPTURE],
 }
 
+/// Most header-only frames in one [`H2FrameBatchEvent`].
+pub const FRAME_BATCH: usize = 32;
+
+/// A frame that is reported by its header alone (nothing of its payload captured): HEADERS,
+/// DATA, CONTINUATION, a SETTINGS ACK ...
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompactFrame {
+    /// Sequence number of the frame header's first byte.
+    pub frame_seq: u32,
+    /// Stream identifier, reserved bit cleared.
+    pub stream_id: u32,
+    /// Declared payload length (24 bits).
+    pub length: u32,
+    pub frame_type: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Header-only frames of one flow, in wire order, from one segment walk: one ring record for
+/// up to [`FRAME_BATCH`] frames instead of one each (under load, reserving and reading a record
+/// per HEADERS frame cost more than following the frames). Only the first `count` entries of
+/// `frames` are written to the ring. Any other record of the same walk (a frame with a payload,
+/// a lost flow) is preceded by the batch so far, so records stay in wire order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct H2FrameBatchEvent {
+    pub head: H2FrameBatchHead,
+    pub frames: [CompactFrame; FRAME_BATCH],
+}
+
+/// What the frames of an [`H2FrameBatchEvent`] share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct H2FrameBatchHead {
+    pub header: EventHeader,
+    pub flow: FlowKey,
+    pub cgroup_id: u64,
+    /// A [`Hook`].
+    pub hook: u8,
+    /// The sender's [`Role`].
+    pub role: u8,
+    /// Entries of `frames` in use.
+    pub count: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Bytes of an [`H2FrameBatchEvent`] before its `frames`.
+pub const FRAME_BATCH_HEADER_BYTES: usize = core::mem::offset_of!(H2FrameBatchEvent, frames);
+
 /// What happened to a flow, for the cases worth a line of their own.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

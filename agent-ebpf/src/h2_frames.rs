@@ -15,9 +15,10 @@ use agent_common::{
     counters::Counter,
     events::EventKind,
     h2::{
-        CLIENT_PREFACE, DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_LEN, FRAME_TYPE_SLOTS, FlowChange,
-        FlowKey, FlowState, H2Config, H2FlowEvent, H2FrameEvent, Hook, LostReason, PAYLOAD_CAPTURE,
-        Role, frame_type as ft, phase,
+        CLIENT_PREFACE, CompactFrame, DEFAULT_MAX_FRAME_SIZE, FRAME_BATCH,
+        FRAME_BATCH_HEADER_BYTES, FRAME_HEADER_LEN, FRAME_TYPE_SLOTS, FlowChange, FlowKey,
+        FlowState, H2Config, H2FlowEvent, H2FrameBatchEvent, H2FrameEvent, Hook, LostReason,
+        PAYLOAD_CAPTURE, Role, frame_type as ft, phase,
     },
 };
 use aya_ebpf::{
@@ -29,7 +30,7 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 
-use crate::maps::{EVENTS, bump, header, wakeup_flags};
+use crate::maps::{EVENTS, bump, bump_by, header, wakeup_flags};
 
 /// Flow state, one entry per direction of each HTTP/2 connection (and per candidate flow
 /// that started with a plausible frame header). LRU: connections that end without a FIN we
@@ -40,6 +41,18 @@ static H2_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(6
 /// Room to build a new flow's state: it is too big for the 512-byte BPF stack next to the rest.
 #[map]
 static H2_SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);
+
+/// The header-only frames of the walk under way (see `H2FrameBatchEvent`), one buffer per
+/// nesting level: an interrupt's softirq may walk a segment on this CPU while a walk in process
+/// context (egress) is under way. Deeper nesting reports frames one record each.
+#[map]
+static H2_BATCH: PerCpuArray<H2FrameBatchEvent> = PerCpuArray::with_max_entries(BATCH_LEVELS, 0);
+
+/// Walks under way on this CPU (the `H2_BATCH` level the next walk takes).
+#[map]
+static H2_NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+const BATCH_LEVELS: u32 = 2;
 
 /// Set by the agent before loading (see `H2Config`).
 #[unsafe(no_mangle)]
@@ -459,18 +472,55 @@ struct Walk {
     len: u32,
     /// Offset into the payload of the next byte to look at.
     off: u32,
+    /// This walk's `H2_BATCH` buffer; used only when `batching` is set.
+    batch: *mut H2FrameBatchEvent,
     hook: Hook,
     all_frames: u8,
     /// Set when the walk ended the segment (consumed or lost).
     done: u8,
-    _pad: u8,
+    batching: u8,
 }
 
 #[inline(always)]
 fn walk(skb: *mut __sk_buff, state: *mut FlowState, seg: &Segment, hook: Hook) {
+    let Some(nesting) = H2_NESTING.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; a nested walk restores it before we run again.
+    let level = unsafe { *nesting };
+    let Some(batch) = H2_BATCH.get_ptr_mut(level.min(BATCH_LEVELS - 1)) else {
+        return;
+    };
+    // SAFETY: as above.
+    unsafe { *nesting = level.wrapping_add(1) };
+    walk_frames(skb, state, seg, hook, batch, level < BATCH_LEVELS);
+    // SAFETY: as above.
+    unsafe { *nesting = level };
+}
+
+#[inline(always)]
+fn walk_frames(
+    skb: *mut __sk_buff,
+    state: *mut FlowState,
+    seg: &Segment,
+    hook: Hook,
+    batch: *mut H2FrameBatchEvent,
+    batching: bool,
+) {
     let cfg = config();
     // SAFETY: valid map value pointer.
     let cursor = unsafe { (*state).cursor };
+    if batching {
+        // SAFETY: this walk's batch buffer (see `H2_BATCH`); valid map value pointer.
+        unsafe {
+            (*batch).head.flow = seg.key;
+            (*batch).head.cgroup_id = (*state).cgroup_id;
+            (*batch).head.hook = hook as u8;
+            (*batch).head.role = (*state).role;
+            (*batch).head.count = 0;
+            (*batch).head._pad = [0; 5];
+        }
+    }
     let mut w = Walk {
         skb,
         state,
@@ -479,10 +529,11 @@ fn walk(skb: *mut __sk_buff, state: *mut FlowState, seg: &Segment, hook: Hook) {
         payload_off: seg.payload_off,
         len: seg.payload_len,
         off: cursor.wrapping_sub(seg.seq),
+        batch,
         hook,
         all_frames: u8::from(cfg.all_frames != 0),
         done: 0,
-        _pad: 0,
+        batching: u8::from(batching),
     };
     let budget = cfg.max_frames_per_segment.clamp(1, 1 << 16);
     // SAFETY: `step` has the callback signature bpf_loop expects; `w` outlives the call.
@@ -494,6 +545,7 @@ fn walk(skb: *mut __sk_buff, state: *mut FlowState, seg: &Segment, hook: Hook) {
             0,
         )
     };
+    flush(&w);
     if w.done == 0 && w.off < w.len {
         // SAFETY: valid map value pointer.
         let st = unsafe { &mut *state };
@@ -558,6 +610,7 @@ extern "C" fn step(_index: u64, ctx: *mut c_void) -> i64 {
     let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
     let frame_type = h[3];
     if len > st.max_frame {
+        flush(w);
         // SAFETY: `key` points to the caller's segment, alive for the whole walk.
         lose(
             st,
@@ -593,6 +646,7 @@ extern "C" fn step(_index: u64, ctx: *mut c_void) -> i64 {
 }
 
 fn unreadable(w: &mut Walk, st: &mut FlowState) -> i64 {
+    flush(w);
     // SAFETY: as in `step`.
     lose(
         st,
@@ -633,8 +687,9 @@ fn load_into<const N: usize>(
     rc == 0
 }
 
-/// Writes the frame in `st.hdr` (and its captured payload) to the ring buffer; a SETTINGS
-/// frame's MAX_FRAME_SIZE also bounds what the other direction may send from now on.
+/// Reports the frame in `st.hdr`: into the walk's batch when nothing of its payload was
+/// captured, else as a record of its own (after the batch so far, to keep wire order). A
+/// SETTINGS frame's MAX_FRAME_SIZE also bounds what the other direction may send from now on.
 #[inline(never)]
 fn emit(w: &Walk, st: &FlowState) {
     let h = st.hdr;
@@ -645,6 +700,27 @@ fn emit(w: &Walk, st: &FlowState) {
     if frame_type == ft::SETTINGS && flags & 1 == 0 {
         apply_max_frame_size(key, st);
     }
+    let length = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+    let stream_id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    if w.batching != 0 && st.have == 0 {
+        // SAFETY: this walk's batch buffer, a valid map value pointer.
+        let batch = unsafe { &mut *w.batch };
+        let i = usize::from(batch.head.count);
+        if let Some(slot) = batch.frames.get_mut(i) {
+            slot.frame_seq = st.frame_seq;
+            slot.stream_id = stream_id;
+            slot.length = length;
+            slot.frame_type = frame_type;
+            slot.flags = flags;
+            slot._pad = [0; 2];
+            batch.head.count += 1;
+        }
+        if usize::from(batch.head.count) >= FRAME_BATCH {
+            flush(w);
+        }
+        return;
+    }
+    flush(w);
     let wakeup = wakeup_flags(core::mem::size_of::<H2FrameEvent>() as u64);
     let Some(mut entry) = EVENTS.reserve::<H2FrameEvent>(0) else {
         bump(Counter::H2FramesDropped);
@@ -657,8 +733,8 @@ fn emit(w: &Walk, st: &FlowState) {
         (*ev).flow = *key;
         (*ev).cgroup_id = st.cgroup_id;
         (*ev).frame_seq = st.frame_seq;
-        (*ev).length = u32::from_be_bytes([0, h[0], h[1], h[2]]);
-        (*ev).stream_id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        (*ev).length = length;
+        (*ev).stream_id = stream_id;
         (*ev).frame_type = frame_type;
         (*ev).flags = flags;
         (*ev).hook = w.hook as u8;
@@ -668,6 +744,34 @@ fn emit(w: &Walk, st: &FlowState) {
         (*ev).payload = st.payload;
     }
     entry.submit(wakeup);
+}
+
+/// Writes the walk's batched frames to the ring (only the entries in use) and empties it.
+#[inline(never)]
+fn flush(w: &Walk) {
+    if w.batching == 0 {
+        return;
+    }
+    // SAFETY: this walk's batch buffer, a valid map value pointer.
+    let batch = unsafe { &mut *w.batch };
+    let count = usize::from(batch.head.count).min(FRAME_BATCH);
+    if count == 0 {
+        return;
+    }
+    batch.head.header = header(EventKind::H2FrameBatch as u32);
+    let bytes = FRAME_BATCH_HEADER_BYTES + count * core::mem::size_of::<CompactFrame>();
+    let bytes = bytes.min(core::mem::size_of::<H2FrameBatchEvent>());
+    // SAFETY: `bytes` is within the buffer, which is plain data.
+    let record = unsafe {
+        core::slice::from_raw_parts((batch as *const H2FrameBatchEvent).cast::<u8>(), bytes)
+    };
+    if EVENTS
+        .output::<[u8]>(record, wakeup_flags(bytes as u64))
+        .is_err()
+    {
+        bump_by(Counter::H2FramesDropped, count as u64);
+    }
+    batch.head.count = 0;
 }
 
 /// SETTINGS_MAX_FRAME_SIZE (0x5) sent by this flow's sender limits the reverse flow.

@@ -35,9 +35,14 @@ pub fn layout() -> KernelLayout {
 
 #[inline(always)]
 pub fn bump(counter: Counter) {
+    bump_by(counter, 1);
+}
+
+#[inline(always)]
+pub fn bump_by(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 

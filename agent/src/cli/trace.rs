@@ -60,6 +60,49 @@ pub struct Options {
     /// `rapid_reset` signal (CVE-2023-44487).
     #[arg(long, default_value_t = 100)]
     rapid_reset_rate: u32,
+    /// Event kinds to print, comma-separated (default: all). The others are still decoded,
+    /// fed to the detectors (a `rapid_reset` needs the h2 frames) and counted in the summary;
+    /// e.g. `--print rapid_reset` watches for attacks without printing every frame.
+    #[arg(long, value_delimiter = ',', default_values = ["all"])]
+    print: Vec<PrintKind>,
+}
+
+/// What `--print` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum PrintKind {
+    All,
+    TcpReset,
+    GcStw,
+    GoProcess,
+    H2Frame,
+    H2Flow,
+    RapidReset,
+}
+
+/// The kinds `--print` selected, as one flag each.
+#[derive(Debug, Clone, Copy)]
+struct Printed {
+    tcp_reset: bool,
+    gc_stw: bool,
+    go_process: bool,
+    h2_frame: bool,
+    h2_flow: bool,
+    rapid_reset: bool,
+}
+
+impl Printed {
+    fn from_kinds(kinds: &[PrintKind]) -> Self {
+        let on = |k| kinds.contains(&PrintKind::All) || kinds.contains(&k);
+        Self {
+            tcp_reset: on(PrintKind::TcpReset),
+            gc_stw: on(PrintKind::GcStw),
+            go_process: on(PrintKind::GoProcess),
+            h2_frame: on(PrintKind::H2Frame),
+            h2_flow: on(PrintKind::H2Flow),
+            rapid_reset: on(PrintKind::RapidReset),
+        }
+    }
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -93,7 +136,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })
     .context("cannot attach the probes")?;
 
-    let (tx, mut rx) = mpsc::channel(65536);
+    let (tx, mut rx) = mpsc::channel(ring::CHANNEL_BATCHES);
     let (stop_reader, shutdown) = watch::channel(false);
     let reader_stats = Arc::new(ReaderStats::default());
     let reader = ring::spawn(
@@ -106,7 +149,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     )
     .context("cannot poll the ring buffer")?;
 
-    let mut out = Output::new(opts.json);
+    let mut out = Output::new(opts.json, Printed::from_kinds(&opts.print));
     let mut tracker = if probes.is_attached(ProbeName::GoGc) {
         let mut tracker = GoTracker::new(&mut probes.ebpf)?;
         // Exec events that arrive while scanning are handled after it; a process seen twice is
@@ -131,33 +174,34 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut stopping = false;
     loop {
         tokio::select! {
-            signal = rx.recv() => {
-                let Some(signal) = signal else { break };
-                // Events are written in batches: flush once the queue is empty, not per line.
-                let flush = rx.is_empty();
-                match signal {
-                    Signal::TcpReset(reset) => out.tcp_reset(&reset),
-                    Signal::GoStw(pause) => out.gc_stw(&pause, tracker.as_ref()),
-                    Signal::ProcessExec { pid, .. } => {
-                        if let Some(t) = tracker.as_mut()
-                            && let Some(e) = tokio::task::block_in_place(|| t.process_started(&mut probes.ebpf, pid)) {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                for signal in batch {
+                    match signal {
+                        Signal::TcpReset(reset) => out.tcp_reset(&reset),
+                        Signal::GoStw(pause) => out.gc_stw(&pause, tracker.as_ref()),
+                        Signal::ProcessExec { pid, .. } => {
+                            if let Some(t) = tracker.as_mut()
+                                && let Some(e) = tokio::task::block_in_place(|| t.process_started(&mut probes.ebpf, pid)) {
+                                    out.go_process(&e);
+                                }
+                        }
+                        Signal::ProcessExit { pid } => {
+                            if let Some(e) = tracker.as_mut().and_then(|t| t.process_exited(&mut probes.ebpf, pid)) {
                                 out.go_process(&e);
                             }
-                    }
-                    Signal::ProcessExit { pid } => {
-                        if let Some(e) = tracker.as_mut().and_then(|t| t.process_exited(&mut probes.ebpf, pid)) {
-                            out.go_process(&e);
                         }
-                    }
-                    Signal::H2Frame(frame) => {
-                        out.h2_frame(&frame);
-                        if let Some(signal) = rapid_reset.observe(&frame) {
-                            out.rapid_reset(&signal);
+                        Signal::H2Frame(frame) => {
+                            if let Some(signal) = rapid_reset.observe(&frame) {
+                                out.rapid_reset(&signal);
+                            }
+                            out.h2_frame(&frame);
                         }
+                        Signal::H2Flow(change) => out.h2_flow(&change),
                     }
-                    Signal::H2Flow(change) => out.h2_flow(&change),
                 }
-                if flush {
+                // Lines are written in batches: flush once the queue is empty, not per line.
+                if rx.is_empty() {
                     out.flush();
                 }
             }
@@ -185,6 +229,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// Prints signals as text or JSON lines; counts what it printed.
 struct Output {
     json: bool,
+    print: Printed,
     /// Buffered: a write(2) per event line cost more than formatting it.
     stdout: std::io::BufWriter<std::io::StdoutLock<'static>>,
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
@@ -192,17 +237,21 @@ struct Output {
     printed_resets: u64,
     printed_pauses: u64,
     printed_frames: u64,
+    /// The last frame's kernel time and its wall-clock text.
+    frame_time: (u64, String),
 }
 
 impl Output {
-    fn new(json: bool) -> Self {
+    fn new(json: bool, print: Printed) -> Self {
         Self {
             json,
+            print,
             stdout: std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()),
             boot_offset_ns: realtime_minus_monotonic_ns(),
             printed_resets: 0,
             printed_pauses: 0,
             printed_frames: 0,
+            frame_time: (0, String::new()),
         }
     }
 
@@ -249,6 +298,9 @@ impl Output {
     }
 
     fn tcp_reset(&mut self, r: &TcpReset) {
+        if !self.print.tcp_reset {
+            return;
+        }
         self.printed_resets += 1;
         let time = self.wall_time(r.ktime_ns);
         if self.json {
@@ -284,6 +336,9 @@ impl Output {
     }
 
     fn gc_stw(&mut self, p: &GoStwPause, tracker: Option<&GoTracker>) {
+        if !self.print.gc_stw {
+            return;
+        }
         self.printed_pauses += 1;
         let time = self.wall_time(p.stop_ns);
         let go_version = tracker.and_then(|t| t.go_version(p.pid)).map(str::to_owned);
@@ -320,14 +375,22 @@ impl Output {
     }
 
     fn h2_frame(&mut self, f: &H2Frame) {
+        if !self.print.h2_frame {
+            return;
+        }
         self.printed_frames += 1;
-        let time = self.wall_time(f.ktime_ns);
+        // The frames of one batch record share their time: format it once.
+        if self.frame_time.0 != f.ktime_ns || self.frame_time.1.is_empty() {
+            self.frame_time = (f.ktime_ns, self.wall_time(f.ktime_ns));
+        }
+        let time = std::mem::take(&mut self.frame_time.1);
         if self.json {
             self.json_line(Tagged {
                 kind: "h2_frame",
                 time: Some(&time),
                 event: f,
             });
+            self.frame_time.1 = time;
             return;
         }
         let detail = serde_json::to_string(&f.detail).unwrap_or_default();
@@ -336,9 +399,13 @@ impl Output {
             f.flow.src, f.flow.dst, f.direction, f.frame_type, f.stream_id, f.flags, f.length
         );
         self.line(&text);
+        self.frame_time.1 = time;
     }
 
     fn h2_flow(&mut self, c: &H2FlowChange) {
+        if !self.print.h2_flow {
+            return;
+        }
         let time = self.wall_time(c.ktime_ns);
         if self.json {
             self.json_line(Tagged {
@@ -359,6 +426,9 @@ impl Output {
     }
 
     fn rapid_reset(&mut self, r: &RapidReset) {
+        if !self.print.rapid_reset {
+            return;
+        }
         let time = self.wall_time(r.ktime_ns);
         if self.json {
             self.json_line(Tagged {
@@ -377,6 +447,9 @@ impl Output {
     }
 
     fn go_process(&mut self, e: &GoProcessEvent) {
+        if !self.print.go_process {
+            return;
+        }
         if self.json {
             self.json_line(Tagged {
                 kind: "go_process",
@@ -461,6 +534,7 @@ impl Output {
         }
         let reader = json!({
             "records": reader.records.load(Ordering::Relaxed),
+            "signals": reader.signals.load(Ordering::Relaxed),
             "undecodable": reader.undecodable.load(Ordering::Relaxed),
         });
         if self.json {

@@ -1,6 +1,7 @@
 //! The one consumer of the `EVENTS` ring buffer: wait for readiness, drain, decode, hand on.
 //!
-//! Decoded signals go through a bounded channel with backpressure: when the consumer is slow the
+//! Decoded signals go through a bounded channel with backpressure, a batch per message (one
+//! channel operation per event cost more than decoding it): when the consumer is slow the
 //! kernel ring fills up and the kernel programs count their drops, so no loss goes unseen.
 //!
 //! The kernel programs write most records without waking us (see `wakeup_flags` in the eBPF
@@ -25,12 +26,19 @@ use tracing::debug;
 
 use crate::signals::{Decoder, Signal};
 
-/// Records handed on per wake-up before yielding, so one burst cannot starve the runtime.
+/// Records handed on per message (and per wake-up before yielding, so one burst cannot starve
+/// the runtime).
 const BATCH: usize = 4096;
+
+/// Batches the channel holds before the reader waits: 16 batches of up to `BATCH` signals.
+pub const CHANNEL_BATCHES: usize = 16;
 
 #[derive(Debug, Default)]
 pub struct ReaderStats {
+    /// Ring records read.
     pub records: AtomicU64,
+    /// Signals decoded from them (a record of batched frames holds many).
+    pub signals: AtomicU64,
     pub undecodable: AtomicU64,
 }
 
@@ -39,7 +47,7 @@ pub struct ReaderStats {
 pub fn spawn(
     ring: RingBuf<MapData>,
     decoder: Decoder,
-    tx: mpsc::Sender<Signal>,
+    tx: mpsc::Sender<Vec<Signal>>,
     mut shutdown: watch::Receiver<bool>,
     stats: Arc<ReaderStats>,
     poll_interval: Duration,
@@ -89,8 +97,12 @@ fn drain(
     while batch.len() < BATCH {
         let Some(item) = ring.next() else { return true };
         stats.records.fetch_add(1, Ordering::Relaxed);
-        match decoder.decode(&item) {
-            Ok(signal) => batch.push(signal),
+        let before = batch.len();
+        match decoder.decode_into(&item, batch) {
+            Ok(()) => {
+                let n = (batch.len() - before) as u64;
+                stats.signals.fetch_add(n, Ordering::Relaxed);
+            }
             Err(e) => {
                 stats.undecodable.fetch_add(1, Ordering::Relaxed);
                 debug!(error = %e, "undecodable ring record");
@@ -107,7 +119,7 @@ async fn drain_all(
     decoder: &Decoder,
     stats: &ReaderStats,
     batch: &mut Vec<Signal>,
-    tx: &mpsc::Sender<Signal>,
+    tx: &mpsc::Sender<Vec<Signal>>,
 ) -> bool {
     while !drain(ring, decoder, stats, batch) {
         if !send_all(tx, batch).await {
@@ -117,11 +129,11 @@ async fn drain_all(
     true
 }
 
-async fn send_all(tx: &mpsc::Sender<Signal>, batch: &mut Vec<Signal>) -> bool {
-    for signal in batch.drain(..) {
-        if tx.send(signal).await.is_err() {
-            return false;
-        }
+/// Hands on `batch` (leaving it empty); false when the receiver is gone.
+async fn send_all(tx: &mpsc::Sender<Vec<Signal>>, batch: &mut Vec<Signal>) -> bool {
+    if batch.is_empty() {
+        return true;
     }
-    true
+    let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+    tx.send(full).await.is_ok()
 }

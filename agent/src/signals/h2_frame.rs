@@ -7,8 +7,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::h2::{
-    FlowChange, FlowKey, H2FlowEvent, H2FrameEvent, Hook, LostReason, PAYLOAD_CAPTURE, Role,
-    frame_type as ft,
+    CompactFrame, FRAME_BATCH, FRAME_BATCH_HEADER_BYTES, FlowChange, FlowKey, H2FlowEvent,
+    H2FrameBatchHead, H2FrameEvent, Hook, LostReason, PAYLOAD_CAPTURE, Role, frame_type as ft,
 };
 use serde::Serialize;
 
@@ -161,6 +161,47 @@ pub fn decode_frame(bytes: &[u8]) -> Result<H2Frame, DecodeError> {
         detail: detail(ev.frame_type, ev.flags, ev.length, payload),
         cgroup_id: (ev.cgroup_id != 0).then_some(ev.cgroup_id),
     })
+}
+
+/// Hands each frame of a batch record (header-only frames of one flow, in wire order) to
+/// `each`.
+pub fn decode_batch(bytes: &[u8], mut each: impl FnMut(H2Frame)) -> Result<(), DecodeError> {
+    let head: H2FrameBatchHead = read_record(bytes, "h2 frame batch")?;
+    let count = usize::from(head.count);
+    if count > FRAME_BATCH {
+        return Err(DecodeError::H2("frame batch count over its capacity"));
+    }
+    let entry = std::mem::size_of::<CompactFrame>();
+    let need = FRAME_BATCH_HEADER_BYTES + count * entry;
+    let frames = bytes
+        .get(FRAME_BATCH_HEADER_BYTES..need)
+        .ok_or(DecodeError::Short {
+            what: "h2 frame batch",
+            len: bytes.len(),
+            need,
+        })?;
+    let flow = Flow::from_key(&head.flow)?;
+    let (direction, hook) = hook_names(u32::from(head.hook));
+    let sender = role_name(head.role);
+    let cgroup_id = (head.cgroup_id != 0).then_some(head.cgroup_id);
+    for raw in frames.chunks_exact(entry) {
+        let f: CompactFrame = read_record(raw, "h2 frame batch entry")?;
+        each(H2Frame {
+            ktime_ns: head.header.ktime_ns,
+            flow,
+            direction,
+            hook,
+            sender,
+            frame_type: type_name(f.frame_type),
+            type_id: f.frame_type,
+            flags: f.flags,
+            length: f.length,
+            stream_id: f.stream_id,
+            detail: detail(f.frame_type, f.flags, f.length, &[]),
+            cgroup_id,
+        });
+    }
+    Ok(())
 }
 
 pub fn decode_flow(bytes: &[u8]) -> Result<H2FlowChange, DecodeError> {

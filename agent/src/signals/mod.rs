@@ -45,6 +45,18 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Appends the signals of one record to `out`: one, or several for a batch of frames.
+    pub fn decode_into(&self, bytes: &[u8], out: &mut Vec<Signal>) -> Result<(), DecodeError> {
+        if let Some(EventKind::H2FrameBatch) =
+            EventKind::from_u32(read_record::<EventHeader>(bytes, "event header")?.kind)
+        {
+            return h2_frame::decode_batch(bytes, |f| out.push(Signal::H2Frame(f)));
+        }
+        out.push(self.decode(bytes)?);
+        Ok(())
+    }
+
+    /// Decodes a record that holds one signal.
     pub fn decode(&self, bytes: &[u8]) -> Result<Signal, DecodeError> {
         let header: EventHeader = read_record(bytes, "event header")?;
         match EventKind::from_u32(header.kind) {
@@ -60,6 +72,9 @@ impl Decoder {
             }
             Some(EventKind::H2Frame) => h2_frame::decode_frame(bytes).map(Signal::H2Frame),
             Some(EventKind::H2Flow) => h2_frame::decode_flow(bytes).map(Signal::H2Flow),
+            Some(EventKind::H2FrameBatch) => Err(DecodeError::H2(
+                "a frame batch holds many signals: use decode_into",
+            )),
             None => Err(DecodeError::UnknownKind(header.kind)),
         }
     }

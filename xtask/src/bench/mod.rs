@@ -3,10 +3,18 @@
 //! alike. Nothing here asserts a time: the figures are for people to read and compare.
 
 mod agent;
+mod h2;
 mod probes;
 pub mod reset_storm;
 
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
 use anyhow::{Result, bail};
+
+use crate::util::run_status;
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -19,6 +27,9 @@ enum Suite {
     /// Kernel probes: a TCP reset storm (reported/made, drops, agent CPU per million events),
     /// a GC-heavy Go program with and without the probes, and exec-to-attach latency.
     Probes(probes::Options),
+    /// HTTP/2 frame tracker: h2load throughput against grpc-go with the tracker attached vs
+    /// not (interleaved runs), and the tracker's frames followed and events emitted per second.
+    H2(h2::Options),
 }
 
 pub fn run(opts: Options) -> Result<()> {
@@ -29,7 +40,39 @@ pub fn run(opts: Options) -> Result<()> {
     }
     match opts.suite {
         Suite::Probes(o) => probes::run(o),
+        Suite::H2(o) => h2::run(o),
     }
+}
+
+/// Builds the Go program `tests/peers/NAME` into `target/e2e-peers/NAME` (shared with the e2e
+/// tests' builds) with Debian's Go sources: no module proxy here.
+fn build_go_peer(root: &Path, name: &str) -> Result<PathBuf> {
+    let out = root.join("target/e2e-peers").join(name);
+    run_status(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(root.join("tests/peers").join(name))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", root.join("target/go-cache")),
+    )?;
+    Ok(out)
+}
+
+/// The lowest and highest of `values` relative to their median, e.g. `-1.2%..+0.8%`: the
+/// runs' own dispersion, for reading a ratio. On a noisy machine a ratio inside it says "no
+/// overhead this machine can resolve", not "1.00".
+fn spread(values: &[f64]) -> String {
+    let m = median(values).unwrap_or(f64::NAN);
+    let lo = quantile(values, 0.0).unwrap_or(f64::NAN);
+    let hi = quantile(values, 1.0).unwrap_or(f64::NAN);
+    format!(
+        "{:+.1}%..{:+.1}%",
+        (lo / m - 1.0) * 100.0,
+        (hi / m - 1.0) * 100.0
+    )
 }
 
 /// Median of `values` (mean of the middle two for an even count); None when empty.

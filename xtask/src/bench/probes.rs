@@ -10,7 +10,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -18,8 +18,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::{agent::Agent, median, quantile, reset_storm::run_storm_child};
-use crate::util::{run_status, workspace_root};
+use super::{agent::Agent, build_go_peer, median, quantile, reset_storm::run_storm_child, spread};
+use crate::util::workspace_root;
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -41,7 +41,7 @@ pub fn run(opts: Options) -> Result<()> {
     let root = workspace_root()?;
     eprintln!("bench probes: building the agent (release) and the Go load");
     let agent_bin = crate::run::build_release_agent(&root)?;
-    let gcstress = build_gcstress(&root)?;
+    let gcstress = build_go_peer(&root, "gcstress")?;
 
     let storm = reset_storm(&agent_bin, &opts)?;
     let gc = gc_overhead(&agent_bin, &gcstress, &opts)?;
@@ -54,20 +54,6 @@ pub fn run(opts: Options) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
     println!("\nresults also in {}", path.display());
     Ok(())
-}
-
-fn build_gcstress(root: &Path) -> Result<PathBuf> {
-    let out = root.join("target/e2e-peers/gcstress");
-    run_status(
-        Command::new("go")
-            .args(["build", "-o"])
-            .arg(&out)
-            .arg(".")
-            .current_dir(root.join("tests/peers/gcstress"))
-            .env("GO111MODULE", "off")
-            .env("GOCACHE", root.join("target/go-cache")),
-    )?;
-    Ok(out)
 }
 
 fn reset_storm(agent_bin: &Path, opts: &Options) -> Result<Value> {
@@ -311,18 +297,6 @@ fn gc_overhead(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Valu
         median(&on_cpu).unwrap_or(f64::NAN),
         median(&off_cpu).unwrap_or(f64::NAN),
     );
-    let spread = |v: &[f64]| {
-        let m = median(v).unwrap_or(f64::NAN);
-        let lo = quantile(v, 0.0).unwrap_or(f64::NAN);
-        let hi = quantile(v, 1.0).unwrap_or(f64::NAN);
-        format!(
-            "{:+.1}%..{:+.1}%",
-            (lo / m - 1.0) * 100.0,
-            (hi / m - 1.0) * 100.0
-        )
-    };
-    // The runs' own dispersion, for reading the ratio: on a noisy machine a ratio inside it
-    // says "no overhead this machine can resolve", not "1.00".
     println!(
         "run-to-run spread       with {}, without {} around their medians",
         spread(&on),

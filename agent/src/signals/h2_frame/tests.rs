@@ -135,3 +135,111 @@ fn short_or_hostile_records_are_errors_not_panics() {
     bad[family_at] = 99;
     assert!(decode_frame(&bad).is_err());
 }
+
+fn batch(frames: &[(u8, u8, u32, u32)]) -> Vec<u8> {
+    let mut flow = FlowKey {
+        family: 2,
+        sport: 40000,
+        dport: 8080,
+        ..FlowKey::default()
+    };
+    flow.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    flow.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+    let head = H2FrameBatchHead {
+        header: EventHeader {
+            kind: EventKind::H2FrameBatch as u32,
+            cpu: 1,
+            ktime_ns: 99,
+        },
+        flow,
+        cgroup_id: 0,
+        hook: Hook::CgroupIngress as u8,
+        role: Role::Server as u8,
+        count: frames.len() as u8,
+        _pad: [0; 5],
+    };
+    let bytes_of = |p: *const u8, n: usize| {
+        // SAFETY: repr(C) integer-only structs viewed as their bytes.
+        unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
+    };
+    let mut out = bytes_of(
+        (&raw const head).cast(),
+        std::mem::size_of::<H2FrameBatchHead>(),
+    );
+    assert_eq!(out.len(), FRAME_BATCH_HEADER_BYTES);
+    for (i, &(frame_type, flags, stream_id, length)) in frames.iter().enumerate() {
+        let f = CompactFrame {
+            frame_seq: 100 * i as u32,
+            stream_id,
+            length,
+            frame_type,
+            flags,
+            _pad: [0; 2],
+        };
+        out.extend(bytes_of(
+            (&raw const f).cast(),
+            std::mem::size_of::<CompactFrame>(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn batch_yields_each_frame_in_wire_order_with_the_shared_flow() {
+    let bytes = batch(&[(1, 0x4, 1, 30), (0, 0x1, 1, 5), (1, 0x5, 1, 12)]);
+    let mut frames = Vec::new();
+    decode_batch(&bytes, |f| frames.push(f)).unwrap();
+    let summary: Vec<_> = frames
+        .iter()
+        .map(|f| (f.frame_type, f.flags, f.stream_id, f.length))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("HEADERS", 0x4, 1, 30),
+            ("DATA", 0x1, 1, 5),
+            ("HEADERS", 0x5, 1, 12)
+        ]
+    );
+    let f = &frames[2];
+    assert_eq!(f.flow.src.to_string(), "127.0.0.1:40000");
+    assert_eq!(f.flow.dst.to_string(), "127.0.0.2:8080");
+    assert_eq!(
+        (f.direction, f.hook, f.sender),
+        ("ingress", "cgroup", Some("server"))
+    );
+    assert_eq!(f.cgroup_id, None);
+    assert_eq!(
+        f.detail,
+        FrameDetail::Headers {
+            end_stream: true,
+            end_headers: true
+        }
+    );
+    // Through the decoder every signal of the record comes out.
+    let d = crate::signals::Decoder {
+        tcp_reset: crate::signals::TcpResetDecoder::default(),
+    };
+    let mut signals = Vec::new();
+    d.decode_into(&bytes, &mut signals).unwrap();
+    assert_eq!(signals.len(), 3);
+}
+
+#[test]
+fn truncated_or_overfull_batches_are_errors() {
+    let bytes = batch(&[(1, 0x4, 1, 30), (0, 0x1, 1, 5)]);
+    for len in [0, 10, FRAME_BATCH_HEADER_BYTES, bytes.len() - 1] {
+        let mut n = 0;
+        assert!(decode_batch(&bytes[..len], |_| n += 1).is_err(), "{len}");
+        assert_eq!(n, 0, "no frame of a bad record is handed on");
+    }
+    let mut overfull = bytes.clone();
+    let count_at = std::mem::offset_of!(H2FrameBatchHead, count);
+    overfull[count_at] = FRAME_BATCH as u8 + 1;
+    assert!(decode_batch(&overfull, |_| {}).is_err());
+    let mut empty = bytes;
+    empty[count_at] = 0;
+    let mut n = 0;
+    decode_batch(&empty, |_| n += 1).unwrap();
+    assert_eq!(n, 0);
+}
