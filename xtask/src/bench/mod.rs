@@ -38,10 +38,49 @@ pub fn run(opts: Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmarks load eBPF programs and need root; run `sudo -E cargo xtask bench`");
     }
+    ensure_no_agent_attached()?;
     match opts.suite {
         Suite::Probes(o) => probes::run(o),
         Suite::H2(o) => h2::run(o),
     }
+}
+
+/// Programs of the agent's that a running agent (a stray `agent trace`, a DaemonSet pod on
+/// this node) would have loaded.
+const AGENT_PROGRAMS: &[&str] = &[
+    "tcp_send_reset",
+    "tcp_receive_reset",
+    "sched_process_exec",
+    "h2_cgroup_egress",
+    "h2_cgroup_ingress",
+    "h2_tc_egress",
+    "h2_tc_ingress",
+];
+
+/// The "without the agent" side of every ratio is only that when no other agent runs: one left
+/// over from an earlier run once made a bench compare the tracker against the tracker.
+fn ensure_no_agent_attached() -> Result<()> {
+    let out = crate::util::cmd_output("bpftool", &["prog", "show", "--json"])?;
+    let progs: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let loaded: Vec<String> = progs
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        // The kernel keeps 15 bytes of a name; bpftool shows the whole one when BTF has it.
+        .filter(|name| {
+            AGENT_PROGRAMS
+                .iter()
+                .any(|p| p == name || (name.len() >= 15 && p.starts_with(name)))
+        })
+        .map(str::to_owned)
+        .collect();
+    if !loaded.is_empty() {
+        bail!(
+            "another agent's programs are loaded ({}); stop it first (pgrep -a agent), or the runs \
+             \"without the agent\" would not be",
+            loaded.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Builds the Go program `tests/peers/NAME` into `target/e2e-peers/NAME` (shared with the e2e
