@@ -365,3 +365,43 @@ pub fn json_lines(output: &[u8]) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// One frame as the client logged it.
+#[derive(Debug, Clone)]
+pub struct WireFrame {
+    /// "send" or "recv", as the client saw it.
+    pub dir: String,
+    pub frame_type: String,
+    pub flags: u64,
+    pub stream: u64,
+    /// Payload length.
+    pub length: u64,
+}
+
+/// Frames from `nghttp -nv` output: `[  0.000] send SETTINGS frame <length=12, flags=0x00, stream_id=0>`.
+pub fn parse_nghttp(out: &str) -> Vec<WireFrame> {
+    out.lines()
+        .filter_map(|line| {
+            let rest = line.split_once("] ")?.1;
+            let (dir, rest) = rest.split_once(' ')?;
+            if dir != "send" && dir != "recv" {
+                return None;
+            }
+            let (frame_type, rest) = rest.split_once(" frame <")?;
+            let field = |name: &str| {
+                rest.split(", ")
+                    .find_map(|kv| kv.trim_end_matches('>').strip_prefix(name))
+            };
+            let flags = u64::from_str_radix(field("flags=0x")?, 16).ok()?;
+            let stream = field("stream_id=")?.parse().ok()?;
+            let length = field("length=")?.parse().ok()?;
+            Some(WireFrame {
+                dir: dir.to_owned(),
+                frame_type: frame_type.to_owned(),
+                flags,
+                stream,
+                length,
+            })
+        })
+        .collect()
+}

@@ -13,46 +13,13 @@ use std::{
     time::Duration,
 };
 
-use e2e::{Trace, grpc_server, json_lines, nghttpd, of_kind, workspace_root};
+use e2e::{
+    Trace, WireFrame, grpc_server, json_lines, nghttpd, of_kind, parse_nghttp, workspace_root,
+};
 use serde_json::Value;
 
 /// (direction as the client saw it: "send" / "recv", frame type) -> frames.
 type Counts = BTreeMap<(String, String), u64>;
-
-/// One frame as the client logged it.
-#[derive(Debug, Clone)]
-struct WireFrame {
-    dir: String,
-    frame_type: String,
-    flags: u64,
-    stream: u64,
-}
-
-/// Frames from `nghttp -nv` output: `[  0.000] send SETTINGS frame <length=12, flags=0x00, stream_id=0>`.
-fn parse_nghttp(out: &str) -> Vec<WireFrame> {
-    out.lines()
-        .filter_map(|line| {
-            let rest = line.split_once("] ")?.1;
-            let (dir, rest) = rest.split_once(' ')?;
-            if dir != "send" && dir != "recv" {
-                return None;
-            }
-            let (frame_type, rest) = rest.split_once(" frame <")?;
-            let field = |name: &str| {
-                rest.split(", ")
-                    .find_map(|kv| kv.trim_end_matches('>').strip_prefix(name))
-            };
-            let flags = u64::from_str_radix(field("flags=0x")?, 16).ok()?;
-            let stream = field("stream_id=")?.parse().ok()?;
-            Some(WireFrame {
-                dir: dir.to_owned(),
-                frame_type: frame_type.to_owned(),
-                flags,
-                stream,
-            })
-        })
-        .collect()
-}
 
 fn counts(frames: &[WireFrame]) -> Counts {
     let mut c = Counts::new();
@@ -99,6 +66,7 @@ fn parse_h2py(out: &str) -> Vec<WireFrame> {
             frame_type: v["type"].as_str().unwrap().to_owned(),
             flags: v["flags"].as_u64().unwrap(),
             stream: v["stream"].as_u64().unwrap(),
+            length: v["length"].as_u64().unwrap_or(0),
         })
         .collect()
 }
@@ -207,6 +175,7 @@ fn matches(
                 frame_type: e["type"].as_str().unwrap().to_owned(),
                 flags: e["flags"].as_u64().unwrap(),
                 stream: e["stream_id"].as_u64().unwrap(),
+                length: e["length"].as_u64().unwrap(),
             })
             .collect()
     };
