@@ -95,6 +95,10 @@ pub mod phase {
     /// Boundaries unknown since `cursor`; waiting for a segment that starts with a plausible
     /// frame header at or after it.
     pub const LOST: u8 = 2;
+    /// The first segments of a client preface split into pieces shorter than the whole:
+    /// `hdr_len` bytes of it matched so far, `cursor` is where the rest must start. Any
+    /// other byte, or a gap, drops the candidate flow (it is not HTTP/2).
+    pub const PREFACE: u8 = 3;
 }
 
 /// Per-flow state in the `H2_FLOWS` LRU map.

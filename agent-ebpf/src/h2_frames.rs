@@ -251,10 +251,10 @@ fn track(skb: *mut __sk_buff, l3: u32, hook: Hook) {
     if seg.payload_len == 0 {
         return;
     }
-    let state = match H2_FLOWS.get_ptr_mut(&seg.key) {
-        Some(state) => state,
+    let (state, started) = match H2_FLOWS.get_ptr_mut(&seg.key) {
+        Some(state) => (state, false),
         None => match start_flow(skb, &seg, hook) {
-            Some(state) => state,
+            Some(state) => (state, true),
             None => return,
         },
     };
@@ -263,9 +263,16 @@ fn track(skb: *mut __sk_buff, l3: u32, hook: Hook) {
     // for this packet (a flow's segments are serialised by its socket).
     let st = unsafe { &mut *state };
     let seg_end = seg.seq.wrapping_add(seg.payload_len);
+    if started && st.cursor == seg_end {
+        // A segment of nothing but (a piece of) the preface.
+        return;
+    }
     if (seg_end.wrapping_sub(st.cursor) as i32) <= 0 {
         // Followed already: the ingress copy of a loopback segment, or a retransmission.
         bump(Counter::H2SegmentsSeen);
+        return;
+    }
+    if st.phase == phase::PREFACE && !continue_preface(skb, st, &seg, hook) {
         return;
     }
     let ahead = seg.seq.wrapping_sub(st.cursor) as i32;
@@ -295,29 +302,32 @@ fn track(skb: *mut __sk_buff, l3: u32, hook: Hook) {
 /// A flow we have no state for: start one at a client preface or at a plausible frame header.
 #[inline(never)]
 fn start_flow(skb: *mut __sk_buff, seg: &Segment, hook: Hook) -> Option<*mut FlowState> {
-    let (cursor, role) = if starts_with_preface(skb, seg) {
-        // The rest of a preface split over segments is skipped like a payload.
+    let start = preface_start(skb, seg);
+    let (cursor, role, phase, matched) = if start == CLIENT_PREFACE.len() as u32 {
+        (seg.seq.wrapping_add(start), Role::Client, phase::HEADER, 0)
+    } else if start > 0 {
+        // A preface in pieces: a candidate until the rest of it arrives.
         (
-            seg.seq.wrapping_add(CLIENT_PREFACE.len() as u32),
-            Role::Client,
+            seg.seq.wrapping_add(start),
+            Role::Unknown,
+            phase::PREFACE,
+            start as u8,
         )
     } else if plausible_header(skb, seg.payload_off, DEFAULT_MAX_FRAME_SIZE) {
-        (seg.seq, Role::Unknown)
+        (seg.seq, Role::Unknown, phase::HEADER, 0)
     } else {
         return None;
     };
-    let reverse = seg.key.reversed();
-    let role = match (role, H2_FLOWS.get_ptr_mut(&reverse)) {
-        (Role::Client, Some(peer)) => {
+    let role = if role == Role::Client {
+        claim_client(&seg.key)
+    } else if phase == phase::PREFACE {
+        Role::Unknown
+    } else {
+        match H2_FLOWS.get_ptr_mut(&seg.key.reversed()) {
             // SAFETY: valid map value pointer.
-            unsafe { (*peer).role = Role::Server as u8 };
-            Role::Client
+            Some(peer) if unsafe { (*peer).role } == Role::Client as u8 => Role::Server,
+            _ => Role::Unknown,
         }
-        // SAFETY: valid map value pointer.
-        (Role::Unknown, Some(peer)) if unsafe { (*peer).role } == Role::Client as u8 => {
-            Role::Server
-        }
-        (role, _) => role,
     };
     let state = H2_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot; every field is written before the insert reads it.
@@ -326,9 +336,9 @@ fn start_flow(skb: *mut __sk_buff, seg: &Segment, hook: Hook) -> Option<*mut Flo
         (*state).frame_end = cursor;
         (*state).max_frame = DEFAULT_MAX_FRAME_SIZE;
         (*state).frame_seq = cursor;
-        (*state).phase = phase::HEADER;
+        (*state).phase = phase;
         (*state).role = role as u8;
-        (*state).hdr_len = 0;
+        (*state).hdr_len = matched;
         (*state).have = 0;
         (*state).want = 0;
         (*state)._pad = [0; 3];
@@ -352,6 +362,8 @@ fn start_flow(skb: *mut __sk_buff, seg: &Segment, hook: Hook) -> Option<*mut Flo
     if role == Role::Client {
         bump(Counter::H2Prefaces);
         flow_event(&seg.key, FlowChange::Preface, 0, seg.seq, hook);
+    } else if phase == phase::PREFACE {
+        // Reported once the whole preface is in (`continue_preface`).
     } else {
         bump(Counter::H2Syncs);
         flow_event(&seg.key, FlowChange::Synced, 0, seg.seq, hook);
@@ -359,20 +371,86 @@ fn start_flow(skb: *mut __sk_buff, seg: &Segment, hook: Hook) -> Option<*mut Flo
     H2_FLOWS.get_ptr_mut(&seg.key)
 }
 
+/// This flow's sender is the client (it sent the preface), so the other direction's is the
+/// server.
 #[inline(never)]
-fn starts_with_preface(skb: *mut __sk_buff, seg: &Segment) -> bool {
-    if seg.payload_len >= CLIENT_PREFACE.len() as u32 {
-        let bytes: Option<[u8; 24]> = load(skb, seg.payload_off);
-        return bytes == Some(CLIENT_PREFACE);
+fn claim_client(key: &FlowKey) -> Role {
+    if let Some(peer) = H2_FLOWS.get_ptr_mut(&key.reversed()) {
+        // SAFETY: valid map value pointer.
+        unsafe { (*peer).role = Role::Server as u8 };
     }
-    // A preface split over segments: its first 8 bytes ("PRI * HT") are distinctive enough.
-    if seg.payload_len >= 8 {
-        let bytes: Option<[u8; 8]> = load(skb, seg.payload_off);
-        let mut want = [0u8; 8];
-        want.copy_from_slice(&CLIENT_PREFACE[..8]);
-        return bytes == Some(want);
+    Role::Client
+}
+
+/// How many bytes of a client preface the segment starts with: 24 for the whole of it, the
+/// segment's length for a segment shorter than the preface that is all preface (the first
+/// piece of one sent in pieces), else 0.
+#[inline(never)]
+fn preface_start(skb: *mut __sk_buff, seg: &Segment) -> u32 {
+    let n = seg.payload_len.min(CLIENT_PREFACE.len() as u32);
+    let Some(scratch) = H2_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot; `start_flow` fills it only after this returns.
+    let buf = unsafe { &mut (*scratch).payload };
+    if matches_preface(skb, seg.payload_off, 0, n, buf) {
+        n
+    } else {
+        0
     }
-    false
+}
+
+/// Whether the `n` (1..=24) packet bytes at `at` are the preface's bytes from `from` on.
+/// `buf` is map memory to read them into (a variable offset into the stack is not allowed).
+#[inline(always)]
+fn matches_preface(
+    skb: *mut __sk_buff,
+    at: u32,
+    from: u32,
+    n: u32,
+    buf: &mut [u8; PAYLOAD_CAPTURE],
+) -> bool {
+    // The bytes land where they sit in the preface, so both sides are indexed by constants
+    // (a variable index into the preface is one the verifier cannot bound).
+    if n == 0 || from + n > CLIENT_PREFACE.len() as u32 || !load_into(skb, at, buf, from, n) {
+        return false;
+    }
+    let end = from + n;
+    for (i, (a, b)) in buf.iter().zip(CLIENT_PREFACE.iter()).enumerate() {
+        let i = i as u32;
+        if i >= from && i < end && a != b {
+            return false;
+        }
+    }
+    true
+}
+
+/// The next piece of a preface sent in pieces (phase PREFACE). True when the preface is
+/// complete and the segment holds more (frames follow: walk them); false when the segment is
+/// used up, or the candidate was dropped (a gap, or bytes that are not the preface's).
+#[inline(never)]
+fn continue_preface(skb: *mut __sk_buff, st: &mut FlowState, seg: &Segment, hook: Hook) -> bool {
+    let matched = u32::from(st.hdr_len).min(CLIENT_PREFACE.len() as u32);
+    let left = CLIENT_PREFACE.len() as u32 - matched;
+    let n = seg.payload_len.min(left);
+    if seg.seq != st.cursor || !matches_preface(skb, seg.payload_off, matched, n, &mut st.payload) {
+        let _ = H2_FLOWS.remove(&seg.key);
+        return false;
+    }
+    st.cursor = st.cursor.wrapping_add(n);
+    st.frame_end = st.cursor;
+    st.frame_seq = st.cursor;
+    st.hdr_len = (matched + n) as u8;
+    if matched + n < CLIENT_PREFACE.len() as u32 {
+        return false;
+    }
+    st.hdr_len = 0;
+    st.phase = phase::HEADER;
+    st.role = claim_client(&seg.key) as u8;
+    bump(Counter::H2Prefaces);
+    let first = seg.seq.wrapping_sub(matched);
+    flow_event(&seg.key, FlowChange::Preface, 0, first, hook);
+    n < seg.payload_len
 }
 
 /// Whether 9 bytes at `off` are a frame header a conforming peer could send: a known type,

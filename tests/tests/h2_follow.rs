@@ -248,6 +248,8 @@ fn hostile_bytes_are_followed_or_counted_never_harmful() {
     let mut report = Vec::new();
     for (case, extra) in [
         ("split", &[][..]),
+        // The preface itself one byte per segment: recognised piece by piece.
+        ("split", &["--split-preface"][..]),
         ("coalesced", &["--count", "500"][..]),
         ("zero-length", &["--valid-only"][..]),
         ("truncated-headers", &[][..]),
@@ -258,14 +260,39 @@ fn hostile_bytes_are_followed_or_counted_never_harmful() {
         let ok = trace.wait_for(Duration::from_secs(5), |ev| {
             client_frames(ev, client) == want
         });
-        let got = client_frames(&trace.events, client);
-        assert!(
-            ok,
-            "{case}: client sent {} frames {want:?}\nagent reported {} {got:?}",
-            want.len(),
-            got.len()
-        );
-        report.push(format!("{case}: {} frames followed exactly", want.len()));
+        if !ok {
+            let got = client_frames(&trace.events, client);
+            let out = trace.stop();
+            let mut h2 = out.summary["probes"]["h2-frames"].clone();
+            let flows: Vec<Value> = h2["flows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f["src"] == client.to_string() || f["dst"] == client.to_string())
+                .cloned()
+                .collect();
+            h2["flows"] = flows.into();
+            let flow_events: Vec<&Value> = of_kind(&out.events, "h2_flow")
+                .filter(|e| e["src"] == client.to_string() || e["dst"] == client.to_string())
+                .collect();
+            panic!(
+                "{case} {extra:?}: client sent {} frames {want:?}\nagent reported {} {got:?}\nkernel counters and this client's flows: {h2}\nflow events: {flow_events:?}",
+                want.len(),
+                got.len(),
+            );
+        }
+        if extra.contains(&"--split-preface") {
+            let preface = of_kind(&trace.events, "h2_flow")
+                .any(|e| e["src"] == client.to_string() && e["change"] == "preface");
+            assert!(
+                preface,
+                "{case} {extra:?}: preface in pieces not recognised"
+            );
+        }
+        report.push(format!(
+            "{case} {extra:?}: {} frames followed exactly",
+            want.len()
+        ));
     }
 
     for (case, extra) in [("garbage", &["--seed", "7"][..]), ("huge-length", &[][..])] {
@@ -280,12 +307,20 @@ fn hostile_bytes_are_followed_or_counted_never_harmful() {
         ));
     }
 
-    let (_log, client) = hostile(web, "not-h2", &[]);
-    trace.wait_for(Duration::from_millis(300), |_| false);
-    assert!(
-        client_frames(&trace.events, client).is_empty(),
-        "frames reported for an HTTP/1.1 client"
-    );
+    // An HTTP/1.1 client; and one that starts like a preface, a byte per segment, then is
+    // not one (the candidate flow must be dropped, not reported).
+    for case in ["not-h2", "near-miss"] {
+        let (_log, client) = hostile(web, case, &[]);
+        trace.wait_for(Duration::from_millis(300), |_| false);
+        assert!(
+            client_frames(&trace.events, client).is_empty(),
+            "{case}: frames reported for a client that does not speak HTTP/2"
+        );
+        let started = of_kind(&trace.events, "h2_flow")
+            .any(|e| e["src"] == client.to_string() && e["change"] == "preface");
+        assert!(!started, "{case}: a preface reported");
+        report.push(format!("{case}: no flow, no frames"));
+    }
 
     // Still serving, still followed exactly.
     let out = h2client(web, &["--requests", "3", "--path", "/page"])

@@ -318,7 +318,11 @@ fn reordered_and_retransmitted_segments_are_counted_as_lost_never_misread() {
         .count();
     // A flow is lost again only after it was picked up: every loss but the last is followed
     // by a resync.
-    assert!(resyncs + 1 >= lost.len(), "{resyncs} resyncs, {} losses", lost.len());
+    assert!(
+        resyncs + 1 >= lost.len(),
+        "{resyncs} resyncs, {} losses",
+        lost.len()
+    );
     let truth_recv: Vec<Key> = big.iter().filter(|f| f.dir == "recv").map(key_of).collect();
     let got_recv = frames_of(&out.events, big_client, false);
     assert!(

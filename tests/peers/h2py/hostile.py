@@ -3,7 +3,7 @@
 receives as JSON lines on stdout.  See README.md.
 
 CASE is one of: garbage, huge-length, truncated-headers, zero-length, split,
-coalesced, not-h2.
+coalesced, not-h2, near-miss.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import framelog  # noqa: E402
 from framelog import PREFACE, build_header, emit, now  # noqa: E402
 
 CASES = ["garbage", "huge-length", "truncated-headers", "zero-length", "split",
-         "coalesced", "not-h2"]
+         "coalesced", "not-h2", "near-miss"]
 
 CANCEL = 0x8
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
@@ -456,6 +456,20 @@ def case_not_h2(p):
     return True, None
 
 
+def case_near_miss(p):
+    # The preface's first 16 bytes one per send(), then bytes that are not the rest of it:
+    # a tracker that starts flows on preface pieces must drop this one.
+    for i in range(16):
+        if not p._sendall(PREFACE[i:i + 1]):
+            return False, "connection closed during the near-miss preface"
+        time.sleep(p.args.delay)
+    rest = b"\r\nnot the rest of a preface\r\n\r\n"
+    p.send_malformed(rest, {"type": "NEAR_MISS_PREFACE", "type_id": None, "flags": None,
+                            "stream": None, "length": 16 + len(rest), "raw": True})
+    p.finish(p.args.timeout, half_close=False)
+    return True, None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("host")
@@ -482,7 +496,8 @@ def main():
     p = Peer(sock, a.host, a.port, a)
     fn = {"garbage": case_garbage, "huge-length": case_huge_length,
           "truncated-headers": case_truncated_headers, "zero-length": case_zero_length,
-          "split": case_split, "coalesced": case_coalesced, "not-h2": case_not_h2}[a.case]
+          "split": case_split, "coalesced": case_coalesced, "not-h2": case_not_h2,
+          "near-miss": case_near_miss}[a.case]
     try:
         ok, err = fn(p)
     except KeyboardInterrupt:
