@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::tracefs;
 
@@ -81,18 +81,53 @@ pub fn ensure_tracefs() -> Result<PathBuf, EnvironmentError> {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Raising it needs CAP_SYS_RESOURCE,
-/// which newer kernels do not need at all: warn, never fail.
+/// which newer kernels do not need at all: warn (on old kernels only), never fail.
 pub fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit with a valid pointer to an initialised rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        let err = std::io::Error::last_os_error();
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if kernel_at_least(&release, (5, 11)) {
+        debug!(%err, "could not raise RLIMIT_MEMLOCK; not needed on this kernel (>= 5.11)");
+    } else {
         warn!(
             %err,
-            "could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11, which account BPF memory to cgroups"
+            release = release.trim(),
+            "could not raise RLIMIT_MEMLOCK: this kernel charges BPF maps to it, loading may fail"
         );
+    }
+}
+
+/// Whether a kernel release string (`6.18.0-foo`) is at least `(major, minor)`; false when it
+/// cannot be read.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= want,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_at_least;
+
+    #[test]
+    fn kernel_release_comparison() {
+        assert!(kernel_at_least("6.18.0-cloud-amd64\n", (5, 11)));
+        assert!(kernel_at_least("5.11.0", (5, 11)));
+        assert!(!kernel_at_least("5.10.209-1", (5, 11)));
+        assert!(!kernel_at_least("4.19.0", (5, 11)));
+        assert!(!kernel_at_least("", (5, 11)));
+        assert!(!kernel_at_least("garbage", (5, 11)));
     }
 }
