@@ -5,6 +5,7 @@
 
 mod cli;
 mod probes;
+mod proxy;
 mod signals;
 
 fn main() -> std::process::ExitCode {

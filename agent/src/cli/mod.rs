@@ -1,6 +1,8 @@
 //! Command-line interface: parses arguments, sets up logging and the runtime, and maps errors to
 //! one readable line and a non-zero exit code.
 
+mod check_config;
+mod run;
 mod trace;
 
 use std::process::ExitCode;
@@ -23,6 +25,10 @@ struct Cli {
 enum Command {
     /// Attach the kernel probes and print each signal as it happens.
     Trace(trace::Options),
+    /// Run the HTTP/2 / gRPC proxy until SIGTERM (then drain and exit 0).
+    Run(run::Options),
+    /// Check a configuration file; every problem is printed with its line.
+    CheckConfig(check_config::Options),
 }
 
 pub fn main() -> ExitCode {
@@ -49,6 +55,8 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Trace(opts) => trace::run(opts).await,
+            Command::Run(opts) => run::run(opts).await,
+            Command::CheckConfig(opts) => check_config::run(&opts),
         }
     });
     match result {

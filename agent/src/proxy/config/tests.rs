@@ -1,0 +1,108 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse(text).expect_err("the config should be refused")
+}
+
+const MINIMAL: &str = r#"
+[[listener]]
+name = "in"
+address = "127.0.0.1:15001"
+[[listener.route]]
+cluster = "c"
+
+[[cluster]]
+name = "c"
+endpoints = ["127.0.0.1:50051"]
+"#;
+
+#[test]
+fn the_annotated_example_parses() {
+    let text = include_str!("../../../../deploy/agent.example.toml");
+    let c = parse(text).unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.clusters.len(), 2);
+    let routes = &c.listeners[0].routes;
+    assert_eq!(routes[0].path_prefix, "/orders.v1.Orders/");
+    assert_eq!(routes[1].authority.as_deref(), Some("payments.internal"));
+    assert_eq!(c.clusters[routes[1].cluster].name, "payments");
+    assert_eq!(c.timeouts.drain, Duration::from_secs(30));
+    assert_eq!(c.limits.max_concurrent_streams, 1000);
+}
+
+#[test]
+fn minimal_config_gets_the_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.listeners[0].routes[0].path_prefix, "/");
+    assert_eq!(c.clusters[0].max_connections_per_endpoint, 4);
+    assert_eq!(c.clusters[0].connect_timeout, Duration::from_secs(2));
+    assert_eq!(c.timeouts.header_read, Duration::from_secs(10));
+}
+
+#[test]
+fn unknown_keys_and_bad_durations_name_their_line() {
+    let text = MINIMAL.replace("name = \"in\"", "name = \"in\"\nadress = \"x\"");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].line, 4, "{e:?}");
+    assert!(e[0].message.contains("adress"), "{e:?}");
+
+    let text = format!("{MINIMAL}\n[timeouts]\nidle = \"soon\"\n");
+    let e = errors(&text);
+    assert_eq!(e[0].line, 13, "{e:?}");
+    assert!(e[0].message.contains("not a duration"), "{e:?}");
+}
+
+#[test]
+fn every_semantic_problem_is_reported_with_its_line() {
+    let text = r#"
+[[listener]]
+name = "in"
+address = "localhost:80"
+[[listener.route]]
+path_prefix = "no-slash"
+cluster = "missing"
+
+[[cluster]]
+name = "c"
+endpoints = ["127.0.0.1:0", "not a host:1", "ok.example:50051"]
+max_connections_per_endpoint = 0
+
+[[cluster]]
+name = "c"
+endpoints = []
+"#;
+    let e = errors(text);
+    let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [4, 6, 7, 11, 11, 12, 15, 16], "{e:#?}");
+    assert!(e[0].message.contains("not IP:PORT"));
+    assert!(e[2].message.contains("no [[cluster]] named \"missing\""));
+    assert!(e[6].message.contains("defined twice"));
+    assert!(e[7].message.contains("no endpoints"));
+}
+
+#[test]
+fn no_listener_is_an_error() {
+    let e = errors("[[cluster]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n");
+    assert!(e[0].message.contains("no [[listener]]"), "{e:?}");
+}
+
+#[test]
+fn quick_mode() {
+    let c = quick(
+        "127.0.0.1:15001".parse().unwrap(),
+        &["127.0.0.1:50051".into(), "backend:50051".into()],
+    )
+    .unwrap();
+    assert_eq!(c.clusters[0].endpoints.len(), 2);
+    assert!(quick("127.0.0.1:1".parse().unwrap(), &["nope".into()]).is_err());
+    assert!(quick("127.0.0.1:1".parse().unwrap(), &[]).is_err());
+}
+
+#[test]
+fn positions_are_one_based() {
+    assert_eq!(position("ab\ncd", 0), (1, 1));
+    assert_eq!(position("ab\ncd", 4), (2, 2));
+}

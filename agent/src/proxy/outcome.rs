@@ -1,0 +1,86 @@
+//! What happened to each stream, published inside the agent for the breaker and correlation
+//! stages. A broadcast channel: a consumer that falls behind loses the oldest records and
+//! learns how many (and the proxy counts them), the proxy never waits for it.
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// How a stream ended, from the proxy's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// The upstream answered and the response reached the client.
+    Completed,
+    /// No route for the request.
+    NoRoute,
+    /// No upstream stream could be had (resolve, connect, handshake, closed connection).
+    ConnectFailed,
+    /// The upstream reset the stream, or its connection died, mid-call.
+    UpstreamReset,
+    /// The client's `grpc-timeout` passed; the upstream stream was cancelled.
+    DeadlineExceeded,
+    /// The client reset the stream (cancelled); the upstream stream was cancelled.
+    ClientCancelled,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamOutcome {
+    pub listener: String,
+    pub client: SocketAddr,
+    pub cluster: Option<String>,
+    pub endpoint: Option<String>,
+    /// `:path`, which for gRPC is `/package.Service/Method`.
+    pub method: String,
+    pub grpc: bool,
+    pub http_status: Option<u16>,
+    /// From the trailers (or a trailers-only response); the proxy's own when it answered.
+    pub grpc_status: Option<u32>,
+    pub ending: Ending,
+    /// HTTP/2 error code of a reset, by whichever side sent it.
+    pub reset_reason: Option<String>,
+    #[serde(with = "as_micros")]
+    pub latency: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+mod as_micros {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+}
+
+/// The publishing end, shared by every stream.
+pub struct Outcomes {
+    tx: broadcast::Sender<StreamOutcome>,
+    published: AtomicU64,
+}
+
+impl Outcomes {
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self {
+            tx,
+            published: AtomicU64::new(0),
+        }
+    }
+
+    pub fn publish(&self, o: StreamOutcome) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        // No subscriber is fine: nobody asked.
+        let _ = self.tx.send(o);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<StreamOutcome> {
+        self.tx.subscribe()
+    }
+}

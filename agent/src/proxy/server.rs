@@ -1,0 +1,338 @@
+//! Listeners and client connections: the HTTP/2 server side, with the timeouts `h2` does not
+//! have (header read, idle, keep-alive PING) and a graceful drain on shutdown.
+
+use std::{
+    future::poll_fn,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{Ping, Reason};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, watch},
+    time::{Instant, sleep_until},
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    config::{Limits, Listener, ProxyConfig, Timeouts},
+    forward::{self, ConnInfo, Shared},
+    outcome::Outcomes,
+    upstream::ClusterPool,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {0}: TLS listeners are not built yet (issue 4 in progress); use cleartext")]
+    TlsNotYet(String),
+    #[error("cannot listen on {address} (listener {listener}): {source}")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Live connections (and streams), so a drain knows when it is done.
+#[derive(Default)]
+struct Live {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct LiveGuard(Arc<Live>);
+
+impl Live {
+    fn enter(self: &Arc<Self>) -> LiveGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        LiveGuard(self.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A bound proxy, ready to serve.
+pub struct Proxy {
+    listeners: Vec<(Listener, TcpListener)>,
+    shared: Arc<Shared>,
+    limits: Limits,
+    timeouts: Timeouts,
+}
+
+impl Proxy {
+    /// Binds every listener (so a taken port fails at start, not later).
+    pub async fn bind(config: &ProxyConfig) -> Result<Proxy, ServerError> {
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            if l.tls.is_some() {
+                return Err(ServerError::TlsNotYet(l.name.clone()));
+            }
+            let tcp = TcpListener::bind(l.address)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    listener: l.name.clone(),
+                    address: l.address,
+                    source,
+                })?;
+            listeners.push((l.clone(), tcp));
+        }
+        let shared = Arc::new(Shared {
+            clusters: config
+                .clusters
+                .iter()
+                .map(|c| ClusterPool::new(c, config.limits))
+                .collect(),
+            outcomes: Outcomes::new(16 * 1024),
+        });
+        Ok(Proxy {
+            listeners,
+            shared,
+            limits: config.limits,
+            timeouts: config.timeouts,
+        })
+    }
+
+    /// The address each listener is bound to (port 0 resolved), by name.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, t)| Some((l.name.clone(), t.local_addr().ok()?)))
+            .collect()
+    }
+
+    pub fn outcomes(&self) -> &Outcomes {
+        &self.shared.outcomes
+    }
+
+    /// Serves until `shutdown` turns true, then drains: GOAWAY to every client, in-flight
+    /// streams get `timeouts.drain` to finish. Returns the streams still open at the end.
+    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) -> usize {
+        let live = Arc::new(Live::default());
+        let streams = Arc::new(Live::default());
+        let mut accept_tasks = Vec::new();
+        for (listener, tcp) in self.listeners {
+            let info = Arc::new(ListenerInfo {
+                name: listener.name.as_str().into(),
+                routes: listener.routes.clone().into(),
+            });
+            info!(listener = %listener.name, address = %listener.address, "listening");
+            accept_tasks.push(tokio::spawn(accept_loop(
+                tcp,
+                info,
+                self.shared.clone(),
+                self.limits,
+                self.timeouts,
+                shutdown.clone(),
+                live.clone(),
+                streams.clone(),
+            )));
+        }
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        for t in &accept_tasks {
+            t.abort();
+        }
+        let deadline = Instant::now() + self.timeouts.drain;
+        info!(
+            connections = live.count.load(Ordering::SeqCst),
+            streams = streams.count.load(Ordering::SeqCst),
+            drain = ?self.timeouts.drain,
+            "draining"
+        );
+        loop {
+            let waiting = streams.idle.notified();
+            if streams.count.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::select! {
+                () = waiting => {}
+                () = sleep_until(deadline) => break,
+            }
+        }
+        streams.count.load(Ordering::SeqCst)
+    }
+}
+
+struct ListenerInfo {
+    name: Arc<str>,
+    routes: Arc<[super::config::Route]>,
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+async fn accept_loop(
+    tcp: TcpListener,
+    info: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    limits: Limits,
+    timeouts: Timeouts,
+    shutdown: watch::Receiver<bool>,
+    live: Arc<Live>,
+    streams: Arc<Live>,
+) {
+    loop {
+        let (socket, peer) = match tcp.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(listener = %info.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = Arc::new(ConnInfo {
+            listener: info.name.clone(),
+            client: peer,
+            routes: info.routes.clone(),
+        });
+        let guard = live.enter();
+        tokio::spawn(serve_connection(
+            socket,
+            conn,
+            shared.clone(),
+            limits,
+            timeouts,
+            shutdown.clone(),
+            streams.clone(),
+            guard,
+        ));
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+async fn serve_connection(
+    socket: TcpStream,
+    info: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    limits: Limits,
+    timeouts: Timeouts,
+    mut shutdown: watch::Receiver<bool>,
+    streams: Arc<Live>,
+    _live: LiveGuard,
+) {
+    let _ = socket.set_nodelay(true);
+    let accepted = Instant::now();
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .initial_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .max_send_buffer_size(limits.max_send_buffer)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(limits.max_local_error_reset_streams));
+    let handshake = builder.handshake::<_, Bytes>(socket);
+    let mut conn = match tokio::time::timeout(timeouts.header_read, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(client = %info.client, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(client = %info.client, "no HTTP/2 preface within the header-read timeout");
+            return;
+        }
+    };
+    let mut ping_pong = conn.ping_pong();
+    let open = Arc::new(AtomicUsize::new(0));
+    // Until the first request: the header-read deadline; then idle and keep-alive.
+    let mut first_request_by = Some(accepted + timeouts.header_read);
+    let mut last_active = Instant::now();
+    let mut next_ping = Instant::now() + timeouts.keepalive_interval;
+    let mut pong_due: Option<Instant> = None;
+    let mut drain_by: Option<Instant> = None;
+    loop {
+        let idle_check = if drain_by.is_some() {
+            drain_by.unwrap_or(last_active)
+        } else if let Some(t) = first_request_by {
+            t
+        } else {
+            let mut t = (last_active + timeouts.idle).min(next_ping);
+            if let Some(p) = pong_due {
+                t = t.min(p);
+            }
+            t
+        };
+        tokio::select! {
+            next = conn.accept() => match next {
+                None => break,
+                Some(Err(e)) => {
+                    debug!(client = %info.client, error = %e, "client connection ended with an error");
+                    break;
+                }
+                Some(Ok((req, respond))) => {
+                    first_request_by = None;
+                    last_active = Instant::now();
+                    let (shared, info, open) = (shared.clone(), info.clone(), open.clone());
+                    let stream_guard = streams.enter();
+                    open.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        forward::forward(req, respond, shared, info).await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        drop(stream_guard);
+                    });
+                }
+            },
+            r = poll_fn(|cx| match ping_pong.as_mut() {
+                Some(pp) if pong_due.is_some() => pp.poll_pong(cx),
+                _ => std::task::Poll::Pending,
+            }) => {
+                pong_due = None;
+                if let Err(e) = r {
+                    debug!(client = %info.client, error = %e, "keep-alive PING failed");
+                }
+            }
+            _ = shutdown.wait_for(|s| *s), if drain_by.is_none() => {
+                conn.graceful_shutdown();
+                drain_by = Some(Instant::now() + timeouts.drain);
+            }
+            () = sleep_until(idle_check) => {
+                let now = Instant::now();
+                if open.load(Ordering::Relaxed) > 0 {
+                    // Streams in flight: the connection is not idle.
+                    last_active = now;
+                }
+                if let Some(by) = drain_by {
+                    if now >= by {
+                        conn.abrupt_shutdown(Reason::NO_ERROR);
+                        break;
+                    }
+                } else if first_request_by.is_some_and(|t| now >= t) {
+                    debug!(client = %info.client, "no request within the header-read timeout");
+                    conn.abrupt_shutdown(Reason::NO_ERROR);
+                    break;
+                } else if pong_due.is_some_and(|t| now >= t) {
+                    debug!(client = %info.client, "keep-alive PING not answered");
+                    conn.abrupt_shutdown(Reason::NO_ERROR);
+                    break;
+                } else if open.load(Ordering::Relaxed) == 0 && now >= last_active + timeouts.idle {
+                    debug!(client = %info.client, "idle connection closed");
+                    conn.graceful_shutdown();
+                    drain_by = Some(now + timeouts.drain);
+                } else if now >= next_ping {
+                    next_ping = now + timeouts.keepalive_interval;
+                    if let Some(pp) = ping_pong.as_mut() && pong_due.is_none() && pp.send_ping(Ping::opaque()).is_ok() {
+                        pong_due = Some(now + timeouts.keepalive_timeout);
+                    }
+                }
+            }
+        }
+    }
+}

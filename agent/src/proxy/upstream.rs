@@ -1,0 +1,293 @@
+//! Upstream clusters: endpoints, load balancing, and pooled HTTP/2 connections.
+//!
+//! Each call goes to the endpoint with fewer calls in flight of two picked at random (least
+//! request, power of two choices: close to the best pick at the cost of two loads). Each
+//! endpoint keeps up to `max_connections_per_endpoint` connections; a call takes the least
+//! busy one that still has room under the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS, opens
+//! another when none has, and when the cap is reached waits in `h2` for a stream to finish:
+//! the upstream's limit is never exceeded on the wire.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::config::{Cluster, Limits};
+
+/// Why no upstream stream could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot resolve {endpoint}: {source}")]
+    Resolve {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {endpoint} timed out after {after:?}")]
+    ConnectTimeout { endpoint: String, after: Duration },
+    #[error("HTTP/2 handshake with {endpoint} failed: {source}")]
+    Handshake {
+        endpoint: String,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("connection to {endpoint} is gone: {source}")]
+    Closed {
+        endpoint: String,
+        #[source]
+        source: h2::Error,
+    },
+}
+
+pub struct ClusterPool {
+    pub name: String,
+    endpoints: Vec<Arc<Endpoint>>,
+    connect_timeout: Duration,
+    max_connections: usize,
+    limits: Limits,
+}
+
+pub struct Endpoint {
+    pub address: String,
+    /// Calls holding a stream on this endpoint.
+    in_flight: AtomicUsize,
+    connections: Mutex<Vec<Arc<UpstreamConnection>>>,
+    /// Connections being opened (counted against the cap).
+    connecting: AtomicUsize,
+}
+
+struct UpstreamConnection {
+    send: SendRequest<Bytes>,
+    /// Streams open on it (ours).
+    active: AtomicUsize,
+    /// The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
+    max_streams: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+/// A stream slot on an endpoint's connection; released on drop.
+pub struct Lease {
+    pub endpoint: Arc<Endpoint>,
+    connection: Arc<UpstreamConnection>,
+}
+
+impl Lease {
+    /// A handle to send this call's request on, once `h2` says the connection can take it.
+    pub async fn ready(&self) -> Result<SendRequest<Bytes>, UpstreamError> {
+        self.connection
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::Closed {
+                endpoint: self.endpoint.address.clone(),
+                source,
+            })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.connection.active.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ClusterPool {
+    pub fn new(cluster: &Cluster, limits: Limits) -> Self {
+        Self {
+            name: cluster.name.clone(),
+            endpoints: cluster
+                .endpoints
+                .iter()
+                .map(|a| {
+                    Arc::new(Endpoint {
+                        address: a.clone(),
+                        in_flight: AtomicUsize::new(0),
+                        connections: Mutex::new(Vec::new()),
+                        connecting: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
+            connect_timeout: cluster.connect_timeout,
+            max_connections: cluster.max_connections_per_endpoint,
+            limits,
+        }
+    }
+
+    /// Picks an endpoint (least request of two random ones).
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        let (a, b) = match n {
+            0 => return None,
+            1 => return Some(self.endpoints[0].clone()),
+            _ => {
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                (&self.endpoints[a], &self.endpoints[b])
+            }
+        };
+        let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed);
+        Some(if load(b) < load(a) {
+            b.clone()
+        } else {
+            a.clone()
+        })
+    }
+
+    /// A stream slot on `endpoint`, opening a connection when every one is full.
+    pub async fn lease(&self, endpoint: Arc<Endpoint>) -> Result<Lease, UpstreamError> {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        // From here the Lease (or this guard, on error) gives the in-flight count back.
+        struct Pending<'a>(&'a Endpoint, bool);
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut pending = Pending(&endpoint, false);
+        let connection = match self.existing(&endpoint, false) {
+            Some(c) => c,
+            None => {
+                let may_open = {
+                    let conns = lock(&endpoint.connections);
+                    conns.len() + endpoint.connecting.load(Ordering::Relaxed) < self.max_connections
+                };
+                if may_open {
+                    self.open(&endpoint).await?
+                } else if let Some(c) = self.existing(&endpoint, true) {
+                    // Every connection is at the upstream's limit: queue on the least busy.
+                    c
+                } else {
+                    self.open(&endpoint).await?
+                }
+            }
+        };
+        pending.1 = true;
+        drop(pending);
+        Ok(Lease {
+            endpoint,
+            connection,
+        })
+    }
+
+    /// The least busy open connection with room (any open one when `even_full`), its slot
+    /// taken.
+    fn existing(&self, e: &Endpoint, even_full: bool) -> Option<Arc<UpstreamConnection>> {
+        let mut conns = lock(&e.connections);
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        let best = conns
+            .iter()
+            .filter(|c| {
+                even_full
+                    || c.active.load(Ordering::Relaxed) < c.max_streams.load(Ordering::Relaxed)
+            })
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))?
+            .clone();
+        best.active.fetch_add(1, Ordering::Relaxed);
+        Some(best)
+    }
+
+    async fn open(&self, e: &Endpoint) -> Result<Arc<UpstreamConnection>, UpstreamError> {
+        e.connecting.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(self.connect_timeout, self.connect(&e.address)).await;
+        e.connecting.fetch_sub(1, Ordering::Relaxed);
+        let conn = match result {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    endpoint: e.address.clone(),
+                    after: self.connect_timeout,
+                });
+            }
+        };
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        lock(&e.connections).push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self, address: &str) -> Result<Arc<UpstreamConnection>, UpstreamError> {
+        let mut last = None;
+        let addrs =
+            tokio::net::lookup_host(address)
+                .await
+                .map_err(|source| UpstreamError::Resolve {
+                    endpoint: address.to_owned(),
+                    source,
+                })?;
+        let mut tcp = None;
+        for a in addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(UpstreamError::Connect {
+                endpoint: address.to_owned(),
+                source: last.unwrap_or_else(|| std::io::Error::other("no address")),
+            });
+        };
+        let _ = tcp.set_nodelay(true);
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(self.limits.stream_window)
+            .initial_connection_window_size(self.limits.connection_window)
+            .max_send_buffer_size(self.limits.max_send_buffer)
+            .max_header_list_size(self.limits.max_header_list_size)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                endpoint: address.to_owned(),
+                source,
+            })?;
+        let max_streams = Arc::new(AtomicUsize::new(connection.max_concurrent_send_streams()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (max, done, endpoint) = (max_streams.clone(), closed.clone(), address.to_owned());
+        tokio::spawn(async move {
+            // Drive the connection; note the upstream's stream limit as its SETTINGS change.
+            let result = std::future::poll_fn(|cx| {
+                let r = std::pin::Pin::new(&mut connection).poll(cx);
+                max.store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
+                r
+            })
+            .await;
+            done.store(true, Ordering::Relaxed);
+            match result {
+                Ok(()) => debug!(%endpoint, "upstream connection closed"),
+                Err(e) => warn!(%endpoint, error = %e, "upstream connection failed"),
+            }
+        });
+        debug!(endpoint = %address, "upstream connection open");
+        Ok(Arc::new(UpstreamConnection {
+            send,
+            active: AtomicUsize::new(0),
+            max_streams,
+            closed,
+        }))
+    }
+}
+
+use std::future::Future as _;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
