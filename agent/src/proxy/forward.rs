@@ -14,7 +14,7 @@
 use std::{future::poll_fn, net::SocketAddr, sync::Arc, task::Poll};
 
 use bytes::Bytes;
-use h2::{Reason, RecvStream, SendStream, server::SendResponse};
+use h2::{Reason, RecvStream, SendStream, client::ResponseFuture, server::SendResponse};
 use http::{HeaderMap, Request, StatusCode};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
@@ -23,7 +23,7 @@ use super::{
     config::Route,
     grpc::{self, Code},
     outcome::{Ending, Outcomes, StreamOutcome},
-    upstream::{ClusterPool, UpstreamError},
+    upstream::{ClusterPool, Lease, UpstreamError},
 };
 
 /// What every stream of the proxy shares.
@@ -85,7 +85,7 @@ pub async fn forward(
     conn: Arc<ConnInfo>,
 ) {
     let start = Instant::now();
-    let (mut parts, mut client_body) = req.into_parts();
+    let (parts, mut client_body) = req.into_parts();
     let grpc = grpc::is_grpc(&parts.headers);
     let deadline = grpc::parse_timeout(&parts.headers).map(|t| start + t);
     let mut out = StreamOutcome {
@@ -104,100 +104,24 @@ pub async fn forward(
         response_bytes: 0,
     };
 
-    let Some(cluster) = route(
-        &conn.routes,
-        parts.uri.authority().map(|a| a.as_str()),
-        parts.uri.path(),
-    )
-    .and_then(|i| shared.clusters.get(i)) else {
-        out.ending = Ending::NoRoute;
-        refuse(
-            &mut respond,
-            &mut out,
-            grpc,
-            Code::Unimplemented,
-            StatusCode::NOT_FOUND,
-            "no route for this request",
-        );
-        return finish(&shared, out, start);
-    };
-    out.cluster = Some(cluster.name.clone());
-    let Some(endpoint) = cluster.pick() else {
-        out.ending = Ending::ConnectFailed;
-        refuse(
-            &mut respond,
-            &mut out,
-            grpc,
-            Code::Unavailable,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "cluster has no endpoints",
-        );
-        return finish(&shared, out, start);
-    };
-    out.endpoint = Some(endpoint.address.clone());
-
-    // A stream on the upstream, within the call's deadline.
-    let acquired = until(deadline, async {
-        let lease = cluster.lease(endpoint).await?;
-        let sender = lease.ready().await?;
-        Ok::<_, UpstreamError>((lease, sender))
-    })
-    .await;
-    let (_lease, mut sender) = match acquired {
-        None => {
-            out.ending = Ending::DeadlineExceeded;
-            refuse(
-                &mut respond,
-                &mut out,
-                grpc,
-                Code::DeadlineExceeded,
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline exceeded before an upstream connection was ready",
-            );
-            return finish(&shared, out, start);
-        }
-        Some(Err(e)) => {
-            out.ending = Ending::ConnectFailed;
-            let msg = format!("upstream unavailable: {e}");
-            refuse(
-                &mut respond,
-                &mut out,
-                grpc,
-                Code::Unavailable,
-                StatusCode::BAD_GATEWAY,
-                &msg,
-            );
-            return finish(&shared, out, start);
-        }
-        Some(Ok(ok)) => ok,
-    };
-
-    grpc::strip_hop_by_hop(&mut parts.headers);
-    if let Some(d) = deadline {
-        // The upstream gets what is left, never more.
-        parts.headers.insert(
-            "grpc-timeout",
-            grpc::format_timeout(d.saturating_duration_since(Instant::now())),
-        );
-    }
     let request_done = client_body.is_end_stream();
-    let (response, mut up_send) =
-        match sender.send_request(Request::from_parts(parts, ()), request_done) {
-            Ok(r) => r,
-            Err(e) => {
-                out.ending = Ending::ConnectFailed;
-                let msg = format!("upstream unavailable: {e}");
-                refuse(
-                    &mut respond,
-                    &mut out,
-                    grpc,
-                    Code::Unavailable,
-                    StatusCode::BAD_GATEWAY,
-                    &msg,
-                );
-                return finish(&shared, out, start);
-            }
-        };
+    let opened = open_upstream(&shared, &conn, parts, request_done, deadline, &mut out).await;
+    let (_lease, response, mut up_send) = match opened {
+        Ok(ok) => ok,
+        Err(r) => {
+            out.ending = r.ending;
+            answer(
+                &mut respond,
+                None,
+                &mut out,
+                grpc,
+                r.code,
+                r.status,
+                &r.message,
+            );
+            return finish(&shared, out, start);
+        }
+    };
 
     let mut client_send: Option<SendStream<Bytes>> = None;
     let mut trailers: Option<HeaderMap> = None;
@@ -214,32 +138,23 @@ pub async fn forward(
         let mut request_done = request_done;
         tokio::pin!(response);
 
-        // Until the upstream's response headers.
+        // Until the upstream's response headers. A failed request pump ends nothing here: a
+        // client that failed shows up as a client reset, an upstream that stopped reading
+        // says why in its response.
         let head = loop {
             tokio::select! {
-                r = &mut response => break Ok(r),
+                r = &mut response => break r.map_err(|e| upstream_end(&e)),
                 r = &mut request_pump, if !request_done => {
                     request_done = true;
-                    match r {
-                        Ok(_) => {}
-                        Err(PumpError::Source(e)) => break_client(&e),
-                        // The upstream stopped reading the request: its response says why.
-                        Err(PumpError::Sink(_) | PumpError::SinkClosed | PumpError::SinkReset(_)) => {}
+                    if let Err(PumpError::Source(e)) = r {
+                        debug!(error = %e, "client request body failed");
                     }
                 }
-                () = &mut expiry => break Err(None),
+                () = &mut expiry => break Err(End::Deadline),
                 reason = poll_fn(|cx| respond.poll_reset(cx)) => {
-                    break Err(Some(End::ClientReset(reason.ok())));
+                    break Err(End::ClientReset(reason.ok()));
                 }
             }
-        };
-        // `break_client` cannot break the loop from inside an arm; a failed client body shows
-        // up again as a client reset below.
-        let head = match head {
-            Ok(Ok(head)) => Ok(head),
-            Ok(Err(e)) => Err(upstream_end(&e)),
-            Err(None) => Err(End::Deadline),
-            Err(Some(end)) => Err(end),
         };
         match head {
             Err(end) => end,
@@ -329,10 +244,100 @@ pub async fn forward(
     finish(&shared, out, start);
 }
 
-/// A failed client request body: the stream is being reset by the client (or its connection
-/// died); the client-reset arm sees it.
-fn break_client(e: &h2::Error) {
-    debug!(error = %e, "client request body failed");
+/// Why a call was answered by the proxy before reaching an upstream.
+struct Refusal {
+    ending: Ending,
+    code: Code,
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(ending: Ending, code: Code, status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            ending,
+            code,
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn unavailable(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            Ending::ConnectFailed,
+            Code::Unavailable,
+            StatusCode::BAD_GATEWAY,
+            format!("upstream unavailable: {e}"),
+        )
+    }
+}
+
+/// Routes the call, picks an endpoint, and opens the upstream stream (within the deadline),
+/// sending the request headers: the lease that holds the slot, the response to come, and
+/// the request body's sink.
+async fn open_upstream(
+    shared: &Shared,
+    conn: &ConnInfo,
+    mut parts: http::request::Parts,
+    end_of_stream: bool,
+    deadline: Option<Instant>,
+    out: &mut StreamOutcome,
+) -> Result<(Lease, ResponseFuture, SendStream<Bytes>), Refusal> {
+    let cluster = route(
+        &conn.routes,
+        parts.uri.authority().map(|a| a.as_str()),
+        parts.uri.path(),
+    )
+    .and_then(|i| shared.clusters.get(i))
+    .ok_or_else(|| {
+        Refusal::new(
+            Ending::NoRoute,
+            Code::Unimplemented,
+            StatusCode::NOT_FOUND,
+            "no route for this request",
+        )
+    })?;
+    out.cluster = Some(cluster.name.clone());
+    let endpoint = cluster.pick().ok_or_else(|| {
+        Refusal::new(
+            Ending::ConnectFailed,
+            Code::Unavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster has no endpoints",
+        )
+    })?;
+    out.endpoint = Some(endpoint.address.clone());
+
+    let acquired = until(deadline, async {
+        let lease = cluster.lease(endpoint).await?;
+        let sender = lease.ready().await?;
+        Ok::<_, UpstreamError>((lease, sender))
+    })
+    .await;
+    let (lease, mut sender) = match acquired {
+        None => {
+            return Err(Refusal::new(
+                Ending::DeadlineExceeded,
+                Code::DeadlineExceeded,
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline exceeded before an upstream connection was ready",
+            ));
+        }
+        Some(r) => r.map_err(Refusal::unavailable)?,
+    };
+
+    grpc::strip_hop_by_hop(&mut parts.headers);
+    if let Some(d) = deadline {
+        // The upstream gets what is left, never more.
+        parts.headers.insert(
+            "grpc-timeout",
+            grpc::format_timeout(d.saturating_duration_since(Instant::now())),
+        );
+    }
+    let (response, up_send) = sender
+        .send_request(Request::from_parts(parts, ()), end_of_stream)
+        .map_err(Refusal::unavailable)?;
+    Ok((lease, response, up_send))
 }
 
 fn upstream_end(e: &h2::Error) -> End {
@@ -390,7 +395,7 @@ async fn pump(
             Ok(Some(t))
         }
         None => {
-            dst.send_data(grpc::end(), true).map_err(PumpError::Sink)?;
+            dst.send_data(Bytes::new(), true).map_err(PumpError::Sink)?;
             Ok(None)
         }
     }
@@ -411,18 +416,6 @@ async fn send_all(dst: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), Pu
         dst.send_data(chunk, false).map_err(PumpError::Sink)?;
     }
     Ok(())
-}
-
-/// Answers before any upstream response: trailers-only for gRPC, an HTTP status otherwise.
-fn refuse(
-    respond: &mut SendResponse<Bytes>,
-    out: &mut StreamOutcome,
-    grpc: bool,
-    code: Code,
-    status: StatusCode,
-    message: &str,
-) {
-    answer(respond, None, out, grpc, code, status, message);
 }
 
 /// Ends the client's stream with `code`: trailers-only when nothing was sent yet, else

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 /// gRPC status codes the proxy produces itself.
@@ -141,11 +140,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         headers.remove(header::TE);
     }
-}
-
-/// An empty body chunk that ends a stream.
-pub fn end() -> Bytes {
-    Bytes::new()
 }
 
 #[cfg(test)]

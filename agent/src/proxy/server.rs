@@ -259,8 +259,8 @@ async fn serve_connection(
     let mut pong_due: Option<Instant> = None;
     let mut drain_by: Option<Instant> = None;
     loop {
-        let idle_check = if drain_by.is_some() {
-            drain_by.unwrap_or(last_active)
+        let idle_check = if let Some(by) = drain_by {
+            by
         } else if let Some(t) = first_request_by {
             t
         } else {

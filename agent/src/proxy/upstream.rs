@@ -8,6 +8,7 @@
 //! the upstream's limit is never exceeded on the wire.
 
 use std::{
+    future::Future as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -285,8 +286,6 @@ impl ClusterPool {
         }))
     }
 }
-
-use std::future::Future as _;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

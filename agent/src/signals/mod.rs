@@ -47,36 +47,27 @@ pub struct Decoder {
 impl Decoder {
     /// Appends the signals of one record to `out`: one, or several for a batch of frames.
     pub fn decode_into(&self, bytes: &[u8], out: &mut Vec<Signal>) -> Result<(), DecodeError> {
-        if let Some(EventKind::H2FrameBatch) =
-            EventKind::from_u32(read_record::<EventHeader>(bytes, "event header")?.kind)
-        {
-            return h2_frame::decode_batch(bytes, |f| out.push(Signal::H2Frame(f)));
-        }
-        out.push(self.decode(bytes)?);
-        Ok(())
-    }
-
-    /// Decodes a record that holds one signal.
-    pub fn decode(&self, bytes: &[u8]) -> Result<Signal, DecodeError> {
         let header: EventHeader = read_record(bytes, "event header")?;
-        match EventKind::from_u32(header.kind) {
-            Some(EventKind::TcpReset) => self.tcp_reset.decode(bytes).map(Signal::TcpReset),
-            Some(EventKind::GoStw) => go_stw::decode(bytes).map(Signal::GoStw),
+        let signal = match EventKind::from_u32(header.kind) {
+            Some(EventKind::TcpReset) => Signal::TcpReset(self.tcp_reset.decode(bytes)?),
+            Some(EventKind::GoStw) => Signal::GoStw(go_stw::decode(bytes)?),
             Some(EventKind::ProcessExec) => {
                 let ev: ProcessExecEvent = read_record(bytes, "process exec")?;
-                Ok(Signal::ProcessExec { pid: ev.pid })
+                Signal::ProcessExec { pid: ev.pid }
             }
             Some(EventKind::ProcessExit) => {
                 let ev: ProcessExitEvent = read_record(bytes, "process exit")?;
-                Ok(Signal::ProcessExit { pid: ev.pid })
+                Signal::ProcessExit { pid: ev.pid }
             }
-            Some(EventKind::H2Frame) => h2_frame::decode_frame(bytes).map(Signal::H2Frame),
-            Some(EventKind::H2Flow) => h2_frame::decode_flow(bytes).map(Signal::H2Flow),
-            Some(EventKind::H2FrameBatch) => Err(DecodeError::H2(
-                "a frame batch holds many signals: use decode_into",
-            )),
-            None => Err(DecodeError::UnknownKind(header.kind)),
-        }
+            Some(EventKind::H2Frame) => Signal::H2Frame(h2_frame::decode_frame(bytes)?),
+            Some(EventKind::H2Flow) => Signal::H2Flow(h2_frame::decode_flow(bytes)?),
+            Some(EventKind::H2FrameBatch) => {
+                return h2_frame::decode_batch(bytes, |f| out.push(Signal::H2Frame(f)));
+            }
+            None => return Err(DecodeError::UnknownKind(header.kind)),
+        };
+        out.push(signal);
+        Ok(())
     }
 }
 
