@@ -356,18 +356,26 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
             }
         };
         let tls = l.tls.map(|t| {
+            let mut readable = true;
             for file in [&t.cert, &t.key] {
                 if !file.get_ref().is_file() {
+                    readable = false;
                     p.at(
                         file.span(),
                         format!("{} is not a readable file", file.get_ref().display()),
                     );
                 }
             }
-            TlsFiles {
+            let span = t.cert.span();
+            let files = TlsFiles {
                 cert: t.cert.into_inner(),
                 key: t.key.into_inner(),
+            };
+            // Load them now, so a bad chain or key is reported here, not at the first client.
+            if readable && let Err(e) = super::tls::server_config(&files) {
+                p.at(span, e.to_string());
             }
+            files
         });
         if l.routes.is_empty() {
             p.at(

@@ -5,4 +5,5 @@ pub mod forward;
 pub mod grpc;
 pub mod outcome;
 pub mod server;
+pub mod tls;
 pub mod upstream;

@@ -14,23 +14,30 @@ use std::{
 use bytes::Bytes;
 use h2::{Ping, Reason};
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
     sync::{Notify, watch},
     time::{Instant, sleep_until},
 };
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
     config::{Limits, Listener, ProxyConfig, Timeouts},
     forward::{self, ConnInfo, Shared},
     outcome::Outcomes,
+    tls::{self, TlsError},
     upstream::ClusterPool,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("listener {0}: TLS listeners are not built yet (issue 4 in progress); use cleartext")]
-    TlsNotYet(String),
+    #[error("listener {listener}: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: TlsError,
+    },
     #[error("cannot listen on {address} (listener {listener}): {source}")]
     Bind {
         listener: String,
@@ -66,7 +73,7 @@ impl Drop for LiveGuard {
 
 /// A bound proxy, ready to serve.
 pub struct Proxy {
-    listeners: Vec<(Listener, TcpListener)>,
+    listeners: Vec<(Listener, TcpListener, Option<TlsAcceptor>)>,
     shared: Arc<Shared>,
     limits: Limits,
     timeouts: Timeouts,
@@ -77,9 +84,15 @@ impl Proxy {
     pub async fn bind(config: &ProxyConfig) -> Result<Proxy, ServerError> {
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            if l.tls.is_some() {
-                return Err(ServerError::TlsNotYet(l.name.clone()));
-            }
+            let tls = l
+                .tls
+                .as_ref()
+                .map(tls::acceptor)
+                .transpose()
+                .map_err(|source| ServerError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
             let tcp = TcpListener::bind(l.address)
                 .await
                 .map_err(|source| ServerError::Bind {
@@ -87,7 +100,7 @@ impl Proxy {
                     address: l.address,
                     source,
                 })?;
-            listeners.push((l.clone(), tcp));
+            listeners.push((l.clone(), tcp, tls));
         }
         let shared = Arc::new(Shared {
             clusters: config
@@ -109,7 +122,7 @@ impl Proxy {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(l, t)| Some((l.name.clone(), t.local_addr().ok()?)))
+            .filter_map(|(l, t, _)| Some((l.name.clone(), t.local_addr().ok()?)))
             .collect()
     }
 
@@ -123,12 +136,13 @@ impl Proxy {
         let live = Arc::new(Live::default());
         let streams = Arc::new(Live::default());
         let mut accept_tasks = Vec::new();
-        for (listener, tcp) in self.listeners {
+        for (listener, tcp, tls) in self.listeners {
             let info = Arc::new(ListenerInfo {
                 name: listener.name.as_str().into(),
                 routes: listener.routes.clone().into(),
+                tls,
             });
-            info!(listener = %listener.name, address = %listener.address, "listening");
+            info!(listener = %listener.name, address = %listener.address, tls = info.tls.is_some(), "listening");
             accept_tasks.push(tokio::spawn(accept_loop(
                 tcp,
                 info,
@@ -168,6 +182,7 @@ impl Proxy {
 struct ListenerInfo {
     name: Arc<str>,
     routes: Arc<[super::config::Route]>,
+    tls: Option<TlsAcceptor>,
 }
 
 #[expect(
@@ -200,16 +215,39 @@ async fn accept_loop(
             routes: info.routes.clone(),
         });
         let guard = live.enter();
-        tokio::spawn(serve_connection(
-            socket,
-            conn,
-            shared.clone(),
-            limits,
-            timeouts,
-            shutdown.clone(),
-            streams.clone(),
-            guard,
-        ));
+        let _ = socket.set_nodelay(true);
+        let (shared, shutdown, streams) = (shared.clone(), shutdown.clone(), streams.clone());
+        let Some(acceptor) = info.tls.clone() else {
+            tokio::spawn(serve_connection(
+                socket, conn, shared, limits, timeouts, shutdown, streams, guard,
+            ));
+            continue;
+        };
+        tokio::spawn(async move {
+            // The TLS handshake counts against the header-read timeout, like the preface.
+            let accepted = Instant::now();
+            let tls = match tokio::time::timeout(timeouts.header_read, acceptor.accept(socket))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(client = %conn.client, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(client = %conn.client, "TLS handshake not done within the header-read timeout");
+                    return;
+                }
+            };
+            let timeouts = Timeouts {
+                header_read: timeouts.header_read.saturating_sub(accepted.elapsed()),
+                ..timeouts
+            };
+            serve_connection(
+                tls, conn, shared, limits, timeouts, shutdown, streams, guard,
+            )
+            .await;
+        });
     }
 }
 
@@ -217,8 +255,8 @@ async fn accept_loop(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
 )]
-async fn serve_connection(
-    socket: TcpStream,
+async fn serve_connection<T>(
+    socket: T,
     info: Arc<ConnInfo>,
     shared: Arc<Shared>,
     limits: Limits,
@@ -226,8 +264,9 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
     streams: Arc<Live>,
     _live: LiveGuard,
-) {
-    let _ = socket.set_nodelay(true);
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let accepted = Instant::now();
     let mut builder = h2::server::Builder::new();
     builder

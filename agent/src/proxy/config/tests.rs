@@ -106,3 +106,25 @@ fn positions_are_one_based() {
     assert_eq!(position("ab\ncd", 0), (1, 1));
     assert_eq!(position("ab\ncd", 4), (2, 2));
 }
+
+#[test]
+fn tls_material_is_loaded_at_check_time() {
+    let dir = std::env::temp_dir().join(format!("agent-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    std::fs::write(&key, "not a key either\n").unwrap();
+    let text = MINIMAL.replace(
+        "address = \"127.0.0.1:15001\"\n",
+        &format!(
+            "address = \"127.0.0.1:15001\"\n[listener.tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let e = errors(&text);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].line, 6, "{e:?}");
+    assert!(e[0].message.contains("holds no certificate"), "{e:?}");
+}
