@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod proxy;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -11,7 +11,12 @@
 //! cancels the upstream stream; an upstream reset or a dead upstream connection answers
 //! UNAVAILABLE at once.
 
-use std::{future::poll_fn, net::SocketAddr, sync::Arc, task::Poll};
+use std::{
+    future::poll_fn,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    task::Poll,
+};
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream, client::ResponseFuture, server::SendResponse};
@@ -76,7 +81,17 @@ enum End {
     Deadline,
     ClientReset(Option<Reason>),
     Upstream(String, Option<Reason>),
+    /// The upstream refused the stream before processing any of it (GOAWAY above its
+    /// last-stream-id, REFUSED_STREAM): safe to send again.
+    Refused(String),
 }
+
+/// Tries per call: the first, and retries of calls an upstream refused unprocessed.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Request bytes kept for a retry; a call that sent more before its response started is not
+/// retried (as Envoy's retry buffer).
+const REPLAY_LIMIT: usize = 64 * 1024;
 
 pub async fn forward(
     req: Request<RecvStream>,
@@ -85,9 +100,10 @@ pub async fn forward(
     conn: Arc<ConnInfo>,
 ) {
     let start = Instant::now();
-    let (parts, mut client_body) = req.into_parts();
+    let (mut parts, mut client_body) = req.into_parts();
     let grpc = grpc::is_grpc(&parts.headers);
     let deadline = grpc::parse_timeout(&parts.headers).map(|t| start + t);
+    grpc::strip_hop_by_hop(&mut parts.headers);
     let mut out = StreamOutcome {
         listener: conn.listener.to_string(),
         client: conn.client,
@@ -102,100 +118,151 @@ pub async fn forward(
         latency: std::time::Duration::ZERO,
         request_bytes: 0,
         response_bytes: 0,
+        retries: 0,
     };
 
-    let request_done = client_body.is_end_stream();
-    let opened = open_upstream(&shared, &conn, parts, request_done, deadline, &mut out).await;
-    let (_lease, response, mut up_send) = match opened {
-        Ok(ok) => ok,
-        Err(r) => {
-            out.ending = r.ending;
-            answer(
-                &mut respond,
-                None,
-                &mut out,
-                grpc,
-                r.code,
-                r.status,
-                &r.message,
-            );
-            return finish(&shared, out, start);
-        }
-    };
-
+    let replay = Mutex::new(Replay::new(client_body.is_end_stream()));
     let mut client_send: Option<SendStream<Bytes>> = None;
     let mut trailers: Option<HeaderMap> = None;
-    let end = {
-        let expiry = async {
-            match deadline {
-                Some(d) => sleep_until(d).await,
-                None => std::future::pending().await,
+    let mut attempt = 0;
+    // Each pass opens an upstream stream and forwards the call on it; a pass ends early, for
+    // another, only when the upstream refused the stream before processing any of it.
+    let (end, mut up_send, _lease) = loop {
+        attempt += 1;
+        let request_in_headers = lock(&replay).fits_in_headers();
+        let opened = open_upstream(
+            &shared,
+            &conn,
+            &parts,
+            request_in_headers,
+            deadline,
+            &mut out,
+        )
+        .await;
+        let (lease, response, mut up_send) = match opened {
+            Ok(ok) => ok,
+            Err(r) => {
+                out.ending = r.ending;
+                answer(
+                    &mut respond,
+                    None,
+                    &mut out,
+                    grpc,
+                    r.code,
+                    r.status,
+                    &r.message,
+                );
+                return finish(&shared, out, start);
             }
         };
-        tokio::pin!(expiry);
-        let request_pump = pump(&mut client_body, &mut up_send, &mut out.request_bytes);
-        tokio::pin!(request_pump);
-        let mut request_done = request_done;
-        tokio::pin!(response);
+        let stream_id = response.stream_id();
+        // A GOAWAY that came while the stream was being opened already refused it.
+        let end = if lease.refused(stream_id) {
+            End::Refused("the upstream sent GOAWAY before this stream".into())
+        } else {
+            let expiry = async {
+                match deadline {
+                    Some(d) => sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expiry);
+            let request_bytes = &mut out.request_bytes;
+            let (up, client, replay) = (&mut up_send, &mut client_body, &replay);
+            let request_pump = async move {
+                let client_done = resend(replay, up, request_in_headers).await?;
+                if client_done {
+                    return Ok(None);
+                }
+                pump(client, up, request_bytes, Some(replay)).await
+            };
+            tokio::pin!(request_pump);
+            let mut request_done = request_in_headers;
+            tokio::pin!(response);
 
-        // Until the upstream's response headers. A failed request pump ends nothing here: a
-        // client that failed shows up as a client reset, an upstream that stopped reading
-        // says why in its response.
-        let head = loop {
-            tokio::select! {
-                r = &mut response => break r.map_err(|e| upstream_end(&e)),
-                r = &mut request_pump, if !request_done => {
-                    request_done = true;
-                    if let Err(PumpError::Source(e)) = r {
-                        debug!(error = %e, "client request body failed");
+            // Until the upstream's response headers. A failed request pump ends nothing here:
+            // a client that failed shows up as a client reset, an upstream that stopped
+            // reading says why in its response.
+            let head = loop {
+                tokio::select! {
+                    r = &mut response => break r.map_err(|e| {
+                        let refused = e.is_reset() && e.is_remote() && e.reason() == Some(Reason::REFUSED_STREAM);
+                        if refused || lease.refused(stream_id) {
+                            End::Refused(e.to_string())
+                        } else {
+                            upstream_end(&e)
+                        }
+                    }),
+                    r = &mut request_pump, if !request_done => {
+                        request_done = true;
+                        if let Err(PumpError::Source(e)) = r {
+                            debug!(error = %e, "client request body failed");
+                        }
+                    }
+                    () = &mut expiry => break Err(End::Deadline),
+                    reason = poll_fn(|cx| respond.poll_reset(cx)) => {
+                        break Err(End::ClientReset(reason.ok()));
                     }
                 }
-                () = &mut expiry => break Err(End::Deadline),
-                reason = poll_fn(|cx| respond.poll_reset(cx)) => {
-                    break Err(End::ClientReset(reason.ok()));
-                }
-            }
-        };
-        match head {
-            Err(end) => end,
-            Ok(head) => {
-                let (mut head, mut up_body) = head.into_parts();
-                out.http_status = Some(head.status.as_u16());
-                grpc::strip_hop_by_hop(&mut head.headers);
-                let trailers_only = up_body.is_end_stream();
-                if trailers_only {
-                    out.grpc_status = grpc::status_of(&head.headers);
-                }
-                match respond.send_response(http::Response::from_parts(head, ()), trailers_only) {
-                    Err(e) => End::ClientReset(e.reason()),
-                    Ok(_) if trailers_only => End::Done,
-                    Ok(s) => {
-                        let client = client_send.insert(s);
-                        let response_pump = pump(&mut up_body, client, &mut out.response_bytes);
-                        tokio::pin!(response_pump);
-                        loop {
-                            tokio::select! {
-                                r = &mut response_pump => break match r {
-                                    Ok(t) => { trailers = t; End::Done }
-                                    Err(PumpError::Source(e)) => upstream_end(&e),
-                                    Err(PumpError::Sink(e)) => End::ClientReset(e.reason()),
-                                    Err(PumpError::SinkClosed) => End::ClientReset(None),
-                                    Err(PumpError::SinkReset(reason)) => End::ClientReset(Some(reason)),
-                                },
-                                r = &mut request_pump, if !request_done => {
-                                    request_done = true;
-                                    // An upstream reset of its side: the response pump sees it.
-                                    if let Err(PumpError::Source(e)) = r {
-                                        break End::ClientReset(e.reason());
+            };
+            match head {
+                Err(end) => end,
+                Ok(head) => {
+                    // The response started: the call is the upstream's now, never retried.
+                    lock(replay).give_up();
+                    let (mut head, mut up_body) = head.into_parts();
+                    out.http_status = Some(head.status.as_u16());
+                    grpc::strip_hop_by_hop(&mut head.headers);
+                    let trailers_only = up_body.is_end_stream();
+                    if trailers_only {
+                        out.grpc_status = grpc::status_of(&head.headers);
+                    }
+                    match respond.send_response(http::Response::from_parts(head, ()), trailers_only)
+                    {
+                        Err(e) => End::ClientReset(e.reason()),
+                        Ok(_) if trailers_only => End::Done,
+                        Ok(s) => {
+                            let client = client_send.insert(s);
+                            let response_pump =
+                                pump(&mut up_body, client, &mut out.response_bytes, None);
+                            tokio::pin!(response_pump);
+                            loop {
+                                tokio::select! {
+                                    r = &mut response_pump => break match r {
+                                        Ok(t) => { trailers = t; End::Done }
+                                        Err(PumpError::Source(e)) => upstream_end(&e),
+                                        Err(PumpError::Sink(e)) => End::ClientReset(e.reason()),
+                                        Err(PumpError::SinkClosed) => End::ClientReset(None),
+                                        Err(PumpError::SinkReset(reason)) => End::ClientReset(Some(reason)),
+                                    },
+                                    r = &mut request_pump, if !request_done => {
+                                        request_done = true;
+                                        // An upstream reset of its side: the response pump sees it.
+                                        if let Err(PumpError::Source(e)) = r {
+                                            break End::ClientReset(e.reason());
+                                        }
                                     }
+                                    () = &mut expiry => break End::Deadline,
                                 }
-                                () = &mut expiry => break End::Deadline,
                             }
                         }
                     }
                 }
             }
+        };
+        let replayable = lock(&replay).intact();
+        if let End::Refused(why) = &end
+            && attempt < MAX_ATTEMPTS
+            && replayable
+        {
+            debug!(method = %out.method, endpoint = ?out.endpoint, %why, "upstream refused the stream unprocessed: retrying");
+            out.retries += 1;
+            // A send cut short left its bytes unreleased: they are in the replay now.
+            let n = std::mem::take(&mut lock(&replay).unreleased);
+            let _ = client_body.flow_control().release_capacity(n);
+            continue;
         }
+        break (end, up_send, lease);
     };
 
     match end {
@@ -240,8 +307,104 @@ pub async fn forward(
                 &msg,
             );
         }
+        End::Refused(why) => {
+            out.ending = Ending::UpstreamReset;
+            out.reset_reason = Some("REFUSED_STREAM".into());
+            let msg = format!("upstream refused the call {attempt} times: {why}");
+            answer(
+                &mut respond,
+                None,
+                &mut out,
+                grpc,
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &msg,
+            );
+        }
     }
     finish(&shared, out, start);
+}
+
+/// The stream's own replay: one task, never contended (a Mutex only so the future is Send).
+fn lock(replay: &Mutex<Replay>) -> MutexGuard<'_, Replay> {
+    replay.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What was sent upstream of the request so far, kept while a retry may need it.
+struct Replay {
+    chunks: Vec<Bytes>,
+    size: usize,
+    /// Too much was sent, or the response started: no retry.
+    spoiled: bool,
+    /// The request ended (the client's END_STREAM), with these trailers if any.
+    ended: bool,
+    trailers: Option<HeaderMap>,
+    /// Taken from the client but not yet released to its window (a send cut short by a retry).
+    unreleased: usize,
+}
+
+impl Replay {
+    fn new(ended: bool) -> Self {
+        Self {
+            chunks: Vec::new(),
+            size: 0,
+            spoiled: false,
+            ended,
+            trailers: None,
+            unreleased: 0,
+        }
+    }
+
+    /// The whole request is its headers (END_STREAM on HEADERS).
+    fn fits_in_headers(&self) -> bool {
+        self.ended && self.chunks.is_empty() && self.trailers.is_none()
+    }
+
+    fn intact(&self) -> bool {
+        !self.spoiled
+    }
+
+    fn record(&mut self, chunk: &Bytes) {
+        self.unreleased = chunk.len();
+        if self.spoiled {
+            return;
+        }
+        self.size += chunk.len();
+        if self.size > REPLAY_LIMIT {
+            self.give_up();
+        } else {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.spoiled = true;
+        self.chunks = Vec::new();
+    }
+}
+
+/// Sends a retried call what the client had sent so far (nothing on a first try). Returns
+/// whether the client's request is complete.
+async fn resend(
+    replay: &Mutex<Replay>,
+    dst: &mut SendStream<Bytes>,
+    ended_in_headers: bool,
+) -> Result<bool, PumpError> {
+    let (chunks, ended, trailers) = {
+        let r = lock(replay);
+        (r.chunks.clone(), r.ended, r.trailers.clone())
+    };
+    for chunk in chunks {
+        send_all(dst, chunk).await?;
+    }
+    if ended && !ended_in_headers {
+        match trailers {
+            Some(t) => dst.send_trailers(t),
+            None => dst.send_data(Bytes::new(), true),
+        }
+        .map_err(PumpError::Sink)?;
+    }
+    Ok(ended)
 }
 
 /// Why a call was answered by the proxy before reaching an upstream.
@@ -278,7 +441,7 @@ impl Refusal {
 async fn open_upstream(
     shared: &Shared,
     conn: &ConnInfo,
-    mut parts: http::request::Parts,
+    parts: &http::request::Parts,
     end_of_stream: bool,
     deadline: Option<Instant>,
     out: &mut StreamOutcome,
@@ -326,16 +489,19 @@ async fn open_upstream(
         Some(r) => r.map_err(Refusal::unavailable)?,
     };
 
-    grpc::strip_hop_by_hop(&mut parts.headers);
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.headers_mut() = parts.headers.clone();
     if let Some(d) = deadline {
         // The upstream gets what is left, never more.
-        parts.headers.insert(
+        request.headers_mut().insert(
             "grpc-timeout",
             grpc::format_timeout(d.saturating_duration_since(Instant::now())),
         );
     }
     let (response, up_send) = sender
-        .send_request(Request::from_parts(parts, ()), end_of_stream)
+        .send_request(request, end_of_stream)
         .map_err(Refusal::unavailable)?;
     Ok((lease, response, up_send))
 }
@@ -359,6 +525,7 @@ async fn pump(
     src: &mut RecvStream,
     dst: &mut SendStream<Bytes>,
     bytes: &mut u64,
+    replay: Option<&Mutex<Replay>>,
 ) -> Result<Option<HeaderMap>, PumpError> {
     while let Some(chunk) = poll_fn(|cx| {
         if let Poll::Ready(r) = dst.poll_reset(cx) {
@@ -374,10 +541,16 @@ async fn pump(
     {
         let chunk = chunk?;
         let n = chunk.len();
-        send_all(dst, chunk).await?;
         *bytes += n as u64;
+        if let Some(r) = replay {
+            lock(r).record(&chunk);
+        }
+        send_all(dst, chunk).await?;
         // Only now may the source send more: end-to-end flow control.
         let _ = src.flow_control().release_capacity(n);
+        if let Some(r) = replay {
+            lock(r).unreleased = 0;
+        }
     }
     let trailers = poll_fn(|cx| {
         if let Poll::Ready(r) = dst.poll_reset(cx) {
@@ -389,6 +562,11 @@ async fn pump(
         src.poll_trailers(cx).map_err(PumpError::Source)
     })
     .await?;
+    if let Some(r) = replay {
+        let mut r = lock(r);
+        r.ended = true;
+        r.trailers.clone_from(&trailers);
+    }
     match trailers {
         Some(t) => {
             dst.send_trailers(t.clone()).map_err(PumpError::Sink)?;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod forward;
+mod goaway_watch;
 pub mod grpc;
 pub mod outcome;
 pub mod server;

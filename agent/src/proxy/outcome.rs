@@ -48,6 +48,9 @@ pub struct StreamOutcome {
     pub latency: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// Times the call was sent again because an upstream refused it unprocessed (GOAWAY
+    /// above its last-stream-id, REFUSED_STREAM).
+    pub retries: u32,
 }
 
 mod as_micros {

@@ -21,7 +21,10 @@ use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::config::{Cluster, Limits};
+use super::{
+    config::{Cluster, Limits},
+    goaway_watch::{GoawaySeen, GoawayWatch},
+};
 
 /// Why no upstream stream could be had.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,8 @@ struct UpstreamConnection {
     /// The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
     max_streams: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
+    /// Once the upstream sent GOAWAY, no new stream goes here.
+    goaway: Arc<GoawaySeen>,
 }
 
 /// A stream slot on an endpoint's connection; released on drop.
@@ -98,6 +103,13 @@ impl Lease {
                 endpoint: self.endpoint.address.clone(),
                 source,
             })
+    }
+}
+
+impl Lease {
+    /// The upstream said by GOAWAY that it will not process stream `id` of this connection.
+    pub fn refused(&self, id: h2::StreamId) -> bool {
+        self.connection.goaway.refused(id.as_u32())
     }
 }
 
@@ -192,7 +204,9 @@ impl ClusterPool {
     /// taken.
     fn existing(&self, e: &Endpoint, even_full: bool) -> Option<Arc<UpstreamConnection>> {
         let mut conns = lock(&e.connections);
-        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        // A connection that got GOAWAY leaves the pool (and frees its place for a new one);
+        // its streams below the last-stream-id go on.
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed) && !c.goaway.any());
         let best = conns
             .iter()
             .filter(|c| {
@@ -249,12 +263,13 @@ impl ClusterPool {
             });
         };
         let _ = tcp.set_nodelay(true);
+        let goaway = Arc::new(GoawaySeen::default());
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.limits.stream_window)
             .initial_connection_window_size(self.limits.connection_window)
             .max_send_buffer_size(self.limits.max_send_buffer)
             .max_header_list_size(self.limits.max_header_list_size)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(GoawayWatch::new(tcp, goaway.clone()))
             .await
             .map_err(|source| UpstreamError::Handshake {
                 endpoint: address.to_owned(),
@@ -283,6 +298,7 @@ impl ClusterPool {
             active: AtomicUsize::new(0),
             max_streams,
             closed,
+            goaway,
         }))
     }
 }

@@ -1,0 +1,235 @@
+//! Support for the proxy's end-to-end tests: run `agent run`, and peers that print JSON lines.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{agent_bin, workspace_root};
+
+/// A child process whose stdout is JSON lines, read as they come; stderr kept for failure
+/// messages. Killed when dropped.
+pub struct JsonChild {
+    pub name: String,
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    stderr: Arc<Mutex<String>>,
+    /// Lines received so far.
+    pub seen: Vec<Value>,
+}
+
+impl JsonChild {
+    pub fn spawn(name: &str, cmd: &mut Command) -> JsonChild {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {name} ({}): {e}",
+                    cmd.get_program().to_string_lossy()
+                )
+            });
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let who = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("{who} printed a line that is not JSON ({e}): {line}")
+                });
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err_pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        JsonChild {
+            name: name.to_owned(),
+            child,
+            lines,
+            stderr,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends a signal (SIGTERM, SIGKILL, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Reads lines until one satisfies `want` (returned) or `timeout` passes (panics, with
+    /// what was seen and the child's stderr).
+    pub fn wait_line(&mut self, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| want(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if want(&v) {
+                        return v;
+                    }
+                }
+                Err(e) => panic!(
+                    "{}: the line awaited did not come ({e:?}); lines so far: {:?}\nstderr:\n{}",
+                    self.name,
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Every line until the child exits, and its status (panics after `timeout`).
+    pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<Value>, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => self.seen.push(v),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "{} did not finish within {timeout:?}; lines: {:?}\nstderr:\n{}",
+                        self.name,
+                        self.seen,
+                        self.stderr()
+                    );
+                }
+            }
+        }
+        let status = self.child.wait().unwrap();
+        // The stderr reader may still be copying the last lines.
+        std::thread::sleep(Duration::from_millis(20));
+        let stderr = self.stderr();
+        (status, std::mem::take(&mut self.seen), stderr)
+    }
+
+    /// Lines received so far, without waiting.
+    pub fn drain(&mut self) -> &[Value] {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for JsonChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `python3 tests/peers/<script>` with `args`.
+pub fn python(script: &str, args: &[&str]) -> Command {
+    let path: PathBuf = workspace_root().join("tests/peers").join(script);
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u").arg(path).args(args);
+    cmd
+}
+
+/// A running `agent run` and the address of its (first) listener.
+pub struct AgentProxy {
+    pub process: JsonChild,
+    pub addr: SocketAddr,
+    pub ready: Value,
+}
+
+impl AgentProxy {
+    /// `agent run ARGS`, once it says it is ready.
+    pub fn start(args: &[&str]) -> AgentProxy {
+        let mut process = JsonChild::spawn(
+            "agent run",
+            Command::new(agent_bin()).arg("run").args(args).env(
+                "AGENT_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        );
+        let ready = process.wait_line(Duration::from_secs(30), |v| v["kind"] == "ready");
+        let addr = ready["listeners"][0]["address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("ready line without a listener address: {ready}"));
+        AgentProxy {
+            process,
+            addr,
+            ready,
+        }
+    }
+
+    /// Quick mode on a free loopback port in front of `upstreams`, printing outcomes.
+    pub fn quick(upstreams: &[SocketAddr]) -> AgentProxy {
+        let list: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+        AgentProxy::start(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &list.join(","),
+            "--print-outcomes",
+        ])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// A `/proc/PID/status` figure in KiB (VmRSS, VmHWM, ...).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid(), field)
+    }
+
+    /// SIGTERM, then everything it printed and its exit status.
+    pub fn terminate(self, timeout: Duration) -> (ExitStatus, Vec<Value>, String) {
+        self.process.signal(libc::SIGTERM);
+        self.process.finish(timeout)
+    }
+}
+
+/// A `/proc/PID/status` figure in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The address in a peer's `{"event":"listening","address":...}` line.
+pub fn listening(peer: &mut JsonChild) -> SocketAddr {
+    let line = peer.wait_line(Duration::from_secs(60), |v| v["event"] == "listening");
+    line["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{}: bad listening line {line}", peer.name))
+}
