@@ -109,6 +109,27 @@ impl JsonChild {
         }
     }
 
+    /// Like [`Self::wait_line`], but only lines that come from now on count.
+    pub fn wait_new_line(&mut self, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
+        let from = self.drain().len();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.seen[from..].iter().find(|v| want(v)) {
+                return v.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => self.seen.push(v),
+                Err(e) => panic!(
+                    "{}: the line awaited did not come ({e:?}); new lines: {:?}\nstderr:\n{}",
+                    self.name,
+                    &self.seen[from..],
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
     /// Every line until the child exits, and its status (panics after `timeout`).
     pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<Value>, String) {
         let deadline = Instant::now() + timeout;
@@ -207,6 +228,25 @@ impl AgentProxy {
     /// A `/proc/PID/status` figure in KiB (VmRSS, VmHWM, ...).
     pub fn status_kib(&self, field: &str) -> u64 {
         proc_status_kib(self.pid(), field)
+    }
+
+    /// What the proxy holds right now (SIGUSR1 makes it print a `stats` line).
+    pub fn stats(&mut self) -> Value {
+        self.process.signal(libc::SIGUSR1);
+        self.process
+            .wait_new_line(Duration::from_secs(10), |v| v["kind"] == "stats")
+    }
+
+    /// Streams open anywhere in the proxy: client side, and upstream leases and streams.
+    pub fn streams_open(&mut self) -> u64 {
+        let s = self.stats();
+        let upstream: u64 = s["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["calls_in_flight"].as_u64().unwrap() + e["streams_open"].as_u64().unwrap())
+            .sum();
+        s["client_streams"].as_u64().unwrap() + upstream
     }
 
     /// SIGTERM, then everything it printed and its exit status.

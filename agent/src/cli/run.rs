@@ -42,25 +42,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, addr)| json!({"name": name, "address": addr.to_string()}))
         .collect();
-    let mut outcomes = proxy.outcomes().subscribe();
+    let stats = proxy.stats();
+    let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
     let (stop, shutdown) = watch::channel(false);
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let served = tokio::spawn(proxy.serve(shutdown));
-    println!("{}", json!({"kind": "ready", "listeners": listeners}));
-    let print = opts.print_outcomes;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
+    let mut served = tokio::spawn(proxy.serve(shutdown));
+    print_line(&json!({"kind": "ready", "listeners": listeners}));
     let printer = tokio::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
+        let Some(outcomes) = outcomes.as_mut() else {
+            return;
+        };
         loop {
             match outcomes.recv().await {
-                Ok(o) if print => {
+                Ok(o) => {
                     let mut line = serde_json::to_value(&o).unwrap_or_default();
                     line["kind"] = "stream".into();
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
+                    print_line(&line);
                 }
-                Ok(_) => {}
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(lost = n, "outcome printer fell behind")
                 }
@@ -68,9 +69,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
     });
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: draining"),
-        _ = sigint.recv() => info!("SIGINT: draining"),
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: draining"); break }
+            _ = sigint.recv() => { info!("SIGINT: draining"); break }
+            // What the proxy holds right now, as a JSON line (until the status API comes).
+            _ = sigusr1.recv() => {
+                let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
+                line["kind"] = "stats".into();
+                print_line(&line);
+            }
+            r = &mut served => {
+                r.context("the proxy task failed")?;
+                bail!("the proxy stopped serving on its own");
+            }
+        }
     }
     let _ = stop.send(true);
     let left = served.await.context("the proxy task failed")?;
@@ -80,4 +93,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     info!("drained");
     Ok(())
+}
+
+fn print_line(line: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }

@@ -83,6 +83,10 @@ impl Outcomes {
         let _ = self.tx.send(o);
     }
 
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<StreamOutcome> {
         self.tx.subscribe()
     }

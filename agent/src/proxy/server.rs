@@ -77,6 +77,41 @@ pub struct Proxy {
     shared: Arc<Shared>,
     limits: Limits,
     timeouts: Timeouts,
+    connections: Arc<Live>,
+    streams: Arc<Live>,
+}
+
+/// What the proxy holds right now: to see that nothing leaks, and for the status API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProxyStats {
+    pub client_connections: usize,
+    pub client_streams: usize,
+    pub outcomes_published: u64,
+    pub upstreams: Vec<super::upstream::EndpointStats>,
+}
+
+/// Takes [`ProxyStats`] while the proxy serves.
+#[derive(Clone)]
+pub struct StatsSource {
+    shared: Arc<Shared>,
+    connections: Arc<Live>,
+    streams: Arc<Live>,
+}
+
+impl StatsSource {
+    pub fn snapshot(&self) -> ProxyStats {
+        ProxyStats {
+            client_connections: self.connections.count.load(Ordering::SeqCst),
+            client_streams: self.streams.count.load(Ordering::SeqCst),
+            outcomes_published: self.shared.outcomes.published(),
+            upstreams: self
+                .shared
+                .clusters
+                .iter()
+                .flat_map(|c| c.stats())
+                .collect(),
+        }
+    }
 }
 
 impl Proxy {
@@ -115,6 +150,8 @@ impl Proxy {
             shared,
             limits: config.limits,
             timeouts: config.timeouts,
+            connections: Arc::default(),
+            streams: Arc::default(),
         })
     }
 
@@ -130,11 +167,18 @@ impl Proxy {
         &self.shared.outcomes
     }
 
+    pub fn stats(&self) -> StatsSource {
+        StatsSource {
+            shared: self.shared.clone(),
+            connections: self.connections.clone(),
+            streams: self.streams.clone(),
+        }
+    }
+
     /// Serves until `shutdown` turns true, then drains: GOAWAY to every client, in-flight
     /// streams get `timeouts.drain` to finish. Returns the streams still open at the end.
     pub async fn serve(self, mut shutdown: watch::Receiver<bool>) -> usize {
-        let live = Arc::new(Live::default());
-        let streams = Arc::new(Live::default());
+        let (live, streams) = (self.connections, self.streams);
         let mut accept_tasks = Vec::new();
         for (listener, tcp, tls) in self.listeners {
             let info = Arc::new(ListenerInfo {

@@ -57,6 +57,18 @@ pub enum UpstreamError {
     },
 }
 
+/// One endpoint's load, for the stats the agent reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointStats {
+    pub cluster: String,
+    pub endpoint: String,
+    pub calls_in_flight: usize,
+    /// Pooled connections (those that got GOAWAY included, until they close).
+    pub connections: usize,
+    /// Streams the proxy holds open on them.
+    pub streams_open: usize,
+}
+
 pub struct ClusterPool {
     pub name: String,
     endpoints: Vec<Arc<Endpoint>>,
@@ -140,6 +152,27 @@ impl ClusterPool {
             max_connections: cluster.max_connections_per_endpoint,
             limits,
         }
+    }
+
+    /// What each endpoint holds right now.
+    pub fn stats(&self) -> Vec<EndpointStats> {
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let conns = lock(&e.connections);
+                let open: Vec<_> = conns
+                    .iter()
+                    .filter(|c| !c.closed.load(Ordering::Relaxed))
+                    .collect();
+                EndpointStats {
+                    cluster: self.name.clone(),
+                    endpoint: e.address.clone(),
+                    calls_in_flight: e.in_flight.load(Ordering::Relaxed),
+                    connections: open.len(),
+                    streams_open: open.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
+                }
+            })
+            .collect()
     }
 
     /// Picks an endpoint (least request of two random ones).
