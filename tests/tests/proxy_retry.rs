@@ -1,7 +1,7 @@
 //! Upstream GOAWAY and REFUSED_STREAM: a call the upstream refused unprocessed is sent again
 //! on another connection (the client never notices); a call it processed is never sent twice.
 //!
-//! The upstream is `tests/peers/h2py/refusing_server.py` (Python `h2`), which refuses or
+//! The upstream is `tests/peers/h2py/h2_upstream.py` (Python `h2`), which refuses or
 //! drops the first request it gets and echoes every other; the client is grpcio.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,8 +19,8 @@ struct Run {
 /// Three echo calls (5 B, 100 B, 20 kB) through the proxy to a refusing upstream in `mode`.
 fn calls_through_refusing_upstream(mode: &str) -> Run {
     let mut upstream = JsonChild::spawn(
-        "refusing_server",
-        &mut python("h2py/refusing_server.py", &["--mode", mode]),
+        "h2_upstream",
+        &mut python("h2py/h2_upstream.py", &["--mode", mode]),
     );
     let upstream_addr = listening(&mut upstream);
     let proxy = AgentProxy::quick(&[upstream_addr]);

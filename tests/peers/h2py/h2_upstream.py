@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""An h2c gRPC echo upstream that refuses or drops the first request it gets,
-to test a proxy's retries: only requests the upstream never processed may be
-sent again (RFC 9113 §8.7).
+"""A scripted h2c gRPC upstream (Python h2), to test what a proxy does with an
+upstream's GOAWAY, REFUSED_STREAM, deadlines and cancels.
 
-    refusing_server.py --mode MODE [--listen 127.0.0.1:0]
+    h2_upstream.py --mode MODE [--listen 127.0.0.1:0]
 
-The first request on the first connection is handled by MODE; every other
-request is answered with its own body as the response message, grpc-status 0,
-and the response header `x-conn: N` (the connection that served it).
+Except in `hold` mode, the first request on the first connection is handled by
+MODE and every other request is answered with its own body as the response
+message, grpc-status 0, and the response header `x-conn: N` (the connection
+that served it).
 
   goaway          GOAWAY(NO_ERROR, last_stream_id = that stream - 2): the stream
                   was refused unprocessed; the connection closes 0.2 s later.
@@ -15,10 +15,17 @@ and the response header `x-conn: N` (the connection that served it).
   processed       GOAWAY(NO_ERROR, last_stream_id = that stream), then the
                   connection closes 0.2 s later without an answer: the stream
                   counts as processed and must not be retried.
+  hold            every request is held open and never answered (a server
+                  that hangs), to watch deadlines and cancels arrive.
 
-stdout, one JSON line each: {"event":"listening","address":"HOST:PORT"}, then
-{"event":"request","conn":N,"stream":S,"path":...,"body_bytes":B,"action":...}
-when a request's body is complete (action: the MODE, or "answered").
+stdout, one JSON line each (every line has "t", time.monotonic()):
+  {"event":"listening","address":"HOST:PORT"}
+  {"event":"headers","conn":N,"stream":S,"path":...,"grpc_timeout":"198744u"|null}
+      when a request's headers arrive;
+  {"event":"request","conn":N,"stream":S,"path":...,"body_bytes":B,"action":...}
+      when its body is complete (action: the MODE, or "answered");
+  {"event":"reset","conn":N,"stream":S,"error":"CANCEL"} for each RST_STREAM
+      received.
 """
 
 import argparse
@@ -34,7 +41,7 @@ import h2.exceptions
 
 from framelog import emit
 
-MODES = ("goaway", "refused-stream", "processed")
+MODES = ("goaway", "refused-stream", "processed", "hold")
 
 
 def serve(sock, conn_no, mode, first):
@@ -56,8 +63,15 @@ def serve(sock, conn_no, mode, first):
                 break
             for ev in conn.receive_data(data):
                 if isinstance(ev, h2.events.RequestReceived):
-                    paths[ev.stream_id] = dict(ev.headers).get(":path")
+                    headers = dict(ev.headers)
+                    paths[ev.stream_id] = headers.get(":path")
                     bodies[ev.stream_id] = b""
+                    emit({"event": "headers", "conn": conn_no, "stream": ev.stream_id,
+                          "path": paths[ev.stream_id],
+                          "grpc_timeout": headers.get("grpc-timeout")})
+                elif isinstance(ev, h2.events.StreamReset):
+                    emit({"event": "reset", "conn": conn_no, "stream": ev.stream_id,
+                          "error": ev.error_code.name})
                 elif isinstance(ev, h2.events.DataReceived):
                     bodies[ev.stream_id] = bodies.get(ev.stream_id, b"") + ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -66,7 +80,9 @@ def serve(sock, conn_no, mode, first):
                 ):
                     sid = ev.stream_id
                     action = "answered"
-                    if first[0]:
+                    if mode == "hold":
+                        action = "hold"
+                    elif first[0]:
                         first[0] = False
                         action = mode
                     emit({"event": "request", "conn": conn_no, "stream": sid,
@@ -78,6 +94,8 @@ def serve(sock, conn_no, mode, first):
                     elif action == "processed":
                         conn.close_connection(last_stream_id=sid)
                         close_at = time.monotonic() + 0.2
+                    elif action == "hold":
+                        pass
                     elif action == "refused-stream":
                         conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
                     else:
