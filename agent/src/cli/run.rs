@@ -50,22 +50,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let mut served = tokio::spawn(proxy.serve(shutdown));
     print_line(&json!({"kind": "ready", "listeners": listeners}));
+    let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
-        use tokio::sync::broadcast::error::RecvError;
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
         let Some(outcomes) = outcomes.as_mut() else {
             return;
         };
+        let lagged = |n| tracing::warn!(lost = n, "outcome printer fell behind");
         loop {
-            match outcomes.recv().await {
-                Ok(o) => {
-                    let mut line = serde_json::to_value(&o).unwrap_or_default();
-                    line["kind"] = "stream".into();
-                    print_line(&line);
+            tokio::select! {
+                biased;
+                r = outcomes.recv() => match r {
+                    Ok(o) => print_outcome(&o),
+                    Err(RecvError::Lagged(n)) => lagged(n),
+                    Err(RecvError::Closed) => break,
+                },
+                // The proxy is done: what is queued is all there will be.
+                _ = &mut served_all => {
+                    loop {
+                        match outcomes.try_recv() {
+                            Ok(o) => print_outcome(&o),
+                            Err(TryRecvError::Lagged(n)) => lagged(n),
+                            Err(_) => break,
+                        }
+                    }
+                    break;
                 }
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(lost = n, "outcome printer fell behind")
-                }
-                Err(RecvError::Closed) => break,
             }
         }
     });
@@ -87,7 +97,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let _ = stop.send(true);
     let left = served.await.context("the proxy task failed")?;
-    printer.abort();
+    let _ = printed_all.send(());
+    let _ = printer.await;
     if left > 0 {
         bail!("{left} streams were still open when the drain timeout passed");
     }
@@ -99,4 +110,10 @@ fn print_line(line: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+fn print_outcome(o: &crate::proxy::outcome::StreamOutcome) {
+    let mut line = serde_json::to_value(o).unwrap_or_default();
+    line["kind"] = "stream".into();
+    print_line(&line);
 }

@@ -71,6 +71,12 @@ pub struct Timeouts {
     /// On SIGTERM: how long in-flight streams may take to finish after GOAWAY.
     #[serde(with = "duration")]
     pub drain: Duration,
+    /// Taken off the `grpc-timeout` passed upstream (besides the time already spent), so the
+    /// upstream's own deadline fires first and its DEADLINE_EXCEEDED gets back in time; the
+    /// proxy still ends the call at the client's deadline if it does not. Not taken from
+    /// deadlines shorter than twice this.
+    #[serde(with = "duration")]
+    pub grpc_timeout_offset: Duration,
 }
 
 impl Default for Timeouts {
@@ -81,6 +87,7 @@ impl Default for Timeouts {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(30),
+            grpc_timeout_offset: Duration::from_millis(5),
         }
     }
 }

@@ -35,6 +35,8 @@ use super::{
 pub struct Shared {
     pub clusters: Vec<ClusterPool>,
     pub outcomes: Outcomes,
+    /// See [`super::config::Timeouts::grpc_timeout_offset`].
+    pub grpc_timeout_offset: std::time::Duration,
 }
 
 /// What a stream knows of its client connection.
@@ -494,10 +496,13 @@ async fn open_upstream(
     *request.uri_mut() = parts.uri.clone();
     *request.headers_mut() = parts.headers.clone();
     if let Some(d) = deadline {
-        // The upstream gets what is left, never more.
+        // The upstream gets what is left, never more (less the offset).
         request.headers_mut().insert(
             "grpc-timeout",
-            grpc::format_timeout(d.saturating_duration_since(Instant::now())),
+            grpc::format_timeout(grpc::upstream_timeout(
+                d.saturating_duration_since(Instant::now()),
+                shared.grpc_timeout_offset,
+            )),
         );
     }
     let (response, up_send) = sender

@@ -51,6 +51,16 @@ pub fn parse_timeout(headers: &HeaderMap) -> Option<Duration> {
 
 /// The shortest exact-enough `grpc-timeout` for `d`: the finest unit whose value fits in
 /// 8 digits, rounded down (the upstream must never get more time than the client left).
+/// The `grpc-timeout` to send upstream when `left` remains of the call: `offset` less, so
+/// the upstream's deadline fires before the proxy's, unless that would take most of it.
+pub fn upstream_timeout(left: Duration, offset: Duration) -> Duration {
+    if left > offset * 2 {
+        left - offset
+    } else {
+        left
+    }
+}
+
 pub fn format_timeout(d: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let ns = d.as_nanos();

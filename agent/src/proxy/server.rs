@@ -61,6 +61,21 @@ impl Live {
         self.count.fetch_add(1, Ordering::SeqCst);
         LiveGuard(self.clone())
     }
+
+    /// Waits until none is left or `deadline` passes; returns how many are left.
+    async fn until_none(&self, deadline: Instant) -> usize {
+        loop {
+            let waiting = self.idle.notified();
+            let n = self.count.load(Ordering::SeqCst);
+            if n == 0 {
+                return 0;
+            }
+            tokio::select! {
+                () = waiting => {}
+                () = sleep_until(deadline) => return self.count.load(Ordering::SeqCst),
+            }
+        }
+    }
 }
 
 impl Drop for LiveGuard {
@@ -144,6 +159,7 @@ impl Proxy {
                 .map(|c| ClusterPool::new(c, config.limits))
                 .collect(),
             outcomes: Outcomes::new(16 * 1024),
+            grpc_timeout_offset: config.timeouts.grpc_timeout_offset,
         });
         Ok(Proxy {
             listeners,
@@ -209,17 +225,17 @@ impl Proxy {
             drain = ?self.timeouts.drain,
             "draining"
         );
-        loop {
-            let waiting = streams.idle.notified();
-            if streams.count.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            tokio::select! {
-                () = waiting => {}
-                () = sleep_until(deadline) => break,
-            }
+        let streams_left = streams.until_none(deadline).await;
+        // Then the connections: each closes once its last frames (trailers, GOAWAY) are
+        // written; leaving before that would cut off responses that are already done.
+        let connections_left = live.until_none(deadline + Duration::from_secs(1)).await;
+        if connections_left > 0 {
+            warn!(
+                connections = connections_left,
+                "connections still open after the drain"
+            );
         }
-        streams.count.load(Ordering::SeqCst)
+        streams_left
     }
 }
 

@@ -15,6 +15,7 @@ import queue
 import random
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent import futures
@@ -36,8 +37,14 @@ class CheckFailed(Exception):
     pass
 
 
+_emit_lock = threading.Lock()
+
+
 def emit(**fields):
-    print(json.dumps(fields, separators=(",", ":")), flush=True)
+    # Concurrent calls print from several threads: one whole line at a time.
+    line = json.dumps(fields, separators=(",", ":"))
+    with _emit_lock:
+        print(line, flush=True)
 
 
 def noise(seed, size):

@@ -84,3 +84,13 @@ fn hop_by_hop_headers_are_dropped_te_trailers_kept() {
     strip_hop_by_hop(&mut h);
     assert!(h.get(header::TE).is_none());
 }
+
+#[test]
+fn the_upstream_gets_the_offset_less_unless_the_deadline_is_short() {
+    let ms = Duration::from_millis;
+    assert_eq!(upstream_timeout(ms(200), ms(5)), ms(195));
+    assert_eq!(upstream_timeout(ms(11), ms(5)), ms(6));
+    assert_eq!(upstream_timeout(ms(10), ms(5)), ms(10));
+    assert_eq!(upstream_timeout(ms(3), ms(5)), ms(3));
+    assert_eq!(upstream_timeout(ms(200), ms(0)), ms(200));
+}
