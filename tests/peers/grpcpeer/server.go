@@ -12,8 +12,31 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	protocodec "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
+
+// serverCodec is rawCodec for test.Echo's []byte messages and grpc-go's proto codec for the
+// health service's: grpc.CustomCodec applies to every service on the server.
+type serverCodec struct{ rawCodec }
+
+func (c serverCodec) Marshal(v interface{}) ([]byte, error) {
+	switch v.(type) {
+	case []byte, *[]byte:
+		return c.rawCodec.Marshal(v)
+	}
+	return encoding.GetCodec(protocodec.Name).Marshal(v)
+}
+
+func (c serverCodec) Unmarshal(data []byte, v interface{}) error {
+	if _, ok := v.(*[]byte); ok {
+		return c.rawCodec.Unmarshal(data, v)
+	}
+	return encoding.GetCodec(protocodec.Name).Unmarshal(data, v)
+}
 
 // echoServer implements test.Echo.
 type echoServer struct {
@@ -121,7 +144,7 @@ func runServer(args []string) {
 	fs.Parse(args)
 
 	opts := []grpc.ServerOption{
-		grpc.CustomCodec(rawCodec{}),
+		grpc.CustomCodec(serverCodec{}),
 		grpc.MaxRecvMsgSize(maxMessage),
 	}
 	if *staticWindow {
@@ -135,6 +158,10 @@ func runServer(args []string) {
 	}
 	srv := grpc.NewServer(opts...)
 	srv.RegisterService(&echoService, &echoServer{slow: *slow})
+	// grpc.health.v1.Health beside it (the proxy benchmark's call): SERVING for "", the server.
+	healthSrv := health.NewServer()
+	healthSrv.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(srv, healthSrv)
 
 	// Catch the signals before announcing the address, so that a test may stop the server as
 	// soon as it has read the line.

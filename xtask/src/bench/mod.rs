@@ -5,6 +5,7 @@
 mod agent;
 mod h2;
 mod probes;
+mod proxy;
 pub mod reset_storm;
 
 use std::{
@@ -30,6 +31,9 @@ enum Suite {
     /// HTTP/2 frame tracker: h2load throughput against grpc-go with the tracker attached vs
     /// not (interleaved runs), and the tracker's frames followed and events emitted per second.
     H2(h2::Options),
+    /// The agent's proxy: h2load gRPC unary calls at grpc-go direct, through `agent run`,
+    /// nghttpx and HAProxy (interleaved runs): requests/s, p50/p99, the proxy's CPU and memory.
+    Proxy(proxy::Options),
 }
 
 pub fn run(opts: Options) -> Result<()> {
@@ -42,6 +46,7 @@ pub fn run(opts: Options) -> Result<()> {
     match opts.suite {
         Suite::Probes(o) => probes::run(o),
         Suite::H2(o) => h2::run(o),
+        Suite::Proxy(o) => proxy::run(o),
     }
 }
 
