@@ -42,7 +42,7 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(worker_threads())
         .enable_all()
         .build()
     {
@@ -66,4 +66,14 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runtime threads: `AGENT_WORKER_THREADS`, else one per CPU this process may run on (its
+/// affinity mask, so `taskset` and a container's cpuset are honoured), at most 8.
+fn worker_threads() -> usize {
+    std::env::var("AGENT_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(8)))
 }

@@ -104,6 +104,11 @@ pub struct Limits {
     pub stream_window: u32,
     /// Flow-control window of each connection.
     pub connection_window: u32,
+    /// Flow-control window of each upstream stream: what a client that stops reading can make
+    /// the proxy hold of a response. Kept so that `max_concurrent_streams` of them fit in one
+    /// upstream connection's window (`connection_window`): one stalled client connection
+    /// cannot stall the upstream connection its neighbours share.
+    pub upstream_stream_window: u32,
     /// Streams a client may reset before the proxy accepted them (CVE-2023-44487).
     pub max_pending_accept_reset_streams: usize,
     /// Streams the proxy may reset for a client's protocol errors before it closes the
@@ -116,10 +121,11 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_concurrent_streams: 1000,
+            max_concurrent_streams: 100,
             max_header_list_size: 64 * 1024,
             stream_window: 1024 * 1024,
             connection_window: 8 * 1024 * 1024,
+            upstream_stream_window: 64 * 1024,
             max_pending_accept_reset_streams: 100,
             max_local_error_reset_streams: 1024,
             max_send_buffer: 1024 * 1024,
@@ -450,10 +456,11 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
     }
     if !(65_535..=(1 << 31) - 1).contains(&l.stream_window)
         || !(65_535..=(1 << 31) - 1).contains(&l.connection_window)
+        || !(65_535..=(1 << 31) - 1).contains(&l.upstream_stream_window)
     {
         p.at(
             0..0,
-            "limits.stream_window and connection_window must be between 65535 and 2^31-1",
+            "limits.stream_window, connection_window and upstream_stream_window must be between 65535 and 2^31-1",
         );
     }
     ProxyConfig {

@@ -12,6 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use h2::{Ping, Reason};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -23,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
+    coalesce::Coalesce,
     config::{Limits, Listener, ProxyConfig, Timeouts},
     forward::{self, ConnInfo, Shared},
     outcome::Outcomes,
@@ -337,7 +339,7 @@ async fn serve_connection<T>(
         .max_send_buffer_size(limits.max_send_buffer)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
         .max_local_error_reset_streams(Some(limits.max_local_error_reset_streams));
-    let handshake = builder.handshake::<_, Bytes>(socket);
+    let handshake = builder.handshake::<_, Bytes>(Coalesce::new(socket));
     let mut conn = match tokio::time::timeout(timeouts.header_read, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -350,7 +352,10 @@ async fn serve_connection<T>(
         }
     };
     let mut ping_pong = conn.ping_pong();
-    let open = Arc::new(AtomicUsize::new(0));
+    // The connection's streams run inside this task, not spawned: one wake-up then serves
+    // every stream that is ready and h2 writes their frames together (a spawned task per
+    // stream made about two writes per call, and moved each stream's future into the heap).
+    let mut in_flight = FuturesUnordered::new();
     // Until the first request: the header-read deadline; then idle and keep-alive.
     let mut first_request_by = Some(accepted + timeouts.header_read);
     let mut last_active = Instant::now();
@@ -379,16 +384,15 @@ async fn serve_connection<T>(
                 Some(Ok((req, respond))) => {
                     first_request_by = None;
                     last_active = Instant::now();
-                    let (shared, info, open) = (shared.clone(), info.clone(), open.clone());
                     let stream_guard = streams.enter();
-                    open.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(async move {
-                        forward::forward(req, respond, shared, info).await;
-                        open.fetch_sub(1, Ordering::Relaxed);
+                    let stream = forward::forward(req, respond, shared.clone(), info.clone());
+                    in_flight.push(async move {
+                        stream.await;
                         drop(stream_guard);
                     });
                 }
             },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             r = poll_fn(|cx| match ping_pong.as_mut() {
                 Some(pp) if pong_due.is_some() => pp.poll_pong(cx),
                 _ => std::task::Poll::Pending,
@@ -404,7 +408,7 @@ async fn serve_connection<T>(
             }
             () = sleep_until(idle_check) => {
                 let now = Instant::now();
-                if open.load(Ordering::Relaxed) > 0 {
+                if !in_flight.is_empty() {
                     // Streams in flight: the connection is not idle.
                     last_active = now;
                 }
@@ -421,7 +425,7 @@ async fn serve_connection<T>(
                     debug!(client = %info.client, "keep-alive PING not answered");
                     conn.abrupt_shutdown(Reason::NO_ERROR);
                     break;
-                } else if open.load(Ordering::Relaxed) == 0 && now >= last_active + timeouts.idle {
+                } else if in_flight.is_empty() && now >= last_active + timeouts.idle {
                     debug!(client = %info.client, "idle connection closed");
                     conn.graceful_shutdown();
                     drain_by = Some(now + timeouts.drain);
@@ -434,4 +438,8 @@ async fn serve_connection<T>(
             }
         }
     }
+    // Streams still here lost their client: dropping the connection fails their client
+    // side, so each cancels its upstream stream and publishes its outcome.
+    drop(conn);
+    while in_flight.next().await.is_some() {}
 }

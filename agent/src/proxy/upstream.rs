@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
+    coalesce::Coalesce,
     config::{Cluster, Limits},
     goaway_watch::{GoawaySeen, GoawayWatch},
 };
@@ -84,6 +85,8 @@ pub struct Endpoint {
     connections: Mutex<Vec<Arc<UpstreamConnection>>>,
     /// Connections being opened (counted against the cap).
     connecting: AtomicUsize,
+    /// Notified when an opening connection is ready or failed.
+    opened: tokio::sync::Notify,
 }
 
 struct UpstreamConnection {
@@ -145,6 +148,7 @@ impl ClusterPool {
                         in_flight: AtomicUsize::new(0),
                         connections: Mutex::new(Vec::new()),
                         connecting: AtomicUsize::new(0),
+                        opened: tokio::sync::Notify::new(),
                     })
                 })
                 .collect(),
@@ -208,22 +212,22 @@ impl ClusterPool {
             }
         }
         let mut pending = Pending(&endpoint, false);
-        let connection = match self.existing(&endpoint, false) {
-            Some(c) => c,
-            None => {
-                let may_open = {
-                    let conns = lock(&endpoint.connections);
-                    conns.len() + endpoint.connecting.load(Ordering::Relaxed) < self.max_connections
-                };
-                if may_open {
-                    self.open(&endpoint).await?
-                } else if let Some(c) = self.existing(&endpoint, true) {
-                    // Every connection is at the upstream's limit: queue on the least busy.
-                    c
-                } else {
-                    self.open(&endpoint).await?
-                }
+        let connection = loop {
+            if let Some(c) = self.existing(&endpoint, false) {
+                break c;
             }
+            if self.reserve_open(&endpoint) {
+                break self.open(&endpoint).await?;
+            }
+            // At the cap: queue in h2 on the least busy connection, or, while every place is
+            // still being opened by other calls, wait for one of those.
+            let opened = endpoint.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if let Some(c) = self.existing(&endpoint, true) {
+                break c;
+            }
+            opened.await;
         };
         pending.1 = true;
         drop(pending);
@@ -252,22 +256,35 @@ impl ClusterPool {
         Some(best)
     }
 
+    /// Takes a place for a new connection under the cap, in the same step as the check (else
+    /// a burst of calls would each see room and open one).
+    fn reserve_open(&self, e: &Endpoint) -> bool {
+        let conns = lock(&e.connections);
+        let room = conns.len() + e.connecting.load(Ordering::Relaxed) < self.max_connections;
+        if room {
+            e.connecting.fetch_add(1, Ordering::Relaxed);
+        }
+        room
+    }
+
+    /// Opens the connection [`Self::reserve_open`] made room for.
     async fn open(&self, e: &Endpoint) -> Result<Arc<UpstreamConnection>, UpstreamError> {
-        e.connecting.fetch_add(1, Ordering::Relaxed);
         let result = tokio::time::timeout(self.connect_timeout, self.connect(&e.address)).await;
-        e.connecting.fetch_sub(1, Ordering::Relaxed);
-        let conn = match result {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    endpoint: e.address.clone(),
-                    after: self.connect_timeout,
-                });
-            }
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                endpoint: e.address.clone(),
+                after: self.connect_timeout,
+            }),
         };
-        conn.active.fetch_add(1, Ordering::Relaxed);
-        lock(&e.connections).push(conn.clone());
-        Ok(conn)
+        let opened = result.inspect(|conn| {
+            conn.active.fetch_add(1, Ordering::Relaxed);
+            lock(&e.connections).push(conn.clone());
+        });
+        e.connecting.fetch_sub(1, Ordering::Relaxed);
+        // Whether it worked or not, the calls waiting for a place look again.
+        e.opened.notify_waiters();
+        opened
     }
 
     async fn connect(&self, address: &str) -> Result<Arc<UpstreamConnection>, UpstreamError> {
@@ -298,11 +315,11 @@ impl ClusterPool {
         let _ = tcp.set_nodelay(true);
         let goaway = Arc::new(GoawaySeen::default());
         let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(self.limits.stream_window)
+            .initial_window_size(self.limits.upstream_stream_window)
             .initial_connection_window_size(self.limits.connection_window)
             .max_send_buffer_size(self.limits.max_send_buffer)
             .max_header_list_size(self.limits.max_header_list_size)
-            .handshake::<_, Bytes>(GoawayWatch::new(tcp, goaway.clone()))
+            .handshake::<_, Bytes>(GoawayWatch::new(Coalesce::new(tcp), goaway.clone()))
             .await
             .map_err(|source| UpstreamError::Handshake {
                 endpoint: address.to_owned(),

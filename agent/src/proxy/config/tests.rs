@@ -29,7 +29,7 @@ fn the_annotated_example_parses() {
     assert_eq!(routes[1].authority.as_deref(), Some("payments.internal"));
     assert_eq!(c.clusters[routes[1].cluster].name, "payments");
     assert_eq!(c.timeouts.drain, Duration::from_secs(30));
-    assert_eq!(c.limits.max_concurrent_streams, 1000);
+    assert_eq!(c.limits.max_concurrent_streams, 100);
 }
 
 #[test]
