@@ -232,9 +232,26 @@ impl AgentProxy {
 
     /// What the proxy holds right now (SIGUSR1 makes it print a `stats` line).
     pub fn stats(&mut self) -> Value {
-        self.process.signal(libc::SIGUSR1);
-        self.process
-            .wait_new_line(Duration::from_secs(10), |v| v["kind"] == "stats")
+        // Asked again every few seconds: signals of one kind that arrive together are one.
+        for _ in 0..5 {
+            self.process.signal(libc::SIGUSR1);
+            let from = self.process.drain().len();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Some(v) = self.process.seen[from..]
+                    .iter()
+                    .find(|v| v["kind"] == "stats")
+                {
+                    return v.clone();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                self.process.drain();
+            }
+        }
+        panic!(
+            "agent run printed no stats line in 15 s of asking; stderr:\n{}",
+            self.process.stderr()
+        )
     }
 
     /// Streams open anywhere in the proxy: client side, and upstream leases and streams.
