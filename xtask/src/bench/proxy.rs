@@ -27,10 +27,10 @@
 //! than on the proxy; pinned, every proxy gets the same budget (one core, shared with the same
 //! backend) and requests/s reads as how cheaply it forwards a call. The direct mode gets that
 //! core to grpc-go alone, so it is the ceiling, not a proxy's peer. `--no-pin` runs unpinned.
-//! Threads: the agent runs its hard-coded two tokio workers, so nghttpx runs `--workers=2` and
-//! HAProxy `nbthread 2` ([`PROXY_THREADS`]): the same thread count on the same CPU set; on one
-//! core a second thread buys none of them anything (tried: nghttpx and HAProxy with one thread
-//! instead of two differed by less than the run-to-run noise, either way).
+//! Threads: the agent sizes its runtime by its CPU affinity, so pinned to one CPU it runs one
+//! worker thread; nghttpx runs `--workers=2` and HAProxy `nbthread 2` ([`PROXY_THREADS`]) on
+//! the same CPU set (tried: nghttpx and HAProxy with one thread instead of two differed by
+//! less than the run-to-run noise, either way).
 
 use std::{
     fs::File,
@@ -162,7 +162,7 @@ pub fn run(opts: Options) -> Result<()> {
     };
     let opts = &setup.opts;
     eprintln!(
-        "bench proxy: h2load -D {}s (after {}s warm-up) against grpc-go at {}, {HEALTH_CHECK}; {} runs per mode and shape, interleaved; {}; nghttpx and HAProxy with {PROXY_THREADS} threads like the agent",
+        "bench proxy: h2load -D {}s (after {}s warm-up) against grpc-go at {}, {HEALTH_CHECK}; {} runs per mode and shape, interleaved; {}; nghttpx and HAProxy with {PROXY_THREADS} threads, the agent with one per CPU it may use",
         opts.duration,
         opts.warm_up,
         server.addr,
