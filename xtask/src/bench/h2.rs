@@ -9,16 +9,15 @@
 //! anything lost or dropped.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::{agent::Agent, build_go_peer, median, spread};
+use super::{GrpcServer, agent::Agent, build_go_peer, median, spread};
 use crate::util::{output, workspace_root};
 
 #[derive(Debug, clap::Parser)]
@@ -45,7 +44,7 @@ pub fn run(opts: Options) -> Result<()> {
     eprintln!("bench h2: building the agent (release) and the grpc-go server");
     let agent_bin = crate::run::build_release_agent(&root)?;
     let grpcpeer = build_go_peer(&root, "grpcpeer")?;
-    let server = GrpcServer::start(&grpcpeer)?;
+    let server = GrpcServer::start(&mut Command::new(&grpcpeer))?;
     let body = root.join("target/bench/grpc-32.bin");
     std::fs::create_dir_all(body.parent().context("bench dir")?)?;
     // One gRPC message: uncompressed flag, 4-byte length, 32 bytes.
@@ -307,40 +306,6 @@ fn parse_duration(s: &str) -> Option<f64> {
         ms.parse::<f64>().ok().map(|v| v / 1e3)
     } else {
         s.strip_suffix('s')?.parse().ok()
-    }
-}
-
-/// The grpc-go test server on loopback, stopped on drop.
-struct GrpcServer {
-    child: Child,
-    addr: String,
-}
-
-impl GrpcServer {
-    fn start(bin: &Path) -> Result<GrpcServer> {
-        let mut child = Command::new(bin)
-            .args(["server", "-addr", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("grpcpeer stdout")?).read_line(&mut line)?;
-        let Some(addr) = line.trim().strip_prefix("listening ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("grpcpeer said {line:?} instead of listening ADDR");
-        };
-        Ok(GrpcServer {
-            addr: addr.to_owned(),
-            child,
-        })
-    }
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -9,13 +9,15 @@ mod proxy;
 pub mod reset_storm;
 
 use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
-use crate::util::run_status;
+use crate::util::{display, run_status};
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -143,6 +145,42 @@ fn quantile(values: &[f64], q: f64) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
     Some(v[rank - 1])
+}
+
+/// The grpc-go test server (`cmd` runs the grpcpeer binary, pinned or not) on loopback,
+/// stopped on drop.
+struct GrpcServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl GrpcServer {
+    fn start(cmd: &mut Command) -> Result<GrpcServer> {
+        let mut child = cmd
+            .args(["server", "-addr", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("grpcpeer stdout")?).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("grpcpeer said {line:?} instead of listening ADDR");
+        };
+        Ok(GrpcServer { child, addr })
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::{agent::cpu_seconds, build_go_peer, median, quantile, spread};
+use super::{GrpcServer, agent::cpu_seconds, build_go_peer, median, quantile, spread};
 use crate::util::{display, output_any_status, workspace_root};
 
 #[derive(Debug, clap::Parser)]
@@ -854,41 +854,6 @@ fn parse_log_line(line: &str) -> Option<(i32, f64)> {
     let status = cols.next()?.parse().ok()?;
     let duration = cols.next()?.trim().parse().ok()?;
     Some((status, duration))
-}
-
-/// The grpc-go test server on loopback, stopped on drop.
-struct GrpcServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl GrpcServer {
-    fn start(cmd: &mut Command) -> Result<GrpcServer> {
-        let mut child = cmd
-            .args(["server", "-addr", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(cmd)))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("grpcpeer stdout")?).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|a| a.parse().ok());
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("grpcpeer said {line:?} instead of listening ADDR");
-        };
-        Ok(GrpcServer { child, addr })
-    }
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[cfg(test)]
