@@ -64,6 +64,40 @@ pub struct TraceOutput {
     pub stderr: String,
 }
 
+/// Reads JSON lines from `pipe` on a thread of its own (a line that is not JSON fails the
+/// test, naming `who`); the channel closes at EOF.
+pub fn read_json_lines(
+    who: &str,
+    pipe: impl std::io::Read + Send + 'static,
+) -> mpsc::Receiver<Value> {
+    let (tx, lines) = mpsc::channel();
+    let who = who.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let value: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("{who} printed a line that is not JSON ({e}): {line}"));
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// Collects `pipe`'s lines (a child's stderr, for failure messages) on a thread of its own.
+pub fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    text
+}
+
 impl Trace {
     /// Starts the agent and waits for its ready line.
     pub fn start(args: &[&str]) -> Trace {
@@ -81,28 +115,8 @@ impl Trace {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn agent");
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("agent printed a line that is not JSON ({e}): {line}")
-                });
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let err_pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
+        let lines = read_json_lines("agent", child.stdout.take().unwrap());
+        let stderr = collect_lines(child.stderr.take().unwrap());
         let mut trace = Trace {
             child,
             lines,

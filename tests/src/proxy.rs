@@ -1,7 +1,6 @@
 //! Support for the proxy's end-to-end tests: run `agent run`, and peers that print JSON lines.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
@@ -11,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{agent_bin, workspace_root};
+use crate::{agent_bin, collect_lines, read_json_lines, workspace_root};
 
 /// A child process whose stdout is JSON lines, read as they come; stderr kept for failure
 /// messages. Killed when dropped.
@@ -37,29 +36,8 @@ impl JsonChild {
                     cmd.get_program().to_string_lossy()
                 )
             });
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let who = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("{who} printed a line that is not JSON ({e}): {line}")
-                });
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let err_pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
+        let lines = read_json_lines(name, child.stdout.take().unwrap());
+        let stderr = collect_lines(child.stderr.take().unwrap());
         JsonChild {
             name: name.to_owned(),
             child,
@@ -289,4 +267,30 @@ pub fn listening(peer: &mut JsonChild) -> SocketAddr {
         .as_str()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("{}: bad listening line {line}", peer.name))
+}
+
+/// The grpcio test server (`tests/peers/grpcpy/server.py`) on a free loopback port.
+pub fn grpcio_server() -> (JsonChild, SocketAddr) {
+    let mut server = JsonChild::spawn("grpcio server", &mut python("grpcpy/server.py", &[]));
+    let addr = listening(&mut server);
+    (server, addr)
+}
+
+/// `tests/peers/grpcpy/client.py TARGET CASE ARGS`, running.
+pub fn grpcio_client(target: SocketAddr, case: &str, args: &[&str]) -> JsonChild {
+    let target = target.to_string();
+    let mut all = vec![target.as_str(), case];
+    all.extend_from_slice(args);
+    JsonChild::spawn(case, &mut python("grpcpy/client.py", &all))
+}
+
+/// The scripted h2 upstream (`tests/peers/h2py/h2_upstream.py --mode MODE`) on a free
+/// loopback port.
+pub fn h2_upstream(mode: &str) -> (JsonChild, SocketAddr) {
+    let mut upstream = JsonChild::spawn(
+        "h2_upstream",
+        &mut python("h2py/h2_upstream.py", &["--mode", mode]),
+    );
+    let addr = listening(&mut upstream);
+    (upstream, addr)
 }

@@ -5,17 +5,11 @@
 //! (it answers, drains and exits 0) and grow by less than 64 MiB of RSS (peak, VmHWM).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use e2e::proxy::{AgentProxy, JsonChild, listening, python};
+use e2e::proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server, python};
 
 const RSS_GROWTH_LIMIT_KIB: u64 = 64 * 1024;
-
-fn grpcio_server() -> (JsonChild, SocketAddr) {
-    let mut server = JsonChild::spawn("grpcio server", &mut python("grpcpy/server.py", &[]));
-    let addr = listening(&mut server);
-    (server, addr)
-}
 
 /// Runs `attack` (with `args`) for `seconds` against a fresh proxy in front of a grpcio
 /// server, with a good client calling through it meanwhile; checks the proxy coped.
@@ -38,10 +32,7 @@ fn survive(attack: &str, args: &[&str], seconds: u64) {
     attacker.wait_line(Duration::from_secs(30), |l| {
         l["event"] == "progress" || l["event"] == "streams_opened"
     });
-    let good = JsonChild::spawn(
-        "good client",
-        &mut python("grpcpy/client.py", &[&proxy.addr.to_string(), "unary"]),
-    );
+    let good = grpcio_client(proxy.addr, "unary", &[]);
     let (status, lines, stderr) = good.finish(Duration::from_secs(seconds + 60));
     let done = lines.iter().rev().find(|l| l["event"] == "done");
     assert!(

@@ -3,23 +3,10 @@
 //! `grpc-timeout` and RST_STREAMs it receives (`tests/peers/h2py/h2_upstream.py`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use e2e::proxy::{AgentProxy, JsonChild, listening, python};
+use e2e::proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server, h2_upstream, python};
 use serde_json::Value;
-
-fn grpcio_server() -> (JsonChild, SocketAddr) {
-    let mut server = JsonChild::spawn("grpcio server", &mut python("grpcpy/server.py", &[]));
-    let addr = listening(&mut server);
-    (server, addr)
-}
-
-fn client(target: SocketAddr, case: &str, args: &[&str]) -> JsonChild {
-    let mut all = vec![target.to_string(), case.to_owned()];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    JsonChild::spawn(case, &mut python("grpcpy/client.py", &all))
-}
 
 fn done_line(lines: &[Value]) -> &Value {
     lines
@@ -57,13 +44,9 @@ fn grpc_timeout_secs(v: &str) -> f64 {
 
 #[test]
 fn a_200ms_deadline_ends_in_deadline_exceeded_and_cancels_the_upstream_stream() {
-    let mut upstream = JsonChild::spawn(
-        "h2_upstream",
-        &mut python("h2py/h2_upstream.py", &["--mode", "hold"]),
-    );
-    let upstream_addr = listening(&mut upstream);
+    let (mut upstream, upstream_addr) = h2_upstream("hold");
     let proxy = AgentProxy::quick(&[upstream_addr]);
-    let c = client(
+    let c = grpcio_client(
         proxy.addr,
         "deadline",
         &["--timeout-ms", "200", "--count", "5"],
@@ -115,11 +98,7 @@ fn a_200ms_deadline_ends_in_deadline_exceeded_and_cancels_the_upstream_stream() 
 
 #[test]
 fn the_proxy_enforces_grpc_timeout_itself() {
-    let mut upstream = JsonChild::spawn(
-        "h2_upstream",
-        &mut python("h2py/h2_upstream.py", &["--mode", "hold"]),
-    );
-    let upstream_addr = listening(&mut upstream);
+    let (mut upstream, upstream_addr) = h2_upstream("hold");
     let proxy = AgentProxy::quick(&[upstream_addr]);
     let body = std::env::temp_dir().join(format!("e2e-grpc-empty-{}", std::process::id()));
     std::fs::write(&body, [0u8; 5]).unwrap();
@@ -170,7 +149,7 @@ fn the_proxy_enforces_grpc_timeout_itself() {
 fn a_thousand_expired_calls_leave_no_stream_open() {
     let (_server, upstream) = grpcio_server();
     let mut proxy = AgentProxy::quick(&[upstream]);
-    let c = client(
+    let c = grpcio_client(
         proxy.addr,
         "deadline",
         &[
@@ -190,7 +169,7 @@ fn a_thousand_expired_calls_leave_no_stream_open() {
     assert_eq!(done["codes"]["DEADLINE_EXCEEDED"], 1000, "{done}");
     // The upstream handlers notice a cancel within 5 ms; give them a moment.
     std::thread::sleep(Duration::from_millis(300));
-    let stats = client(upstream, "stats", &[]);
+    let stats = grpcio_client(upstream, "stats", &[]);
     let (_, lines, _) = stats.finish(Duration::from_secs(30));
     let s = lines.iter().find(|l| l["event"] == "stats").unwrap();
     assert_eq!(s["active"], 0, "upstream handlers still running: {s}");
@@ -202,7 +181,7 @@ fn a_thousand_expired_calls_leave_no_stream_open() {
 fn sigkill_of_the_upstream_mid_stream_gives_unavailable_at_once() {
     let (server, upstream) = grpcio_server();
     let proxy = AgentProxy::quick(&[upstream]);
-    let mut c = client(
+    let mut c = grpcio_client(
         proxy.addr,
         "server-stream-slow",
         &["--count", "1000", "--interval-ms", "20"],
@@ -237,7 +216,7 @@ fn sigkill_of_the_upstream_mid_stream_gives_unavailable_at_once() {
 fn sigterm_drains_100_inflight_streams_then_exits_0() {
     let (_server, upstream) = grpcio_server();
     let proxy = AgentProxy::quick(&[upstream]);
-    let mut c = client(
+    let mut c = grpcio_client(
         proxy.addr,
         "inflight",
         &["--count", "100", "--sleep-ms", "1500"],
@@ -271,11 +250,7 @@ fn sigterm_drains_100_inflight_streams_then_exits_0() {
 
 #[test]
 fn a_client_cancel_cancels_the_upstream_stream() {
-    let mut upstream = JsonChild::spawn(
-        "h2_upstream",
-        &mut python("h2py/h2_upstream.py", &["--mode", "hold"]),
-    );
-    let upstream_addr = listening(&mut upstream);
+    let (mut upstream, upstream_addr) = h2_upstream("hold");
     let proxy = AgentProxy::quick(&[upstream_addr]);
     let port = proxy.addr.port().to_string();
     let cancel = JsonChild::spawn(

@@ -8,22 +8,13 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use e2e::{
     grpc_server,
-    proxy::{AgentProxy, JsonChild, listening, python},
+    proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server, python},
 };
 use serde_json::Value;
 
-fn grpcio_server() -> (JsonChild, SocketAddr) {
-    let mut server = JsonChild::spawn("grpcio server", &mut python("grpcpy/server.py", &[]));
-    let addr = listening(&mut server);
-    (server, addr)
-}
-
 /// Runs `client.py TARGET CASE ARGS` and fails the test unless its checks all passed.
 fn client_case(target: SocketAddr, case: &str, args: &[&str]) -> Vec<Value> {
-    let mut all = vec![target.to_string(), case.to_owned()];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let client = JsonChild::spawn(case, &mut python("grpcpy/client.py", &all));
+    let client = grpcio_client(target, case, args);
     let (status, lines, stderr) = client.finish(Duration::from_secs(120));
     let done = lines.iter().rev().find(|l| l["event"] == "done");
     assert!(

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use e2e::proxy::{AgentProxy, JsonChild, listening, python};
+use e2e::proxy::{AgentProxy, JsonChild, h2_upstream, python};
 use serde_json::Value;
 
 struct Run {
@@ -18,11 +18,7 @@ struct Run {
 
 /// Three echo calls (5 B, 100 B, 20 kB) through the proxy to a refusing upstream in `mode`.
 fn calls_through_refusing_upstream(mode: &str) -> Run {
-    let mut upstream = JsonChild::spawn(
-        "h2_upstream",
-        &mut python("h2py/h2_upstream.py", &["--mode", mode]),
-    );
-    let upstream_addr = listening(&mut upstream);
+    let (mut upstream, upstream_addr) = h2_upstream(mode);
     let proxy = AgentProxy::quick(&[upstream_addr]);
     let client = JsonChild::spawn(
         "raw_unary",
