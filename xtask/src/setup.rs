@@ -40,6 +40,7 @@ const APT_PACKAGES: &[&str] = &[
     "psmisc",                 // fuser/killall for the harness to free ports and stop peers
     "golang-google-grpc-dev", // grpc-go for the Go peers, from Debian (no module proxy here)
     "prometheus",             // scrapes the agent's metrics endpoint in the metrics tests
+    "openssl",                // throwaway certificates for the proxy's TLS listener test
 ];
 
 /// Python packages, each with what the tests use it for.
