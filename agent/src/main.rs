@@ -3,7 +3,9 @@
 //! Modules follow the data path: `probes` (kernel programs) -> `signals` (typed kernel events)
 //! -> ... -> `cli` (what a user runs).
 
+mod breaker;
 mod cli;
+mod context;
 mod probes;
 mod proxy;
 mod signals;

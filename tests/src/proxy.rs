@@ -189,14 +189,23 @@ impl AgentProxy {
 
     /// Quick mode on a free loopback port in front of `upstreams`, printing outcomes.
     pub fn quick(upstreams: &[SocketAddr]) -> AgentProxy {
+        AgentProxy::quick_with(upstreams, &[])
+    }
+
+    /// [`Self::quick`] with more `agent run` arguments (`--no-breakers` for a test of what
+    /// passes through, where failures are the point and must not trip anything).
+    pub fn quick_with(upstreams: &[SocketAddr], more: &[&str]) -> AgentProxy {
         let list: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
-        AgentProxy::start(&[
+        let list = list.join(",");
+        let mut args = vec![
             "--listen",
             "127.0.0.1:0",
             "--upstream",
-            &list.join(","),
+            &list,
             "--print-outcomes",
-        ])
+        ];
+        args.extend_from_slice(more);
+        AgentProxy::start(&args)
     }
 
     pub fn pid(&self) -> u32 {

@@ -26,16 +26,25 @@ pub struct Options {
     /// Print each stream's outcome record as a JSON line on stdout.
     #[arg(long)]
     print_outcomes: bool,
+    /// Print each breaker transition as a JSON line on stdout.
+    #[arg(long)]
+    print_breakers: bool,
+    /// Turn every circuit breaker off (as `[breakers] enabled = false`).
+    #[arg(long)]
+    no_breakers: bool,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let config = match (&opts.config, opts.listen) {
+    let mut config = match (&opts.config, opts.listen) {
         (Some(path), _) => config::load(path)?,
         (None, Some(listen)) => {
             config::quick(listen, &opts.upstream).map_err(|e| anyhow::anyhow!(e))?
         }
         (None, None) => bail!("give --config FILE, or --listen ADDR --upstream HOST:PORT,..."),
     };
+    if opts.no_breakers {
+        config.breakers.disable();
+    }
     let proxy = Proxy::bind(&config).await?;
     let listeners: Vec<_> = proxy
         .local_addrs()
@@ -44,6 +53,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .collect();
     let stats = proxy.stats();
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
+    let mut breakers = opts
+        .print_breakers
+        .then(|| proxy.breaker_events().subscribe());
     let (stop, shutdown) = watch::channel(false);
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -52,32 +64,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     print_line(&json!({"kind": "ready", "listeners": listeners}));
     let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
-        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-        let Some(outcomes) = outcomes.as_mut() else {
-            return;
-        };
-        let lagged = |n| tracing::warn!(lost = n, "outcome printer fell behind");
-        loop {
+        let mut done = false;
+        while !done {
             tokio::select! {
                 biased;
-                r = outcomes.recv() => match r {
-                    Ok(o) => print_outcome(&o),
-                    Err(RecvError::Lagged(n)) => lagged(n),
-                    Err(RecvError::Closed) => break,
-                },
+                r = next(&mut breakers) => if !print_one(r, print_breaker_event) { breakers = None },
+                r = next(&mut outcomes) => if !print_one(r, print_outcome) { outcomes = None },
                 // The proxy is done: what is queued is all there will be.
-                _ = &mut served_all => {
-                    loop {
-                        match outcomes.try_recv() {
-                            Ok(o) => print_outcome(&o),
-                            Err(TryRecvError::Lagged(n)) => lagged(n),
-                            Err(_) => break,
-                        }
-                    }
-                    break;
-                }
+                _ = &mut served_all => done = true,
             }
         }
+        drain(&mut breakers, print_breaker_event);
+        drain(&mut outcomes, print_outcome);
     });
     loop {
         tokio::select! {
@@ -110,6 +108,75 @@ fn print_line(line: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
+
+/// The next item of an optional subscription: pending for ever when there is none.
+async fn next<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>) -> Result<T, RecvError> {
+    match rx.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Prints what [`next`] got; false once the channel closed.
+fn print_one<T>(r: Result<T, RecvError>, print: impl Fn(&T)) -> bool {
+    match r {
+        Ok(item) => {
+            print(&item);
+            true
+        }
+        Err(RecvError::Lagged(n)) => {
+            tracing::warn!(lost = n, "printer fell behind");
+            true
+        }
+        Err(RecvError::Closed) => false,
+    }
+}
+
+fn drain<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>, print: impl Fn(&T)) {
+    let Some(rx) = rx.as_mut() else { return };
+    loop {
+        match rx.try_recv() {
+            Ok(item) => print(&item),
+            Err(TryRecvError::Lagged(n)) => tracing::warn!(lost = n, "printer fell behind"),
+            Err(_) => break,
+        }
+    }
+}
+
+fn print_breaker_event(e: &crate::proxy::outcome::BreakerEvent) {
+    let t = &e.transition;
+    let c = &t.change;
+    let trigger = e.trigger.as_ref().map(|o| {
+        json!({
+            "method": o.method,
+            "endpoint": o.endpoint,
+            "grpc_status": o.grpc_status,
+            "ending": o.ending,
+            "trace_id": o.context.trace_id,
+            "session_id": o.context.session_id,
+            "jwt_claims": o.context.claims.as_deref(),
+        })
+    });
+    print_line(&json!({
+        "kind": "breaker",
+        "breaker": t.breaker.to_string(),
+        "scope": t.breaker.scope,
+        "name": t.breaker.name,
+        "class": t.breaker.class,
+        "from": c.from,
+        "to": c.to,
+        "reason": c.reason,
+        "open_for_ms": c.open_for.map(|d| d.as_millis() as u64),
+        "window": c.counts,
+        "consecutive_failures": c.consecutive_failures,
+        "trigger": trigger,
+    }));
 }
 
 fn print_outcome(o: &crate::proxy::outcome::StreamOutcome) {

@@ -7,6 +7,12 @@ use std::{collections::HashMap, net::SocketAddr, ops::Range, path::PathBuf, time
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::retry::RetryConfig;
+use crate::{
+    breaker::config::{BreakerConfig, RawBreakers},
+    context::ContextConfig,
+};
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -14,6 +20,9 @@ pub struct ProxyConfig {
     pub clusters: Vec<Cluster>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub breakers: BreakerConfig,
+    pub context: ContextConfig,
+    pub retries: RetryConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -46,6 +55,11 @@ pub struct Cluster {
     pub name: String,
     /// `host:port`, resolved when a connection is made.
     pub endpoints: Vec<String>,
+    /// Labelled subsets (`[[cluster.subset]]`, e.g. a canary), each with its own breaker;
+    /// endpoints listed without one are in `default`. Empty: one subset, no subset breaker.
+    pub subsets: Vec<String>,
+    /// The subset of each endpoint, an index into `subsets`.
+    pub endpoint_subset: Vec<usize>,
     pub connect_timeout: Duration,
     /// Connections opened to one endpoint at most; streams beyond what they allow
     /// (the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS) wait for one to finish.
@@ -170,6 +184,12 @@ struct RawConfig {
     timeouts: Timeouts,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    breakers: RawBreakers,
+    #[serde(default)]
+    context: ContextConfig,
+    #[serde(default)]
+    retries: RetryConfig,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +227,15 @@ struct RawCluster {
     connect_timeout: Duration,
     #[serde(default = "default_max_connections")]
     max_connections_per_endpoint: Spanned<usize>,
+    #[serde(default, rename = "subset")]
+    subsets: Vec<RawSubset>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubset {
+    name: Spanned<String>,
+    endpoints: Vec<Spanned<String>>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -218,7 +247,7 @@ fn default_max_connections() -> Spanned<usize> {
 }
 
 /// Durations as text: "10s", "250ms", "5m".
-mod duration {
+pub(super) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
@@ -314,18 +343,42 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
         if cluster_index.insert(name.clone(), clusters.len()).is_some() {
             p.at(c.name.span(), format!("cluster {name:?} is defined twice"));
         }
-        if c.endpoints.get_ref().is_empty() {
+        if c.endpoints.get_ref().is_empty() && c.subsets.iter().all(|s| s.endpoints.is_empty()) {
             p.at(
                 c.endpoints.span(),
                 format!("cluster {name:?} has no endpoints"),
             );
         }
-        let mut endpoints = Vec::new();
-        for e in c.endpoints.into_inner() {
-            if let Err(why) = check_host_port(e.get_ref()) {
-                p.at(e.span(), format!("endpoint {:?}: {why}", e.get_ref()));
+        let mut endpoints: Vec<String> = Vec::new();
+        let mut endpoint_subset = Vec::new();
+        let mut subsets = Vec::new();
+        if !c.endpoints.get_ref().is_empty() && !c.subsets.is_empty() {
+            subsets.push("default".to_owned());
+        }
+        let labelled = c.subsets.into_iter().map(|s| (Some(s.name), s.endpoints));
+        for (subset, list) in std::iter::once((None, c.endpoints.into_inner())).chain(labelled) {
+            if let Some(s) = subset {
+                if subsets.contains(s.get_ref()) || s.get_ref().is_empty() {
+                    p.at(
+                        s.span(),
+                        format!("subset {:?} is empty or defined twice", s.get_ref()),
+                    );
+                }
+                subsets.push(s.into_inner());
             }
-            endpoints.push(e.into_inner());
+            for e in list {
+                if let Err(why) = check_host_port(e.get_ref()) {
+                    p.at(e.span(), format!("endpoint {:?}: {why}", e.get_ref()));
+                }
+                if endpoints.contains(e.get_ref()) {
+                    p.at(
+                        e.span(),
+                        format!("endpoint {:?} is listed twice", e.get_ref()),
+                    );
+                }
+                endpoints.push(e.into_inner());
+                endpoint_subset.push(subsets.len().saturating_sub(1));
+            }
         }
         let max_conns = *c.max_connections_per_endpoint.get_ref();
         if max_conns == 0 {
@@ -337,6 +390,8 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
         clusters.push(Cluster {
             name,
             endpoints,
+            subsets,
+            endpoint_subset,
             connect_timeout: c.connect_timeout,
             max_connections_per_endpoint: max_conns.max(1),
         });
@@ -463,11 +518,27 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
             "limits.stream_window, connection_window and upstream_stream_window must be between 65535 and 2^31-1",
         );
     }
+    let breakers = BreakerConfig::from_raw(raw.breakers).unwrap_or_else(|errors| {
+        for e in errors {
+            p.at(0..0, e);
+        }
+        BreakerConfig::default()
+    });
+    if let Err(e) = raw.retries.check() {
+        p.at(0..0, e);
+    }
+    // Loads the JWT keys now, so a missing or bad key file is reported here.
+    if let Err(e) = crate::context::Extractor::new(&raw.context) {
+        p.at(0..0, format!("context: {e}"));
+    }
     ProxyConfig {
         listeners,
         clusters,
         timeouts: raw.timeouts,
         limits: l,
+        breakers,
+        context: raw.context,
+        retries: raw.retries,
     }
 }
 
@@ -519,11 +590,16 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<ProxyConfig, St
         clusters: vec![Cluster {
             name: "upstream".into(),
             endpoints: upstreams.to_vec(),
+            subsets: Vec::new(),
+            endpoint_subset: vec![0; upstreams.len()],
             connect_timeout: default_connect_timeout(),
             max_connections_per_endpoint: *default_max_connections().get_ref(),
         }],
         timeouts: Timeouts::default(),
         limits: Limits::default(),
+        breakers: BreakerConfig::default(),
+        context: ContextConfig::default(),
+        retries: RetryConfig::default(),
     })
 }
 

@@ -22,19 +22,34 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream, client::ResponseFuture, server::SendResponse};
 use http::{HeaderMap, Request, StatusCode};
 use tokio::time::{Instant, sleep_until};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
     config::Route,
     grpc::{self, Code},
-    outcome::{Ending, Outcomes, StreamOutcome},
+    outcome::{BreakerEvent, BreakerEvents, Ending, Outcomes, StreamOutcome},
+    retry::{RetryBudget, RetryConfig, RetryGuard},
     upstream::{ClusterPool, Lease, UpstreamError},
+};
+use crate::{
+    breaker::{
+        circuit::{Mark, Reason as BreakerReason},
+        classify::{Ended, Facts, classify},
+        config::Scope,
+        registry::{BreakerId, Breakers, CallPermits, Rejected, Transition},
+    },
+    context::Extractor,
 };
 
 /// What every stream of the proxy shares.
 pub struct Shared {
     pub clusters: Vec<ClusterPool>,
     pub outcomes: Outcomes,
+    pub breaker_events: BreakerEvents,
+    pub breakers: Breakers,
+    pub context: Extractor,
+    pub retries: RetryConfig,
+    pub budget: RetryBudget,
     /// See [`super::config::Timeouts::grpc_timeout_offset`].
     pub grpc_timeout_offset: std::time::Duration,
 }
@@ -86,6 +101,8 @@ enum End {
     /// The upstream refused the stream before processing any of it (GOAWAY above its
     /// last-stream-id, REFUSED_STREAM): safe to send again.
     Refused(String),
+    /// An idempotent call answered with a trailers-only UNAVAILABLE, not yet passed on.
+    Unavailable,
 }
 
 /// Tries per call: the first, and retries of calls an upstream refused unprocessed.
@@ -102,10 +119,18 @@ pub async fn forward(
     conn: Arc<ConnInfo>,
 ) {
     let start = Instant::now();
+    let _in_flight = shared.budget.call();
     let (mut parts, mut client_body) = req.into_parts();
     let grpc = grpc::is_grpc(&parts.headers);
     let deadline = grpc::parse_timeout(&parts.headers).map(|t| start + t);
     grpc::strip_hop_by_hop(&mut parts.headers);
+    let breakers = &shared.breakers;
+    let class = breakers.config().class_of(
+        parts
+            .headers
+            .get(&breakers.config().priority_header)
+            .map(|v| v.as_bytes()),
+    );
     let mut out = StreamOutcome {
         listener: conn.listener.to_string(),
         client: conn.client,
@@ -121,20 +146,88 @@ pub async fn forward(
         request_bytes: 0,
         response_bytes: 0,
         retries: 0,
+        context: shared.context.extract(&parts.headers, unix_now()),
+        class: (class != 0)
+            .then(|| breakers.config().classes.get(class).cloned())
+            .flatten(),
+        breaker: None,
+        blame: None,
+        first_byte: None,
     };
+    let mut call = Call {
+        shared: &shared,
+        start,
+        permits: None,
+        transitions: Vec::new(),
+        request_complete: false,
+    };
+
+    let Some(cluster_index) = route(
+        &conn.routes,
+        parts.uri.authority().map(|a| a.as_str()),
+        parts.uri.path(),
+    )
+    .filter(|&i| i < shared.clusters.len()) else {
+        out.ending = Ending::NoRoute;
+        answer(
+            &mut respond,
+            None,
+            &mut out,
+            grpc,
+            Code::Unimplemented,
+            StatusCode::NOT_FOUND,
+            "no route for this request",
+        );
+        return call.finish(out);
+    };
+    let cluster = &shared.clusters[cluster_index];
+    out.cluster = Some(cluster.name.clone());
+    // The client's, cluster's and method's breakers, before any endpoint is looked at.
+    let client_key = out.context.client_key().map(|k| k.to_string());
+    match breakers.admit_call(
+        cluster_index,
+        class,
+        &out.method,
+        client_key.as_deref(),
+        start.into_std(),
+        &mut call.transitions,
+    ) {
+        Ok(p) => call.permits = Some(p),
+        Err(rejected) => {
+            refuse(&mut respond, &mut out, grpc, &rejected);
+            return call.finish(out);
+        }
+    }
 
     let replay = Mutex::new(Replay::new(client_body.is_end_stream()));
     let mut client_send: Option<SendStream<Bytes>> = None;
     let mut trailers: Option<HeaderMap> = None;
     let mut attempt = 0;
-    // Each pass opens an upstream stream and forwards the call on it; a pass ends early, for
-    // another, only when the upstream refused the stream before processing any of it.
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retrying: Option<RetryGuard<'_>> = None;
+    let idempotent = shared.retries.idempotent(&out.method);
+    // Each pass picks an endpoint, opens an upstream stream and forwards the call on it; a
+    // pass ends early, for another, only when the call never reached an upstream (no
+    // connection, a stream refused unprocessed) or, for an idempotent call, the upstream
+    // answered UNAVAILABLE before anything else.
     let (end, mut up_send, _lease) = loop {
         attempt += 1;
+        let now = Instant::now();
+        let endpoint_index = match pick_endpoint(&shared, cluster_index, class, &tried, &mut call) {
+            Ok(i) => i,
+            Err(rejected) => {
+                // Every endpoint's breaker is open: the call never reaches one.
+                call.permits = None;
+                refuse(&mut respond, &mut out, grpc, &rejected);
+                return call.finish(out);
+            }
+        };
+        tried.push(endpoint_index);
         let request_in_headers = lock(&replay).fits_in_headers();
         let opened = open_upstream(
             &shared,
-            &conn,
+            cluster,
+            endpoint_index,
             &parts,
             request_in_headers,
             deadline,
@@ -144,7 +237,20 @@ pub async fn forward(
         let (lease, response, mut up_send) = match opened {
             Ok(ok) => ok,
             Err(r) => {
+                // Nothing was sent: safe to try another endpoint, if the budget allows.
+                if r.ending == Ending::ConnectFailed
+                    && attempt < shared.retries.max_attempts
+                    && retry_allowed(&shared, &mut retrying)
+                    && wait_backoff(&shared, attempt, deadline).await
+                {
+                    debug!(method = %out.method, endpoint = ?out.endpoint, why = %r.message, "upstream not reached: retrying");
+                    call.attempt_failed(Mark::Failure, now);
+                    out.retries += 1;
+                    continue;
+                }
                 out.ending = r.ending;
+                // The upstream was too slow to connect: its fault, not the client's.
+                call.request_complete = true;
                 answer(
                     &mut respond,
                     None,
@@ -154,7 +260,7 @@ pub async fn forward(
                     r.status,
                     &r.message,
                 );
-                return finish(&shared, out, start);
+                return call.finish(out);
             }
         };
         let stream_id = response.stream_id();
@@ -210,8 +316,7 @@ pub async fn forward(
             match head {
                 Err(end) => end,
                 Ok(head) => {
-                    // The response started: the call is the upstream's now, never retried.
-                    lock(replay).give_up();
+                    out.first_byte = Some(start.elapsed());
                     let (mut head, mut up_body) = head.into_parts();
                     out.http_status = Some(head.status.as_u16());
                     grpc::strip_hop_by_hop(&mut head.headers);
@@ -219,32 +324,47 @@ pub async fn forward(
                     if trailers_only {
                         out.grpc_status = grpc::status_of(&head.headers);
                     }
-                    match respond.send_response(http::Response::from_parts(head, ()), trailers_only)
+                    // An idempotent call the upstream turned away with nothing but
+                    // UNAVAILABLE may go to another endpoint; the client has seen nothing.
+                    if trailers_only
+                        && idempotent
+                        && out.grpc_status == Some(Code::Unavailable as u32)
+                        && attempt < shared.retries.max_attempts
+                        && lock(replay).intact()
+                        && retry_allowed(&shared, &mut retrying)
                     {
-                        Err(e) => End::ClientReset(e.reason()),
-                        Ok(_) if trailers_only => End::Done,
-                        Ok(s) => {
-                            let client = client_send.insert(s);
-                            let response_pump =
-                                pump(&mut up_body, client, &mut out.response_bytes, None);
-                            tokio::pin!(response_pump);
-                            loop {
-                                tokio::select! {
-                                    r = &mut response_pump => break match r {
-                                        Ok(t) => { trailers = t; End::Done }
-                                        Err(PumpError::Source(e)) => upstream_end(&e),
-                                        Err(PumpError::Sink(e)) => End::ClientReset(e.reason()),
-                                        Err(PumpError::SinkClosed) => End::ClientReset(None),
-                                        Err(PumpError::SinkReset(reason)) => End::ClientReset(Some(reason)),
-                                    },
-                                    r = &mut request_pump, if !request_done => {
-                                        request_done = true;
-                                        // An upstream reset of its side: the response pump sees it.
-                                        if let Err(PumpError::Source(e)) = r {
-                                            break End::ClientReset(e.reason());
+                        End::Unavailable
+                    } else {
+                        // The response started: the call is the upstream's now, never retried.
+                        lock(replay).give_up();
+                        match respond
+                            .send_response(http::Response::from_parts(head, ()), trailers_only)
+                        {
+                            Err(e) => End::ClientReset(e.reason()),
+                            Ok(_) if trailers_only => End::Done,
+                            Ok(s) => {
+                                let client = client_send.insert(s);
+                                let response_pump =
+                                    pump(&mut up_body, client, &mut out.response_bytes, None);
+                                tokio::pin!(response_pump);
+                                loop {
+                                    tokio::select! {
+                                        r = &mut response_pump => break match r {
+                                            Ok(t) => { trailers = t; End::Done }
+                                            Err(PumpError::Source(e)) => upstream_end(&e),
+                                            Err(PumpError::Sink(e)) => End::ClientReset(e.reason()),
+                                            Err(PumpError::SinkClosed) => End::ClientReset(None),
+                                            Err(PumpError::SinkReset(reason)) => End::ClientReset(Some(reason)),
+                                        },
+                                        r = &mut request_pump, if !request_done => {
+                                            request_done = true;
+                                            // An upstream reset of its side: the response pump sees it.
+                                            if let Err(PumpError::Source(e)) = r {
+                                                break End::ClientReset(e.reason());
+                                            }
                                         }
+                                        () = &mut expiry => break End::Deadline,
                                     }
-                                    () = &mut expiry => break End::Deadline,
                                 }
                             }
                         }
@@ -253,17 +373,36 @@ pub async fn forward(
             }
         };
         let replayable = lock(&replay).intact();
-        if let End::Refused(why) = &end
-            && attempt < MAX_ATTEMPTS
-            && replayable
-        {
-            debug!(method = %out.method, endpoint = ?out.endpoint, %why, "upstream refused the stream unprocessed: retrying");
+        let again = match &end {
+            // Refused unprocessed: no fault of the endpoint's (a graceful shutdown, or a
+            // stream limit), and sent again at once, as gRPC's transparent retry does.
+            End::Refused(why)
+                if attempt < shared.retries.max_attempts.max(MAX_ATTEMPTS)
+                    && replayable
+                    && retry_allowed(&shared, &mut retrying) =>
+            {
+                debug!(method = %out.method, endpoint = ?out.endpoint, %why, "upstream refused the stream unprocessed: retrying");
+                call.attempt_failed(Mark::Neutral, now);
+                true
+            }
+            End::Unavailable => {
+                debug!(method = %out.method, endpoint = ?out.endpoint, "idempotent call answered UNAVAILABLE: retrying");
+                call.attempt_failed(Mark::Failure, now);
+                wait_backoff(&shared, attempt, deadline).await
+            }
+            _ => false,
+        };
+        if again {
             out.retries += 1;
+            out.grpc_status = None;
+            out.http_status = None;
+            out.first_byte = None;
             // A send cut short left its bytes unreleased: they are in the replay now.
             let n = std::mem::take(&mut lock(&replay).unreleased);
             let _ = client_body.flow_control().release_capacity(n);
             continue;
         }
+        call.request_complete = lock(&replay).ended;
         break (end, up_send, lease);
     };
 
@@ -309,6 +448,17 @@ pub async fn forward(
                 &msg,
             );
         }
+        End::Unavailable => {
+            answer(
+                &mut respond,
+                None,
+                &mut out,
+                grpc,
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("upstream answered UNAVAILABLE {attempt} times"),
+            );
+        }
         End::Refused(why) => {
             out.ending = Ending::UpstreamReset;
             out.reset_reason = Some("REFUSED_STREAM".into());
@@ -324,7 +474,7 @@ pub async fn forward(
             );
         }
     }
-    finish(&shared, out, start);
+    call.finish(out);
 }
 
 /// The stream's own replay: one task, never contended (a Mutex only so the future is Send).
@@ -437,33 +587,19 @@ impl Refusal {
     }
 }
 
-/// Routes the call, picks an endpoint, and opens the upstream stream (within the deadline),
-/// sending the request headers: the lease that holds the slot, the response to come, and
-/// the request body's sink.
+/// Opens the upstream stream on a picked endpoint (within the deadline), sending the
+/// request headers: the lease that holds the slot, the response to come, and the request
+/// body's sink.
 async fn open_upstream(
     shared: &Shared,
-    conn: &ConnInfo,
+    cluster: &ClusterPool,
+    endpoint_index: usize,
     parts: &http::request::Parts,
     end_of_stream: bool,
     deadline: Option<Instant>,
     out: &mut StreamOutcome,
 ) -> Result<(Lease, ResponseFuture, SendStream<Bytes>), Refusal> {
-    let cluster = route(
-        &conn.routes,
-        parts.uri.authority().map(|a| a.as_str()),
-        parts.uri.path(),
-    )
-    .and_then(|i| shared.clusters.get(i))
-    .ok_or_else(|| {
-        Refusal::new(
-            Ending::NoRoute,
-            Code::Unimplemented,
-            StatusCode::NOT_FOUND,
-            "no route for this request",
-        )
-    })?;
-    out.cluster = Some(cluster.name.clone());
-    let endpoint = cluster.pick().ok_or_else(|| {
+    let endpoint = cluster.endpoint(endpoint_index).ok_or_else(|| {
         Refusal::new(
             Ending::ConnectFailed,
             Code::Unavailable,
@@ -631,10 +767,175 @@ fn answer(
     }
 }
 
-fn finish(shared: &Shared, mut out: StreamOutcome, start: Instant) {
-    out.latency = start.elapsed();
-    debug!(method = %out.method, ending = ?out.ending, grpc_status = ?out.grpc_status, latency = ?out.latency, "stream done");
-    shared.outcomes.publish(out);
+/// What one call holds of the breakers, until it is done.
+struct Call<'a> {
+    shared: &'a Shared,
+    start: Instant,
+    permits: Option<CallPermits>,
+    transitions: Vec<Transition>,
+    /// The client had sent all of its request (for whose fault a deadline was).
+    request_complete: bool,
+}
+
+impl Call<'_> {
+    /// One try went wrong before the call was the upstream's: the endpoint (and its subset)
+    /// get the result now, and the call goes on to another.
+    fn attempt_failed(&mut self, mark: Mark, now: Instant) {
+        if let Some(p) = &mut self.permits {
+            p.record_attempt(
+                mark,
+                now - self.start,
+                now.into_std(),
+                &mut self.transitions,
+            );
+        }
+    }
+
+    /// Records the call in its breakers, then publishes what changed and the outcome.
+    fn finish(mut self, mut out: StreamOutcome) {
+        let now = Instant::now();
+        out.latency = now - self.start;
+        if let Some(mut permits) = self.permits.take() {
+            let facts = Facts {
+                grpc: out.grpc,
+                ended: match out.ending {
+                    Ending::Completed => Ended::Answered,
+                    Ending::ConnectFailed | Ending::NoRoute | Ending::BreakerOpen => {
+                        Ended::NotReached
+                    }
+                    Ending::UpstreamReset => Ended::UpstreamReset,
+                    Ending::DeadlineExceeded => Ended::DeadlineExceeded,
+                    Ending::ClientCancelled => Ended::ClientCancelled,
+                },
+                grpc_status: out.grpc_status,
+                http_status: out.http_status,
+                token_expired: out.context.claims.as_ref().is_some_and(|c| c.expired),
+                request_complete: self.request_complete,
+            };
+            let verdict = classify(&facts, self.shared.breakers.config().resource_exhausted);
+            out.blame = match (verdict.upstream, verdict.client) {
+                (Mark::Failure, _) => Some("upstream"),
+                (_, Mark::Failure) => Some("client"),
+                _ => None,
+            };
+            permits.record_call(
+                verdict,
+                out.first_byte.unwrap_or(out.latency),
+                now.into_std(),
+                &mut self.transitions,
+            );
+        }
+        debug!(method = %out.method, ending = ?out.ending, grpc_status = ?out.grpc_status, latency = ?out.latency, "stream done");
+        let out = Arc::new(out);
+        for transition in self.transitions.drain(..) {
+            info!(breaker = %transition.breaker, from = transition.change.from.as_str(), to = transition.change.to.as_str(), reason = %transition.change.reason, "breaker");
+            self.shared.breaker_events.publish(BreakerEvent {
+                transition,
+                trigger: Some(out.clone()),
+            });
+        }
+        self.shared
+            .outcomes
+            .publish(Arc::try_unwrap(out).unwrap_or_else(|o| (*o).clone()));
+    }
+}
+
+/// Picks an endpoint whose breakers admit the call, preferring one not tried yet, and takes
+/// its permits.
+fn pick_endpoint(
+    shared: &Shared,
+    cluster: usize,
+    class: usize,
+    tried: &[usize],
+    call: &mut Call<'_>,
+) -> Result<usize, Rejected> {
+    let breakers = &shared.breakers;
+    let pool = &shared.clusters[cluster];
+    let now = Instant::now().into_std();
+    // A few tries: another call may take the last half-open probe between the look and
+    // the admission.
+    for _ in 0..3 {
+        let admissible = |i: usize| breakers.endpoint_admissible(cluster, class, i, now);
+        let Some(i) = pool
+            .pick(|i| !tried.contains(&i) && admissible(i))
+            .or_else(|| pool.pick(admissible))
+        else {
+            break;
+        };
+        let Some(permits) = call.permits.as_mut() else {
+            return Ok(i);
+        };
+        match breakers.admit_endpoint(permits, cluster, class, i, now, &mut call.transitions) {
+            Ok(()) => return Ok(i),
+            Err(_) => continue,
+        }
+    }
+    Err(breakers
+        .no_endpoint(cluster, class, now)
+        .unwrap_or_else(|| Rejected {
+            breaker: Arc::new(BreakerId {
+                scope: Scope::Cluster,
+                name: pool.name.clone(),
+                class: None,
+            }),
+            reason: BreakerReason::OpenElapsed,
+            retry_after: std::time::Duration::from_secs(1),
+        }))
+}
+
+/// Whether this call may retry (the first retry takes a place in the budget, kept until
+/// the call ends).
+fn retry_allowed<'a>(shared: &'a Shared, guard: &mut Option<RetryGuard<'a>>) -> bool {
+    if guard.is_none() {
+        *guard = shared.budget.try_retry(&shared.retries);
+    }
+    guard.is_some()
+}
+
+/// Waits before retry `attempt`; false when the deadline would pass first.
+async fn wait_backoff(shared: &Shared, attempt: u32, deadline: Option<Instant>) -> bool {
+    let wait = shared.retries.backoff(attempt);
+    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        return false;
+    }
+    tokio::time::sleep(wait).await;
+    true
+}
+
+/// Answers a call a breaker refused: gRPC UNAVAILABLE naming the breaker and why, or 503
+/// with Retry-After.
+fn refuse(
+    respond: &mut SendResponse<Bytes>,
+    out: &mut StreamOutcome,
+    grpc: bool,
+    rejected: &Rejected,
+) {
+    out.ending = Ending::BreakerOpen;
+    out.breaker = Some(rejected.breaker.to_string());
+    let retry_after = rejected.retry_after.max(std::time::Duration::from_secs(1));
+    if grpc {
+        let message = format!(
+            "circuit breaker open: {} ({}); retry in {:.1}s",
+            rejected.breaker,
+            rejected.reason,
+            rejected.retry_after.as_secs_f64()
+        );
+        out.http_status = Some(200);
+        out.grpc_status = Some(Code::Unavailable as u32);
+        let _ = respond.send_response(grpc::trailers_only(Code::Unavailable, &message), true);
+    } else {
+        out.http_status = Some(503);
+        let _ = respond.send_response(
+            grpc::plain_error(StatusCode::SERVICE_UNAVAILABLE, Some(retry_after)),
+            true,
+        );
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod forward;
 mod goaway_watch;
 pub mod grpc;
 pub mod outcome;
+pub mod retry;
 pub mod server;
 pub mod tls;
 pub mod upstream;

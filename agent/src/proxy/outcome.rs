@@ -4,12 +4,17 @@
 
 use std::{
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+use crate::{breaker::registry::Transition, context::RequestContext};
 
 /// How a stream ended, from the proxy's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -27,6 +32,8 @@ pub enum Ending {
     DeadlineExceeded,
     /// The client reset the stream (cancelled); the upstream stream was cancelled.
     ClientCancelled,
+    /// A circuit breaker refused the call (answered UNAVAILABLE, or 503).
+    BreakerOpen,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -48,9 +55,44 @@ pub struct StreamOutcome {
     pub latency: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
-    /// Times the call was sent again because an upstream refused it unprocessed (GOAWAY
-    /// above its last-stream-id, REFUSED_STREAM).
+    /// Times the call was sent again: an upstream refused it unprocessed (GOAWAY above its
+    /// last-stream-id, REFUSED_STREAM), could not be reached, or (idempotent calls) answered
+    /// UNAVAILABLE before anything else.
     pub retries: u32,
+    /// From the request headers: trace, session, JWT claims (never the token).
+    #[serde(flatten)]
+    pub context: RequestContext,
+    /// The call's priority class, when not the default one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The breaker that refused the call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<String>,
+    /// Whose fault the result was, for the breakers: `upstream`, `client`, or none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blame: Option<&'static str>,
+    /// Until the upstream's response headers (what the slow-call rule measures).
+    #[serde(with = "opt_micros", skip_serializing_if = "Option::is_none")]
+    pub first_byte: Option<Duration>,
+}
+
+/// A breaker changed state; with the call whose result made it change, if one did.
+#[derive(Clone, Debug)]
+pub struct BreakerEvent {
+    pub transition: Transition,
+    pub trigger: Option<Arc<StreamOutcome>>,
+}
+
+mod opt_micros {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::as_micros::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 mod as_micros {
@@ -63,12 +105,17 @@ mod as_micros {
 }
 
 /// The publishing end, shared by every stream.
-pub struct Outcomes {
-    tx: broadcast::Sender<StreamOutcome>,
+pub type Outcomes = Published<StreamOutcome>;
+
+/// Breaker transitions, as they happen.
+pub type BreakerEvents = Published<BreakerEvent>;
+
+pub struct Published<T> {
+    tx: broadcast::Sender<T>,
     published: AtomicU64,
 }
 
-impl Outcomes {
+impl<T: Clone> Published<T> {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
         Self {
@@ -77,7 +124,7 @@ impl Outcomes {
         }
     }
 
-    pub fn publish(&self, o: StreamOutcome) {
+    pub fn publish(&self, o: T) {
         self.published.fetch_add(1, Ordering::Relaxed);
         // No subscriber is fine: nobody asked.
         let _ = self.tx.send(o);
@@ -87,7 +134,7 @@ impl Outcomes {
         self.published.load(Ordering::Relaxed)
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<StreamOutcome> {
+    pub fn subscribe(&self) -> broadcast::Receiver<T> {
         self.tx.subscribe()
     }
 }

@@ -23,17 +23,25 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::{
+    breaker::registry::{Breakers, ClusterShape, Snapshot},
+    context::{ContextStats, Extractor},
+};
+
 use super::{
     coalesce::Coalesce,
     config::{Limits, Listener, ProxyConfig, Timeouts},
     forward::{self, ConnInfo, Shared},
-    outcome::Outcomes,
+    outcome::{BreakerEvent, BreakerEvents, Outcomes},
+    retry::RetryBudget,
     tls::{self, TlsError},
     upstream::ClusterPool,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("request context: {0}")]
+    Context(#[from] crate::context::ContextError),
     #[error("listener {listener}: {source}")]
     Tls {
         listener: String,
@@ -105,6 +113,14 @@ pub struct ProxyStats {
     pub client_streams: usize,
     pub outcomes_published: u64,
     pub upstreams: Vec<super::upstream::EndpointStats>,
+    pub breakers: Vec<Snapshot>,
+    pub breaker_events_published: u64,
+    /// Calls retrying now, and retries the budget refused.
+    pub retries_in_flight: usize,
+    pub retries_refused_by_budget: usize,
+    pub untracked_clients: u64,
+    pub untracked_methods: u64,
+    pub context: ContextStats,
 }
 
 /// Takes [`ProxyStats`] while the proxy serves.
@@ -127,6 +143,21 @@ impl StatsSource {
                 .iter()
                 .flat_map(|c| c.stats())
                 .collect(),
+            breakers: self.shared.breakers.snapshot(std::time::Instant::now()),
+            breaker_events_published: self.shared.breaker_events.published(),
+            retries_in_flight: self.shared.budget.retrying(),
+            retries_refused_by_budget: self.shared.budget.exhausted.load(Ordering::Relaxed),
+            untracked_clients: self
+                .shared
+                .breakers
+                .untracked_clients
+                .load(Ordering::Relaxed),
+            untracked_methods: self
+                .shared
+                .breakers
+                .untracked_methods
+                .load(Ordering::Relaxed),
+            context: self.shared.context.stats(),
         }
     }
 }
@@ -154,6 +185,16 @@ impl Proxy {
                 })?;
             listeners.push((l.clone(), tcp, tls));
         }
+        let shapes: Vec<_> = config
+            .clusters
+            .iter()
+            .map(|c| ClusterShape {
+                name: &c.name,
+                endpoints: &c.endpoints,
+                endpoint_subset: &c.endpoint_subset,
+                subsets: &c.subsets,
+            })
+            .collect();
         let shared = Arc::new(Shared {
             clusters: config
                 .clusters
@@ -161,6 +202,11 @@ impl Proxy {
                 .map(|c| ClusterPool::new(c, config.limits))
                 .collect(),
             outcomes: Outcomes::new(16 * 1024),
+            breaker_events: BreakerEvents::new(4 * 1024),
+            breakers: Breakers::new(config.breakers.clone(), &shapes, std::time::Instant::now()),
+            context: Extractor::new(&config.context)?,
+            retries: config.retries.clone(),
+            budget: RetryBudget::default(),
             grpc_timeout_offset: config.timeouts.grpc_timeout_offset,
         });
         Ok(Proxy {
@@ -183,6 +229,10 @@ impl Proxy {
 
     pub fn outcomes(&self) -> &Outcomes {
         &self.shared.outcomes
+    }
+
+    pub fn breaker_events(&self) -> &BreakerEvents {
+        &self.shared.breaker_events
     }
 
     pub fn stats(&self) -> StatsSource {
@@ -216,6 +266,24 @@ impl Proxy {
                 streams.clone(),
             )));
         }
+        // Open breakers whose period passed turn half-open even with no call to notice.
+        let shared = self.shared.clone();
+        accept_tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                every.tick().await;
+                let mut changes = Vec::new();
+                shared
+                    .breakers
+                    .tick(std::time::Instant::now(), &mut changes);
+                for transition in changes {
+                    shared.breaker_events.publish(BreakerEvent {
+                        transition,
+                        trigger: None,
+                    });
+                }
+            }
+        }));
         let _ = shutdown.wait_for(|stop| *stop).await;
         for t in &accept_tasks {
             t.abort();

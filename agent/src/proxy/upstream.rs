@@ -179,24 +179,29 @@ impl ClusterPool {
             .collect()
     }
 
-    /// Picks an endpoint (least request of two random ones).
-    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+    pub fn endpoint(&self, index: usize) -> Option<Arc<Endpoint>> {
+        self.endpoints.get(index).cloned()
+    }
+
+    /// Picks an endpoint among those `allowed` (their breakers closed, say): the one with
+    /// fewer calls in flight of two picked at random. Returns its index.
+    pub fn pick(&self, allowed: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.endpoints.len();
-        let (a, b) = match n {
-            0 => return None,
-            1 => return Some(self.endpoints[0].clone()),
-            _ => {
-                let a = fastrand::usize(..n);
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                (&self.endpoints[a], &self.endpoints[b])
-            }
+        if n == 0 {
+            return None;
+        }
+        // The first allowed endpoint at or after a random place, and another after that one.
+        let first_from = |start: usize, skip: Option<usize>| {
+            (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| Some(i) != skip && allowed(i))
         };
-        let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed);
-        Some(if load(b) < load(a) {
-            b.clone()
-        } else {
-            a.clone()
-        })
+        let a = first_from(fastrand::usize(..n), None)?;
+        let Some(b) = first_from(fastrand::usize(..n), Some(a)) else {
+            return Some(a);
+        };
+        let load = |i: usize| self.endpoints[i].in_flight.load(Ordering::Relaxed);
+        Some(if load(b) < load(a) { b } else { a })
     }
 
     /// A stream slot on `endpoint`, opening a connection when every one is full.

@@ -1,0 +1,238 @@
+//! The `[breakers]` section of the configuration. Defaults (every key is optional):
+//!
+//! | key | default | |
+//! |---|---|---|
+//! | `enabled` | true | all breakers off when false |
+//! | `priority_header` | `x-priority` | its value names the call's priority class |
+//! | `resource_exhausted` | `ignore` | `upstream`, `client` or `ignore`: who RESOURCE_EXHAUSTED counts against |
+//! | `max_clients` | 10000 | client breakers kept at most (idle closed ones are dropped first) |
+//! | `max_methods` | 256 | method breakers per cluster and class |
+//! | `[breakers.policy]` | see [`Policy`] | policy of every scope |
+//! | `[breakers.endpoint]`, `.subset`, `.cluster`, `.method`, `.client` | | that scope's changes |
+//! | `[[breakers.class]]` `name`, `[breakers.class.policy]` | | a priority class and its changes |
+//!
+//! Built in, below what is written: the cluster and method scopes trip on a failure ratio of
+//! 0.8 over at least 50 calls and not on consecutive failures (they cover many endpoints, one
+//! bad endpoint should eject itself, not the cluster); the client scope trips on 10
+//! consecutive client faults or half of at least 10 calls.
+
+use serde::Deserialize;
+
+use super::{
+    classify::Attribution,
+    policy::{Policy, PolicyOverrides},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Endpoint,
+    Subset,
+    Cluster,
+    Method,
+    Client,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Scope::Endpoint,
+        Scope::Subset,
+        Scope::Cluster,
+        Scope::Method,
+        Scope::Client,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Endpoint => "endpoint",
+            Scope::Subset => "subset",
+            Scope::Cluster => "cluster",
+            Scope::Method => "method",
+            Scope::Client => "client",
+        }
+    }
+
+    fn defaults(self) -> PolicyOverrides {
+        match self {
+            Scope::Endpoint | Scope::Subset => PolicyOverrides::default(),
+            Scope::Cluster | Scope::Method => PolicyOverrides {
+                consecutive_failures: Some(0),
+                failure_ratio: Some(0.8),
+                min_requests: Some(50),
+                ..PolicyOverrides::default()
+            },
+            Scope::Client => PolicyOverrides {
+                consecutive_failures: Some(10),
+                failure_ratio: Some(0.5),
+                min_requests: Some(10),
+                ..PolicyOverrides::default()
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBreakers {
+    enabled: Option<bool>,
+    priority_header: Option<String>,
+    resource_exhausted: Attribution,
+    max_clients: Option<usize>,
+    max_methods: Option<usize>,
+    /// Seeds the open-period jitter (tests; random otherwise).
+    seed: Option<u64>,
+    policy: PolicyOverrides,
+    endpoint: PolicyOverrides,
+    subset: PolicyOverrides,
+    cluster: PolicyOverrides,
+    method: PolicyOverrides,
+    client: PolicyOverrides,
+    #[serde(rename = "class")]
+    classes: Vec<RawClass>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: String,
+    #[serde(default)]
+    policy: PolicyOverrides,
+}
+
+/// The validated breaker settings.
+#[derive(Clone, Debug)]
+pub struct BreakerConfig {
+    pub priority_header: http::HeaderName,
+    /// Class names; 0 is `default`, which calls with no (or an unknown) class get.
+    pub classes: Vec<String>,
+    /// Per class, per scope (in [`Scope::ALL`] order): the policy, None when off.
+    pub policies: Vec<[Option<Policy>; 5]>,
+    pub resource_exhausted: Attribution,
+    pub max_clients: usize,
+    pub max_methods: usize,
+    pub seed: Option<u64>,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        // The defaults are valid: built from an empty section they cannot fail.
+        Self::from_raw(RawBreakers::default()).unwrap_or_else(|_| Self {
+            priority_header: http::HeaderName::from_static("x-priority"),
+            classes: vec!["default".into()],
+            policies: vec![[None; 5]],
+            resource_exhausted: Attribution::Ignore,
+            max_clients: 10_000,
+            max_methods: 256,
+            seed: None,
+        })
+    }
+}
+
+impl BreakerConfig {
+    pub fn policy(&self, class: usize, scope: Scope) -> Option<Policy> {
+        self.policies.get(class).and_then(|p| p[scope as usize])
+    }
+
+    /// Every breaker off.
+    pub fn disable(&mut self) {
+        for per_scope in &mut self.policies {
+            *per_scope = [None; 5];
+        }
+    }
+
+    /// The class a call's priority header value names.
+    pub fn class_of(&self, value: Option<&[u8]>) -> usize {
+        value
+            .and_then(|v| self.classes.iter().position(|c| c.as_bytes() == v))
+            .unwrap_or(0)
+    }
+
+    /// Every problem, as messages naming the key.
+    pub fn from_raw(raw: RawBreakers) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let header = raw.priority_header.as_deref().unwrap_or("x-priority");
+        let priority_header = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
+            .unwrap_or_else(|_| {
+                errors.push(format!(
+                    "breakers.priority_header {header:?} is not a header name"
+                ));
+                http::HeaderName::from_static("x-priority")
+            });
+        let all_on = raw.enabled.unwrap_or(true);
+        let mut classes = vec!["default".to_owned()];
+        let mut class_overrides = vec![PolicyOverrides::default()];
+        for c in raw.classes {
+            if c.name.is_empty() || classes.contains(&c.name) && c.name != "default" {
+                errors.push(format!(
+                    "breakers.class {:?} is empty or defined twice",
+                    c.name
+                ));
+                continue;
+            }
+            if c.name == "default" {
+                class_overrides[0] = c.policy;
+            } else {
+                classes.push(c.name);
+                class_overrides.push(c.policy);
+            }
+        }
+        let base = raw.policy.apply(&Policy::default());
+        let mut policies = Vec::new();
+        for (name, class) in classes.iter().zip(&class_overrides) {
+            let mut per_scope = [None; 5];
+            for scope in Scope::ALL {
+                let scoped = match scope {
+                    Scope::Endpoint => &raw.endpoint,
+                    Scope::Subset => &raw.subset,
+                    Scope::Cluster => &raw.cluster,
+                    Scope::Method => &raw.method,
+                    Scope::Client => &raw.client,
+                };
+                let on = all_on
+                    && class
+                        .enabled
+                        .or(scoped.enabled)
+                        .or(raw.policy.enabled)
+                        .unwrap_or(true);
+                let policy = scope
+                    .defaults()
+                    .apply(&Policy::default())
+                    .and_then(|p| raw.policy.apply(&p))
+                    .and_then(|p| scoped.apply(&p))
+                    // A class changes the upstream scopes; a client is one client whatever
+                    // the priority of its calls.
+                    .and_then(|p| {
+                        if scope == Scope::Client {
+                            Ok(p)
+                        } else {
+                            class.apply(&p)
+                        }
+                    });
+                match policy {
+                    Ok(p) => per_scope[scope as usize] = on.then_some(p),
+                    Err(e) => errors.push(format!(
+                        "breakers ({} scope, class {name:?}): {e}",
+                        scope.as_str()
+                    )),
+                }
+            }
+            policies.push(per_scope);
+        }
+        if let Err(e) = base {
+            errors.insert(0, format!("breakers.policy: {e}"));
+        }
+        errors.dedup();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            priority_header,
+            classes,
+            policies,
+            resource_exhausted: raw.resource_exhausted,
+            max_clients: raw.max_clients.unwrap_or(10_000),
+            max_methods: raw.max_methods.unwrap_or(256),
+            seed: raw.seed,
+        })
+    }
+}

@@ -1,0 +1,270 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::breaker::{
+    circuit::{Mark, SignalAction, State},
+    classify::Verdict,
+    config::RawBreakers,
+};
+
+fn config(toml_text: &str) -> BreakerConfig {
+    let raw: RawBreakers = toml::from_str(toml_text).unwrap();
+    BreakerConfig::from_raw(raw).unwrap()
+}
+
+fn endpoints() -> Vec<String> {
+    vec!["a:1".into(), "b:2".into(), "c:3".into()]
+}
+
+fn breakers(cfg: BreakerConfig, subsets: &[usize], names: &[String]) -> Breakers {
+    let eps = endpoints();
+    Breakers::new(
+        cfg,
+        &[ClusterShape {
+            name: "orders",
+            endpoints: &eps,
+            endpoint_subset: subsets,
+            subsets: names,
+        }],
+        Instant::now(),
+    )
+}
+
+const UP_FAIL: Verdict = Verdict {
+    upstream: Mark::Failure,
+    client: Mark::Success,
+};
+const CLIENT_FAIL: Verdict = Verdict {
+    upstream: Mark::Success,
+    client: Mark::Failure,
+};
+const OK: Verdict = Verdict {
+    upstream: Mark::Success,
+    client: Mark::Success,
+};
+
+/// One call through the cluster to `endpoint`.
+fn call(
+    b: &Breakers,
+    class: usize,
+    client: Option<&str>,
+    endpoint: usize,
+    v: Verdict,
+    now: Instant,
+    out: &mut Vec<Transition>,
+) -> Result<(), Rejected> {
+    let mut p = b.admit_call(0, class, "/pkg.S/M", client, now, out)?;
+    b.admit_endpoint(&mut p, 0, class, endpoint, now, out)?;
+    p.record_call(v, Duration::from_millis(1), now, out);
+    Ok(())
+}
+
+#[test]
+fn one_clients_faults_open_only_that_clients_breaker() {
+    let b = breakers(BreakerConfig::default(), &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        call(&b, 0, Some("sub:mallory"), 0, CLIENT_FAIL, now, &mut out).unwrap();
+    }
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].breaker.scope, Scope::Client);
+    assert_eq!(out[0].breaker.name, "sub:mallory");
+    let r = call(&b, 0, Some("sub:mallory"), 0, OK, now, &mut out).unwrap_err();
+    assert_eq!(r.breaker.to_string(), "client sub:mallory");
+    for _ in 0..100 {
+        call(&b, 0, Some("sub:alice"), 0, OK, now, &mut out).unwrap();
+        call(&b, 0, None, 1, OK, now, &mut out).unwrap();
+    }
+}
+
+#[test]
+fn a_failing_subset_opens_its_own_breaker() {
+    // a:1 and b:2 stable, c:3 canary.
+    let b = breakers(
+        BreakerConfig::default(),
+        &[0, 0, 1],
+        &["stable".into(), "canary".into()],
+    );
+    let now = Instant::now();
+    let mut out = Vec::new();
+    // Five failures in a row (the default) open the canary's subset and endpoint breakers.
+    for i in 0..5 {
+        call(&b, 0, None, 2, UP_FAIL, now, &mut out).unwrap();
+        call(&b, 0, None, i % 2, OK, now, &mut out).unwrap();
+    }
+    let opened: Vec<_> = out.iter().map(|t| t.breaker.to_string()).collect();
+    assert_eq!(opened, ["subset orders/canary", "endpoint orders/c:3"]);
+    assert!(!b.endpoint_admissible(0, 0, 2, now));
+    assert!(b.endpoint_admissible(0, 0, 0, now));
+    assert!(b.endpoint_admissible(0, 0, 1, now));
+    let r = b.no_endpoint(0, 0, now).unwrap();
+    assert!(r.retry_after > Duration::from_secs(4));
+}
+
+#[test]
+fn priority_classes_have_their_own_breakers_and_thresholds() {
+    let cfg = config(
+        r#"
+        [endpoint]
+        consecutive_failures = 0
+        failure_ratio = 0.3
+        min_requests = 10
+        [[class]]
+        name = "high"
+        policy = { failure_ratio = 0.9 }
+        "#,
+    );
+    assert_eq!(cfg.class_of(Some(b"high")), 1);
+    assert_eq!(cfg.class_of(Some(b"nope")), 0);
+    assert_eq!(cfg.class_of(None), 0);
+    let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    // Half the calls of each class fail on endpoint 0.
+    for i in 0..20 {
+        let v = if i % 2 == 0 { UP_FAIL } else { OK };
+        let _ = call(&b, 0, None, 0, v, now, &mut out);
+        call(&b, 1, None, 0, v, now, &mut out).unwrap();
+    }
+    assert!(!b.endpoint_admissible(0, 0, 0, now));
+    assert!(b.endpoint_admissible(0, 1, 0, now));
+    let names: Vec<_> = out.iter().map(|t| t.breaker.to_string()).collect();
+    assert_eq!(names, ["endpoint orders/a:1"]);
+    let snap = b.snapshot(now);
+    let high = snap
+        .iter()
+        .find(|s| {
+            s.id.class.as_deref() == Some("high")
+                && s.id.scope == Scope::Endpoint
+                && s.id.name == "orders/a:1"
+        })
+        .unwrap();
+    assert_eq!(high.figures.state, State::Closed);
+    assert_eq!(high.figures.window.calls, 20);
+}
+
+#[test]
+fn client_breakers_are_bounded() {
+    let cfg = config("max_clients = 3");
+    let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for i in 0..5 {
+        call(&b, 0, Some(&format!("session:{i}")), 0, OK, now, &mut out).unwrap();
+    }
+    assert_eq!(b.untracked_clients.load(Ordering::Relaxed), 2);
+    // A window later the idle ones are forgotten and new clients get breakers.
+    let later = now + Duration::from_secs(11);
+    call(&b, 0, Some("session:new"), 0, OK, later, &mut out).unwrap();
+    assert_eq!(b.untracked_clients.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn disabled_scopes_have_no_breakers() {
+    let cfg = config(
+        r#"
+        [endpoint]
+        enabled = false
+        [client]
+        enabled = false
+        "#,
+    );
+    let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        call(&b, 0, Some("sub:x"), 0, CLIENT_FAIL, now, &mut out).unwrap();
+    }
+    let scopes: Vec<_> = b.snapshot(now).iter().map(|s| s.id.scope).collect();
+    assert!(!scopes.contains(&Scope::Endpoint) && !scopes.contains(&Scope::Client));
+    assert!(scopes.contains(&Scope::Cluster) && scopes.contains(&Scope::Method));
+    let off = config("enabled = false");
+    let b = breakers(off, &[0, 0, 0], &["default".into()]);
+    assert!(b.snapshot(now).is_empty());
+}
+
+#[test]
+fn an_operator_names_a_breaker() {
+    let b = breakers(BreakerConfig::default(), &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let t = b.force("endpoint orders/b:2", true, now).unwrap().unwrap();
+    assert_eq!(t.change.to, State::Open);
+    assert!(!b.endpoint_admissible(0, 0, 1, now));
+    assert!(b.force("orders/b:2", false, now).unwrap().is_some());
+    assert!(b.force("endpoint orders/zz:9", true, now).is_none());
+}
+
+#[test]
+fn a_dropped_call_gives_its_probe_back() {
+    let cfg = config(
+        r#"
+        [endpoint]
+        consecutive_failures = 1
+        half_open_probes = 1
+        jitter = 0.0
+        "#,
+    );
+    let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    call(&b, 0, None, 0, UP_FAIL, now, &mut out).unwrap();
+    let later = now + Duration::from_secs(5);
+    {
+        let mut p = b
+            .admit_call(0, 0, "/pkg.S/M", None, later, &mut out)
+            .unwrap();
+        b.admit_endpoint(&mut p, 0, 0, 0, later, &mut out).unwrap();
+        assert!(p.probing());
+        assert!(!b.endpoint_admissible(0, 0, 0, later));
+        // dropped here, unrecorded
+    }
+    assert!(b.endpoint_admissible(0, 0, 0, later));
+}
+
+#[test]
+fn bad_policies_are_refused_with_the_key() {
+    let raw: RawBreakers = toml::from_str("[endpoint]\nfailure_ratio = 1.5").unwrap();
+    let errors = BreakerConfig::from_raw(raw).unwrap_err();
+    assert!(errors[0].contains("failure_ratio"), "{errors:?}");
+    assert!(errors[0].contains("endpoint"), "{errors:?}");
+    let raw: RawBreakers = toml::from_str("[policy]\nslow_threshold = \"soon\"").unwrap();
+    let errors = BreakerConfig::from_raw(raw).unwrap_err();
+    assert!(errors[0].contains("slow_threshold"), "{errors:?}");
+}
+
+#[test]
+fn signals_reach_every_class_of_an_endpoint_and_one_client() {
+    let cfg = config(
+        r#"
+        [[class]]
+        name = "high"
+        "#,
+    );
+    let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    b.signal_endpoint(0, 1, "tcp_reset", SignalAction::Trip, now, &mut out);
+    let names: Vec<_> = out.iter().map(|t| t.breaker.to_string()).collect();
+    assert_eq!(
+        names,
+        ["endpoint orders/b:2", "endpoint orders/b:2 (class high)"]
+    );
+    assert_eq!(out[0].change.reason.as_str(), "tcp_reset");
+    assert!(!b.endpoint_admissible(0, 0, 1, now) && !b.endpoint_admissible(0, 1, 1, now));
+    assert!(b.endpoint_admissible(0, 0, 0, now));
+    out.clear();
+    b.signal_client(
+        "session:s1",
+        "rapid_reset",
+        SignalAction::Trip,
+        now,
+        &mut out,
+    );
+    assert_eq!(out.len(), 1);
+    let r = call(&b, 0, Some("session:s1"), 0, OK, now, &mut out).unwrap_err();
+    assert_eq!(r.reason.as_str(), "rapid_reset");
+    call(&b, 0, Some("session:s2"), 0, OK, now, &mut out).unwrap();
+}
