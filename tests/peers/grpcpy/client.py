@@ -9,6 +9,7 @@ TARGET is HOST:PORT. CASE is one of the keys of CASES below. stdout: JSON lines,
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -207,11 +208,12 @@ def case_status(stub, args):
 
 def case_deadline(stub, args):
     count = args.count or 1
+    timeout_ms = 200 if args.timeout_ms is None else args.timeout_ms
 
     def one(i):
         start = time.monotonic()
         try:
-            stub.Sleep(pb2.SleepRequest(millis=args.sleep_ms), timeout=args.timeout_ms / 1000)
+            stub.Sleep(pb2.SleepRequest(millis=args.sleep_ms), timeout=timeout_ms / 1000)
             code, details = grpc.StatusCode.OK, ""
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
@@ -242,7 +244,8 @@ def case_stats(stub, args):
 
 def case_server_stream_slow(stub, args):
     count = args.count or 10
-    request = pb2.StreamRequest(count=count, size=100, interval_ms=args.interval_ms)
+    interval_ms = 100 if args.interval_ms is None else args.interval_ms
+    request = pb2.StreamRequest(count=count, size=100, interval_ms=interval_ms)
     call = stub.ServerStream(request)
     received, problem = 0, None
     try:
@@ -306,6 +309,134 @@ def case_grpc_go(stub, args):
             "half_closed_echoes": len(echoes)}
 
 
+LOAD_SIZE = 16  # payload bytes of the load case's unary requests and stream messages
+LOAD_DETAILS = 3  # distinct details strings kept per status code in the load summary
+
+
+def status_code(text):
+    """A status code given by name (UNAVAILABLE) or number (14)."""
+    text = text.strip()
+    for code in grpc.StatusCode:
+        if text.upper() == code.name or text == str(code.value[0]):
+            return code
+    raise argparse.ArgumentTypeError("no status code %r" % text)
+
+
+def header_arg(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, got %r" % text)
+    key = key.lower()
+    # grpcio wants bytes for binary headers; the value is sent as its UTF-8 bytes.
+    return key, value.encode() if key.endswith("-bin") else value
+
+
+def load_call(stub, args, i, metadata, timeout):
+    """One call of the load case. Returns (code, details, messages, problem): messages is the
+    number of response messages, problem a description of a wrong response (None if right)."""
+    messages, problem = 0, None
+    try:
+        if args.method == "unary":
+            request = pb2.Msg(seq=i, payload=noise(i, LOAD_SIZE))
+            response = stub.Unary(request, metadata=metadata, timeout=timeout)
+            messages = 1
+            try:
+                expect_echo("echo", request, response)
+            except CheckFailed as e:
+                problem = str(e)
+        elif args.method == "fail":
+            request = pb2.FailRequest(code=args.code.value[0], message=args.message,
+                                      trailers_only=args.trailers_only)
+            stub.Fail(request, metadata=metadata, timeout=timeout)
+            messages = 1
+        else:
+            request = pb2.StreamRequest(count=args.stream_count, size=LOAD_SIZE)
+            call = stub.ServerStream(request, metadata=metadata, timeout=timeout)
+            for msg in call:
+                if problem is None:
+                    try:
+                        expect_equal("message %d seq" % messages, messages, msg.seq)
+                        expect_bytes("message %d payload" % messages,
+                                     stubs.pattern(messages, LOAD_SIZE), msg.payload)
+                    except CheckFailed as e:
+                        problem = str(e)
+                messages += 1
+            if problem is None and messages != args.stream_count:
+                problem = "status OK after %d of %d messages" % (messages, args.stream_count)
+        return grpc.StatusCode.OK, "", messages, problem
+    except grpc.RpcError as e:
+        return e.code(), e.details() or "", messages, problem
+
+
+def case_load(stub, args):
+    count = 100 if args.count is None else args.count
+    timeout = None if args.timeout_ms is None else args.timeout_ms / 1000
+    pause = (args.interval_ms or 0) / 1000
+    metadata = tuple(args.header)
+    expected = set(args.expect_codes) if args.expect_codes else None
+    indices = itertools.count()
+    lock = threading.Lock()
+    codes = Counter()
+    details = {}
+    problems = []
+
+    def worker():
+        first = True
+        while True:
+            with lock:
+                i = next(indices)
+            if i >= count:
+                return
+            if not first and pause:
+                time.sleep(pause)
+            first = False
+            t = time.monotonic()
+            try:
+                code, text, messages, problem = load_call(stub, args, i, metadata, timeout)
+            except Exception as e:  # anything but a status is a bug in the test or the proxy
+                code, text, messages, problem = None, "", 0, "%s: %s" % (type(e).__name__, e)
+            ms = (time.monotonic() - t) * 1000
+            name = code.name if code is not None else "EXCEPTION"
+            with lock:
+                codes[name] += 1
+                if code is not grpc.StatusCode.OK:
+                    seen = details.setdefault(name, [])
+                    if text not in seen and len(seen) < LOAD_DETAILS:
+                        seen.append(text)
+                if problem is not None:
+                    problems.append("call %d: %s" % (i, problem))
+            if args.per_call:
+                line = {"event": "call", "i": i, "code": name, "details": text,
+                        "ms": round(ms, 3), "messages": messages, "t": t}
+                if problem is not None:
+                    line["problem"] = problem
+                emit(**line)
+
+    with futures.ThreadPoolExecutor(max(args.concurrency, 1)) as pool:
+        for f in [pool.submit(worker) for _ in range(max(args.concurrency, 1))]:
+            f.result()
+    summary = {"method": args.method, "count": count, "codes": dict(codes), "details": details}
+    errors = problems[:5]
+    if expected is not None:
+        others = sorted(set(codes) - {c.name for c in expected})
+        if others:
+            errors.insert(0, "codes %s not in --expect-codes %s"
+                          % (others, sorted(c.name for c in expected)))
+    if errors:
+        if len(problems) > 5:
+            errors.append("and %d more" % (len(problems) - 5))
+        raise CheckFailed("; ".join(errors), summary)
+    return summary
+
+
+def case_control(stub, args):
+    mode = pb2.FaultRequest(code=args.code.value[0], after_messages=args.after_messages,
+                            delay_ms=args.delay_ms, trailers_only=args.trailers_only,
+                            every=args.every, exit=args.exit)
+    stub.Control(mode)
+    return {"mode": {f.name: getattr(mode, f.name) for f in mode.DESCRIPTOR.fields}}
+
+
 CASES = {
     "unary": case_unary,
     "metadata": case_metadata,
@@ -319,6 +450,8 @@ CASES = {
     "server-stream-slow": case_server_stream_slow,
     "inflight": case_inflight,
     "grpc-go": case_grpc_go,
+    "load": case_load,
+    "control": case_control,
 }
 
 
@@ -353,14 +486,41 @@ def main():
     parser.add_argument("--tls-ca", help="PEM file of the CA: TLS instead of cleartext h2c")
     parser.add_argument("--authority", help="TLS: name the certificate is checked against (and "
                         ":authority); cleartext: :authority")
-    parser.add_argument("--timeout-ms", type=int, default=200, help="deadline: call deadline")
+    parser.add_argument("--timeout-ms", "--deadline-ms", type=int, help="call deadline: deadline "
+                        "(default 200), load (default none)")
     parser.add_argument("--sleep-ms", type=int, default=1000,
                         help="deadline, inflight: Sleep length")
     parser.add_argument("--count", type=int, help="deadline (1), inflight (10), server-stream-slow "
-                        "(10): number of calls or messages")
-    parser.add_argument("--concurrency", type=int, default=1, help="deadline: calls at once")
-    parser.add_argument("--interval-ms", type=int, default=100, help="server-stream-slow: pause "
-                        "between messages")
+                        "(10), load (100): number of calls or messages")
+    parser.add_argument("--concurrency", type=int, default=1, help="deadline, load: calls at once")
+    parser.add_argument("--interval-ms", "--pause-ms", type=int, help="server-stream-slow: pause "
+                        "between messages (default 100); load: pause between the calls of one "
+                        "worker (default 0)")
+    parser.add_argument("--method", choices=("unary", "server-stream", "fail"), default="unary",
+                        help="load: the method called")
+    parser.add_argument("--stream-count", type=int, default=5,
+                        help="load --method server-stream: messages asked for per call")
+    parser.add_argument("--header", type=header_arg, action="append", default=[],
+                        metavar="KEY=VALUE", help="load: metadata on every call (repeatable)")
+    parser.add_argument("--per-call", action="store_true",
+                        help="load: one {\"event\":\"call\"} line per call")
+    parser.add_argument("--expect-codes", type=lambda t: [status_code(c) for c in t.split(",")],
+                        metavar="CODE[,CODE...]", help="load: ok only if every call ended with "
+                        "one of these (names or numbers)")
+    parser.add_argument("--code", type=status_code, default=grpc.StatusCode.OK,
+                        help="control: the fault status (0 = no fault); load --method fail: "
+                        "the status asked for (name or number)")
+    parser.add_argument("--message", default="load fail",
+                        help="load --method fail: the grpc-message asked for")
+    parser.add_argument("--trailers-only", action="store_true", help="control: failures before "
+                        "any message are Trailers-Only; load --method fail: FailRequest field")
+    parser.add_argument("--after-messages", type=int, default=0,
+                        help="control: stream messages before the fault")
+    parser.add_argument("--delay-ms", type=int, default=0,
+                        help="control: delay of every Unary, ServerStream and Bidi call")
+    parser.add_argument("--every", type=int, default=0, help="control: fail only every Nth call")
+    parser.add_argument("--exit", action="store_true",
+                        help="control: the server exits 50 ms after answering")
     args = parser.parse_args()
 
     start = time.monotonic()

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """grpcio server of the proxytest.Test service (tests/proto/test.proto). See README.md.
 
-    server.py [--listen HOST:PORT]    (default 127.0.0.1:0: any free port)
+    server.py [--listen HOST:PORT] [--fault CODE[:AFTER_MESSAGES]] [--delay-ms N] [--every N]
+              [--trailers-only]
+
+--listen defaults to 127.0.0.1:0 (any free port). The other flags set the initial fault mode, as a
+Control call would (see FaultRequest in test.proto).
 
 stdout: exactly one line, {"event":"listening","address":"HOST:PORT"}, once serving.
 SIGTERM/SIGINT: stop (in-flight calls get 1 s) and exit 0. grpcio's own logs go to stderr.
@@ -51,8 +55,12 @@ class Stats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.started = self.finished = self.cancelled = self.active = 0
+        self.started = self.finished = self.cancelled = self.active = self.faults = 0
         self.sleeps = collections.deque(maxlen=SLEEP_RECORDS)
+
+    def fault(self):
+        with self.lock:
+            self.faults += 1
 
     def begin(self):
         with self.lock:
@@ -76,10 +84,63 @@ class Stats:
                 calls_cancelled=self.cancelled,
                 active=self.active,
                 sleeps=list(self.sleeps),
+                faults=self.faults,
             )
 
 
 STATS = Stats()
+
+
+class Faults:
+    """The server-wide fault mode (a FaultRequest) for Unary, ServerStream and Bidi."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.mode = pb2.FaultRequest()
+        self.calls = 0  # calls of the affected methods since the mode was set, for `every`
+
+    def set(self, mode):
+        with self.lock:
+            self.mode = mode
+            self.calls = 0
+
+    def take(self):
+        """For a call starting now: (delay in seconds, the StatusCode to fail with or None, mode).
+        The mode is read once, so a Control during the call does not change it halfway."""
+        with self.lock:
+            mode = self.mode
+            self.calls += 1
+            calls = self.calls
+        code = None
+        if mode.code and calls % max(mode.every, 1) == 0:
+            code = CODES[mode.code]
+        return mode.delay_ms / 1000, code, mode
+
+
+FAULTS = Faults()
+FAULT_ECHO_KEY = ("x-before-fail", "1")
+
+
+def fault_message(code):
+    return "injected fault %d" % code.value[0]
+
+
+def start_faulted(context):
+    """Applies the delay of the current mode. Returns (code or None, mode), or None when the call
+    ended during the delay."""
+    delay, code, mode = FAULTS.take()
+    if delay and not wait(context, delay):
+        return None
+    return code, mode
+
+
+def abort_fault(context, code, mode, headers_sent, metadata=()):
+    """Ends the call with the injected status. Unless trailers_only or a message has already put
+    the HEADERS on the wire, the HEADERS go out first, so the status comes as trailers."""
+    if not headers_sent and not mode.trailers_only:
+        context.send_initial_metadata(tuple(metadata) + (FAULT_ECHO_KEY,))
+    STATS.fault()
+    context.abort(code, fault_message(code))
 
 
 def tracked(handler):
@@ -107,8 +168,14 @@ def tracked_stream(handler):
 class TestServicer(pb2_grpc.TestServicer):
     @tracked
     def Unary(self, request, context):
+        started = start_faulted(context)
+        if started is None:
+            return pb2.Msg()  # the call is over; nobody reads this
+        code, mode = started
         # grpcio hands -bin values over as bytes and takes bytes back, so echoing is a copy.
         echo = [(m.key, m.value) for m in context.invocation_metadata() if m.key.startswith("x-")]
+        if code is not None:
+            abort_fault(context, code, mode, headers_sent=False, metadata=echo)
         if echo:
             context.send_initial_metadata(echo)
             context.set_trailing_metadata(echo)
@@ -116,10 +183,17 @@ class TestServicer(pb2_grpc.TestServicer):
 
     @tracked_stream
     def ServerStream(self, request, context):
-        for seq in range(request.count):
+        started = start_faulted(context)
+        if started is None:
+            return
+        code, mode = started
+        count = request.count if code is None else min(request.count, mode.after_messages)
+        for seq in range(count):
             if seq and request.interval_ms and not wait(context, request.interval_ms / 1000):
                 return
             yield pb2.Msg(seq=seq, payload=stubs.pattern(seq, request.size))
+        if code is not None:
+            abort_fault(context, code, mode, headers_sent=count > 0)
 
     @tracked
     def ClientStream(self, request_iterator, context):
@@ -133,7 +207,21 @@ class TestServicer(pb2_grpc.TestServicer):
 
     @tracked_stream
     def Bidi(self, request_iterator, context):
-        yield from request_iterator
+        started = start_faulted(context)
+        if started is None:
+            return
+        code, mode = started
+        if code is None:
+            yield from request_iterator
+            return
+        echoed = 0
+        while echoed < mode.after_messages:
+            msg = next(request_iterator, None)
+            if msg is None:
+                break  # the client half-closed first: fail now
+            yield msg
+            echoed += 1
+        abort_fault(context, code, mode, headers_sent=echoed > 0)
 
     @tracked
     def Fail(self, request, context):
@@ -178,11 +266,55 @@ class TestServicer(pb2_grpc.TestServicer):
     def Stats(self, request, context):
         return STATS.reply()
 
+    def Control(self, request, context):
+        if request.code and request.code not in CODES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no status code %d" % request.code)
+        FAULTS.set(request)
+        log_mode("Control", request)
+        if request.exit:
+            # Late enough for the reply to be on the wire; os._exit skips every cleanup, like a
+            # crashed upstream (the listening socket and all connections just close).
+            threading.Timer(0.05, os._exit, (0,)).start()
+        return pb2.Empty()
+
+
+def log_mode(source, mode):
+    fields = {f.name: getattr(mode, f.name) for f in mode.DESCRIPTOR.fields}
+    print("server.py: fault mode from %s: %s" % (source, json.dumps(fields)), file=sys.stderr,
+          flush=True)
+
+
+def fault_arg(text):
+    """--fault CODE[:AFTER_MESSAGES] -> (code, after_messages)"""
+    code, _, after = text.partition(":")
+    try:
+        code, after = int(code), int(after or 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected CODE[:AFTER_MESSAGES], got %r" % text)
+    if code not in CODES or after < 0:
+        raise argparse.ArgumentTypeError("no status code %d (0..16) or negative count" % code)
+    return code, after
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT, port 0 for any")
+    parser.add_argument("--fault", type=fault_arg, default=(0, 0), metavar="CODE[:AFTER_MESSAGES]",
+                        help="initial fault mode: fail Unary, ServerStream and Bidi with CODE "
+                        "(streams after AFTER_MESSAGES messages)")
+    parser.add_argument("--delay-ms", type=int, default=0, help="initial fault mode: delay of "
+                        "every Unary, ServerStream and Bidi call")
+    parser.add_argument("--every", type=int, default=0, help="initial fault mode: fail only every "
+                        "Nth call")
+    parser.add_argument("--trailers-only", action="store_true", help="initial fault mode: a "
+                        "failure before any message is Trailers-Only")
     args = parser.parse_args()
+    initial = pb2.FaultRequest(code=args.fault[0], after_messages=args.fault[1],
+                               delay_ms=args.delay_ms, every=args.every,
+                               trailers_only=args.trailers_only)
+    FAULTS.set(initial)
+    if initial != pb2.FaultRequest():
+        log_mode("the command line", initial)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

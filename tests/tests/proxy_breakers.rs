@@ -1,0 +1,524 @@
+//! Circuit breakers through the proxy, end to end: real grpcio servers
+//! (`tests/peers/grpcpy/server.py`) told by their `Control` call to fail with a status (in
+//! trailers after streamed messages, or trailers-only), to slow down, or to die; grpcio
+//! clients (`client.py load`) counting every status they get; the agent's breaker transitions
+//! (`--print-breakers`) and stream outcomes (`--print-outcomes`) as JSON lines.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use e2e::proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server};
+use serde_json::Value;
+
+/// `agent run --config` with this configuration (listener and route added), printing
+/// breaker transitions and outcomes.
+fn agent(clusters_and_more: &str) -> (AgentProxy, PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "e2e-breakers-{}-{}",
+        std::process::id(),
+        fastrand_name()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[listener]]
+name = "in"
+address = "127.0.0.1:0"
+[[listener.route]]
+cluster = "svc"
+
+{clusters_and_more}
+"#
+        ),
+    )
+    .unwrap();
+    let proxy = AgentProxy::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--print-outcomes",
+        "--print-breakers",
+    ]);
+    (proxy, dir)
+}
+
+fn fastrand_name() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// `client.py TARGET load ARGS`: the summary line (codes and details).
+fn load(target: SocketAddr, args: &[&str]) -> Value {
+    let c = grpcio_client(target, "load", args);
+    let (status, lines, stderr) = c.finish(Duration::from_secs(120));
+    let done = lines
+        .iter()
+        .rev()
+        .find(|l| l["event"] == "done")
+        .cloned()
+        .unwrap_or_else(|| panic!("load printed no summary; stderr:\n{stderr}"));
+    assert!(status.success() && done["ok"] == true, "{done}\n{stderr}");
+    done
+}
+
+/// Tells a grpcio server how to fail (`client.py SERVER control ARGS`).
+fn control(server: SocketAddr, args: &[&str]) {
+    let c = grpcio_client(server, "control", args);
+    let (status, _, stderr) = c.finish(Duration::from_secs(30));
+    assert!(status.success(), "control {args:?}: {stderr}");
+}
+
+/// The grpcio server's counters.
+fn server_stats(server: SocketAddr) -> Value {
+    let c = grpcio_client(server, "stats", &[]);
+    let (_, lines, stderr) = c.finish(Duration::from_secs(30));
+    lines
+        .into_iter()
+        .find(|l| l["event"] == "stats")
+        .unwrap_or_else(|| panic!("no stats: {stderr}"))
+}
+
+fn code_count(done: &Value, code: &str) -> u64 {
+    done["codes"][code].as_u64().unwrap_or(0)
+}
+
+/// Every breaker line the agent printed so far.
+fn breaker_lines(proxy: &mut AgentProxy) -> Vec<Value> {
+    proxy
+        .process
+        .drain()
+        .iter()
+        .filter(|l| l["kind"] == "breaker")
+        .cloned()
+        .collect()
+}
+
+fn wait_breaker(proxy: &mut AgentProxy, want: impl Fn(&Value) -> bool) -> Value {
+    proxy.process.wait_line(Duration::from_secs(30), |l| {
+        l["kind"] == "breaker" && want(l)
+    })
+}
+
+#[test]
+fn failures_in_trailers_after_streamed_messages_trip_the_breaker() {
+    let (_bad, bad_addr) = grpcio_server();
+    let (_good, good_addr) = grpcio_server();
+    // The bad endpoint sends 3 messages of each stream, then UNAVAILABLE in the trailers:
+    // the response headers said 200 and nothing at all was wrong until the very end.
+    control(
+        bad_addr,
+        &["--code", "UNAVAILABLE", "--after-messages", "3"],
+    );
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{bad_addr}", "{good_addr}"]
+[breakers.endpoint]
+consecutive_failures = 3
+"#
+    ));
+    let done = load(
+        proxy.addr,
+        &[
+            "--method",
+            "server-stream",
+            "--stream-count",
+            "5",
+            "--count",
+            "60",
+        ],
+    );
+    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    assert_eq!(
+        trip["breaker"],
+        format!("endpoint svc/{bad_addr}"),
+        "{trip}"
+    );
+    assert_eq!(trip["reason"], "consecutive_failures", "{trip}");
+    assert_eq!(trip["trigger"]["grpc_status"], 14, "{trip}");
+    // Three failures opened it; from then on every call went to the good endpoint.
+    assert_eq!(code_count(&done, "UNAVAILABLE"), 3, "{done}");
+    assert_eq!(code_count(&done, "OK"), 57, "{done}");
+    let (_, lines, _) = proxy.terminate(Duration::from_secs(10));
+    let failed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "stream" && l["grpc_status"] == 14)
+        .collect();
+    for o in &failed {
+        // Each failure came from the upstream, after messages: HTTP 200, a response body, and
+        // the status in trailers.
+        assert_eq!(o["ending"], "completed", "{o}");
+        assert_eq!(o["http_status"], 200, "{o}");
+        assert!(o["response_bytes"].as_u64().unwrap() > 0, "{o}");
+        assert_eq!(o["blame"], "upstream", "{o}");
+    }
+}
+
+#[test]
+fn a_storm_of_invalid_argument_trips_nothing() {
+    let (_server, addr) = grpcio_server();
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{addr}"]
+[breakers.endpoint]
+consecutive_failures = 3
+"#
+    ));
+    let done = load(
+        proxy.addr,
+        &[
+            "--method",
+            "fail",
+            "--code",
+            "INVALID_ARGUMENT",
+            "--count",
+            "300",
+            "--concurrency",
+            "10",
+            "--expect-codes",
+            "INVALID_ARGUMENT",
+        ],
+    );
+    assert_eq!(code_count(&done, "INVALID_ARGUMENT"), 300, "{done}");
+    // The same storm of a fault of the upstream's opens the breaker at once.
+    let done = load(
+        proxy.addr,
+        &["--method", "fail", "--code", "INTERNAL", "--count", "10"],
+    );
+    assert_eq!(code_count(&done, "INTERNAL"), 3, "{done}");
+    assert_eq!(code_count(&done, "UNAVAILABLE"), 7, "{done}");
+    let details = done["details"]["UNAVAILABLE"][0].as_str().unwrap();
+    assert!(
+        details.starts_with(&format!(
+            "circuit breaker open: endpoint svc/{addr} (consecutive_failures)"
+        )),
+        "{details}"
+    );
+    let trips = breaker_lines(&mut proxy);
+    assert_eq!(trips.len(), 1, "{trips:?}");
+    assert_eq!(trips[0]["trigger"]["grpc_status"], 13);
+}
+
+/// An HS256 token for `sub` that expires `exp_offset` seconds from now.
+fn token(secret: &[u8], sub: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({
+        "sub": sub,
+        "scope": "read:test",
+        "client_id": format!("{sub}-app"),
+        "exp": now + exp_offset,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_expired_token_storm_trips_only_that_clients_breaker() {
+    let (_server, addr) = grpcio_server();
+    let secret = b"breaker-test-secret-0123456789";
+    let dir = std::env::temp_dir().join(format!("e2e-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("hmac.secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{addr}"]
+[context.jwt]
+hmac_secret_file = {secret_file:?}
+"#
+    ));
+    let expired = token(secret, "mallory", -3600);
+    let valid = token(secret, "alice", 3600);
+    let mallory_auth = format!("authorization=Bearer {expired}");
+    let alice_auth = format!("authorization=Bearer {valid}");
+    // Mallory's calls are refused by the upstream (UNAUTHENTICATED) while Alice calls at the
+    // same time.
+    let mallory = grpcio_client(
+        proxy.addr,
+        "load",
+        &[
+            "--method",
+            "fail",
+            "--code",
+            "UNAUTHENTICATED",
+            "--count",
+            "200",
+            "--concurrency",
+            "4",
+            "--header",
+            &mallory_auth,
+        ],
+    );
+    let alice = grpcio_client(
+        proxy.addr,
+        "load",
+        &[
+            "--count",
+            "300",
+            "--concurrency",
+            "4",
+            "--header",
+            &alice_auth,
+        ],
+    );
+    let finish = |c: JsonChild| {
+        let (status, lines, stderr) = c.finish(Duration::from_secs(120));
+        assert!(status.success(), "{stderr}");
+        lines
+            .into_iter()
+            .rev()
+            .find(|l| l["event"] == "done")
+            .unwrap()
+    };
+    let (mallory, alice) = (finish(mallory), finish(alice));
+    assert_eq!(code_count(&alice, "OK"), 300, "{alice}");
+    // Mallory's breaker opened after 10 client faults (its default): the rest were answered
+    // by the proxy, without reaching the upstream.
+    let refused = code_count(&mallory, "UNAVAILABLE");
+    assert!(refused >= 150, "{mallory}");
+    let details = mallory["details"]["UNAVAILABLE"][0].as_str().unwrap();
+    assert!(
+        details.starts_with("circuit breaker open: client sub:mallory"),
+        "{details}"
+    );
+    let trips = breaker_lines(&mut proxy);
+    let opened: Vec<&Value> = trips.iter().filter(|l| l["to"] == "open").collect();
+    assert_eq!(opened.len(), 1, "only Mallory's breaker: {trips:?}");
+    assert_eq!(opened[0]["breaker"], "client sub:mallory");
+    let claims = &opened[0]["trigger"]["jwt_claims"];
+    assert_eq!(claims["sub"], "mallory", "{claims}");
+    assert_eq!(claims["verified"], true, "{claims}");
+    assert_eq!(claims["expired"], true, "{claims}");
+    // The upstream saw only the calls before the trip (and never a token in a log line).
+    let s = server_stats(addr);
+    let reached = s["calls_started"].as_u64().unwrap();
+    assert!(reached <= 300 + 200 - refused + 1, "{s}");
+    let (_, lines, stderr) = proxy.terminate(Duration::from_secs(10));
+    let printed = serde_json::to_string(&lines).unwrap() + &stderr;
+    for t in [&expired, &valid] {
+        let signature = t.rsplit('.').next().unwrap();
+        assert!(
+            !printed.contains(signature),
+            "a token signature was printed"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failing_canary_subset_trips_its_own_breaker_and_the_stable_one_serves() {
+    let (_stable, stable_addr) = grpcio_server();
+    let (_canary, canary_addr) = grpcio_server();
+    control(canary_addr, &["--code", "UNAVAILABLE"]);
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{stable_addr}"]
+[[cluster.subset]]
+name = "canary"
+endpoints = ["{canary_addr}"]
+"#
+    ));
+    let done = load(proxy.addr, &["--count", "200", "--concurrency", "2"]);
+    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    assert_eq!(trip["breaker"], "subset svc/canary", "{trip}");
+    // Five failures in a row (the default) and the canary is out; the stable subset took
+    // everything else. The cluster's breaker (a ratio of 0.8) never saw enough to open.
+    let failed = code_count(&done, "UNAVAILABLE");
+    assert!(failed <= 6, "{done}");
+    assert_eq!(code_count(&done, "OK"), 200 - failed, "{done}");
+    let opened: Vec<String> = breaker_lines(&mut proxy)
+        .iter()
+        .filter(|l| l["to"] == "open")
+        .map(|l| l["breaker"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        opened
+            .iter()
+            .all(|b| b == "subset svc/canary" || b == &format!("endpoint svc/{canary_addr}")),
+        "{opened:?}"
+    );
+}
+
+#[test]
+fn half_open_lets_the_probe_limit_through_then_closes_or_reopens_for_longer() {
+    let (_server, addr) = grpcio_server();
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{addr}"]
+[breakers.endpoint]
+consecutive_failures = 3
+open_for = "1s"
+half_open_probes = 2
+half_open_successes = 2
+jitter = 0.0
+"#
+    ));
+    let endpoint = format!("endpoint svc/{addr}");
+    control(addr, &["--code", "UNAVAILABLE"]);
+    load(proxy.addr, &["--count", "3"]);
+    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    assert_eq!(
+        (&trip["breaker"], &trip["open_for_ms"]),
+        (&endpoint.clone().into(), &1000.into())
+    );
+    // While open nothing reaches the upstream.
+    let before = server_stats(addr)["calls_started"].as_u64().unwrap();
+    let done = load(proxy.addr, &["--count", "50", "--concurrency", "5"]);
+    assert_eq!(code_count(&done, "UNAVAILABLE"), 50, "{done}");
+    assert_eq!(
+        server_stats(addr)["calls_started"].as_u64().unwrap(),
+        before
+    );
+
+    // Healthy again, but slow: the probes stay in flight while 20 calls arrive at once.
+    control(addr, &["--delay-ms", "500"]);
+    wait_breaker(&mut proxy, |l| l["to"] == "half_open");
+    let before = server_stats(addr)["calls_started"].as_u64().unwrap();
+    let done = load(proxy.addr, &["--count", "20", "--concurrency", "20"]);
+    let reached = server_stats(addr)["calls_started"].as_u64().unwrap() - before;
+    assert_eq!(reached, 2, "only the 2 probes reach the upstream: {done}");
+    assert_eq!(code_count(&done, "OK"), 2, "{done}");
+    let closed = wait_breaker(&mut proxy, |l| l["to"] == "closed");
+    assert_eq!(closed["reason"], "probes_succeeded", "{closed}");
+    let done = load(proxy.addr, &["--count", "10", "--concurrency", "10"]);
+    assert_eq!(code_count(&done, "OK"), 10, "closed again: {done}");
+
+    // Failing again: open for 1 s, then a failed probe re-opens it for 2 s.
+    control(addr, &["--code", "UNAVAILABLE"]);
+    load(proxy.addr, &["--count", "3"]);
+    breaker_lines(&mut proxy);
+    std::thread::sleep(Duration::from_millis(1100));
+    let done = load(proxy.addr, &["--count", "1"]);
+    assert_eq!(code_count(&done, "UNAVAILABLE"), 1);
+    let reopened = wait_breaker(&mut proxy, |l| l["reason"] == "probe_failed");
+    assert_eq!(reopened["to"], "open");
+    assert_eq!(reopened["open_for_ms"], 2000, "{reopened}");
+}
+
+#[test]
+fn a_high_priority_class_keeps_flowing_where_the_low_one_opens() {
+    let (_server, addr) = grpcio_server();
+    // Every second call fails: a ratio of 0.5.
+    control(addr, &["--code", "UNAVAILABLE", "--every", "2"]);
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{addr}"]
+[breakers.endpoint]
+consecutive_failures = 0
+failure_ratio = 0.3
+min_requests = 10
+[breakers.cluster]
+enabled = false
+[breakers.method]
+enabled = false
+[[breakers.class]]
+name = "high"
+policy = {{ failure_ratio = 0.9 }}
+"#
+    ));
+    let low = grpcio_client(
+        proxy.addr,
+        "load",
+        &["--count", "200", "--concurrency", "2"],
+    );
+    let high = grpcio_client(
+        proxy.addr,
+        "load",
+        &[
+            "--count",
+            "200",
+            "--concurrency",
+            "2",
+            "--header",
+            "x-priority=high",
+        ],
+    );
+    let finish = |c: JsonChild| {
+        let (status, lines, stderr) = c.finish(Duration::from_secs(120));
+        assert!(status.success(), "{stderr}");
+        lines
+            .into_iter()
+            .rev()
+            .find(|l| l["event"] == "done")
+            .unwrap()
+    };
+    let (low, high) = (finish(low), finish(high));
+    // The high class reached the upstream with every call: none was refused by a breaker.
+    let refused_by_breaker = |d: &Value| {
+        d["details"]["UNAVAILABLE"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|m| m.as_str().unwrap().starts_with("circuit breaker"))
+        })
+    };
+    assert!(!refused_by_breaker(&high), "{high}");
+    assert_eq!(
+        code_count(&high, "OK") + code_count(&high, "UNAVAILABLE"),
+        200
+    );
+    assert!(refused_by_breaker(&low), "{low}");
+    let opened: Vec<Value> = breaker_lines(&mut proxy)
+        .into_iter()
+        .filter(|l| l["to"] == "open")
+        .collect();
+    assert!(!opened.is_empty());
+    for o in &opened {
+        assert_eq!(o["breaker"], format!("endpoint svc/{addr}"), "{o}");
+        assert!(o["class"].is_null(), "{o}");
+    }
+}
+
+#[test]
+fn a_dead_endpoint_is_ejected_and_calls_that_never_reached_it_are_retried() {
+    let (_good, good_addr) = grpcio_server();
+    let (dead, dead_addr) = grpcio_server();
+    let (mut proxy, _dir) = agent(&format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{good_addr}", "{dead_addr}"]
+"#
+    ));
+    // Both serve; then one dies (its port refuses connections from now on).
+    load(proxy.addr, &["--count", "20", "--concurrency", "2"]);
+    drop(dead);
+    let done = load(proxy.addr, &["--count", "200", "--concurrency", "4"]);
+    let _ = dead_addr;
+    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    assert_eq!(
+        trip["breaker"],
+        format!("endpoint svc/{dead_addr}"),
+        "{trip}"
+    );
+    // Calls on the dead endpoint's pooled connection when it died failed mid-call (a few at
+    // most); a call that could not connect went to the good endpoint instead.
+    let failed = code_count(&done, "UNAVAILABLE");
+    assert!(failed <= 4, "{done}");
+    let (_, lines, _) = proxy.terminate(Duration::from_secs(10));
+    let retried = lines
+        .iter()
+        .filter(|l| l["kind"] == "stream" && l["retries"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert!(retried >= 1, "no call was retried");
+}
