@@ -279,6 +279,15 @@ struct Problems<'a> {
 }
 
 impl Problems<'_> {
+    /// A problem with no one place in the file (the message names the key).
+    fn keyed(&mut self, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            line: 0,
+            column: 0,
+            message: message.into(),
+        });
+    }
+
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = position(self.text, span.start);
         self.errors.push(ConfigError {
@@ -520,16 +529,16 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
     }
     let breakers = BreakerConfig::from_raw(raw.breakers).unwrap_or_else(|errors| {
         for e in errors {
-            p.at(0..0, e);
+            p.keyed(e);
         }
         BreakerConfig::default()
     });
     if let Err(e) = raw.retries.check() {
-        p.at(0..0, e);
+        p.keyed(e);
     }
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
-        p.at(0..0, format!("context: {e}"));
+        p.keyed(format!("context: {e}"));
     }
     ProxyConfig {
         listeners,

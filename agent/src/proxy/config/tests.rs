@@ -128,3 +128,56 @@ fn tls_material_is_loaded_at_check_time() {
     assert_eq!(e[0].line, 6, "{e:?}");
     assert!(e[0].message.contains("holds no certificate"), "{e:?}");
 }
+
+#[test]
+fn subsets_label_their_endpoints() {
+    let text = MINIMAL.replace(
+        "endpoints = [\"127.0.0.1:50051\"]\n",
+        "endpoints = [\"127.0.0.1:50051\", \"127.0.0.1:50052\"]\n\
+         [[cluster.subset]]\nname = \"canary\"\nendpoints = [\"127.0.0.1:50053\"]\n",
+    );
+    let c = parse(&text).unwrap();
+    let cluster = &c.clusters[0];
+    assert_eq!(cluster.subsets, ["default", "canary"]);
+    assert_eq!(
+        cluster.endpoints,
+        ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
+    );
+    assert_eq!(cluster.endpoint_subset, [0, 0, 1]);
+    // Without subsets: one, unnamed, and no subset breaker.
+    let plain = parse(MINIMAL).unwrap();
+    assert!(plain.clusters[0].subsets.is_empty());
+    assert_eq!(plain.clusters[0].endpoint_subset, [0]);
+}
+
+#[test]
+fn an_endpoint_in_two_subsets_is_refused() {
+    let text = MINIMAL.replace(
+        "endpoints = [\"127.0.0.1:50051\"]\n",
+        "endpoints = [\"127.0.0.1:50051\"]\n\
+         [[cluster.subset]]\nname = \"canary\"\nendpoints = [\"127.0.0.1:50051\"]\n",
+    );
+    let e = errors(&text);
+    assert!(e[0].message.contains("listed twice"), "{e:?}");
+}
+
+#[test]
+fn breaker_retry_and_context_mistakes_are_reported() {
+    let text = format!(
+        "{MINIMAL}\n[breakers.endpoint]\nfailure_ratio = 2.0\n[retries]\nmax_attempts = 0\n\
+         [context.jwt]\nhmac_secret_file = \"/nonexistent/secret\"\n"
+    );
+    let e = errors(&text);
+    let all: Vec<&str> = e.iter().map(|e| e.message.as_str()).collect();
+    assert!(all.iter().any(|m| m.contains("failure_ratio")), "{all:?}");
+    assert!(all.iter().any(|m| m.contains("max_attempts")), "{all:?}");
+    assert!(
+        all.iter().any(|m| m.contains("/nonexistent/secret")),
+        "{all:?}"
+    );
+    let text = format!("{MINIMAL}\n[breakers]\nresource_exhausted = \"maybe\"\n");
+    assert!(
+        errors(&text)[0].message.contains("resource_exhausted")
+            || errors(&text)[0].message.contains("maybe")
+    );
+}
