@@ -522,3 +522,46 @@ endpoints = ["{good_addr}", "{dead_addr}"]
         .count();
     assert!(retried >= 1, "no call was retried");
 }
+
+#[test]
+fn idempotent_calls_answered_unavailable_are_retried_within_the_budget() {
+    let (_bad, bad_addr) = grpcio_server();
+    let (_good, good_addr) = grpcio_server();
+    control(bad_addr, &["--code", "UNAVAILABLE", "--trailers-only"]);
+    // Breakers off, so that every call meets the failing endpoint's answer.
+    let config = |retries: &str| {
+        format!(
+            r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{bad_addr}", "{good_addr}"]
+[breakers]
+enabled = false
+[retries]
+idempotent_methods = ["/proxytest.Test/Unary"]
+{retries}
+"#
+        )
+    };
+    let (proxy, _dir) = agent(&config(""));
+    let done = load(proxy.addr, &["--count", "100", "--concurrency", "2"]);
+    assert_eq!(code_count(&done, "OK"), 100, "{done}");
+    let (_, lines, _) = proxy.terminate(Duration::from_secs(10));
+    let retried: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "stream" && l["retries"].as_u64().unwrap() > 0)
+        .collect();
+    assert!(retried.len() >= 20, "{} calls retried", retried.len());
+    for o in &retried {
+        assert_eq!(o["endpoint"], good_addr.to_string(), "{o}");
+        assert_eq!(o["grpc_status"], 0, "{o}");
+    }
+    // With no budget at all, nothing is retried: the client sees the upstream's answer.
+    let (proxy, _dir) = agent(&config("budget_ratio = 0.0\nmin_concurrent = 0"));
+    let done = load(proxy.addr, &["--count", "100", "--concurrency", "2"]);
+    assert!(code_count(&done, "UNAVAILABLE") >= 20, "{done}");
+    let details = done["details"]["UNAVAILABLE"][0].as_str().unwrap();
+    assert!(details.starts_with("injected fault"), "{details}");
+    // A method not marked idempotent is never retried after an answer.
+    drop(proxy);
+}

@@ -373,6 +373,7 @@ pub async fn forward(
             }
         };
         let replayable = lock(&replay).intact();
+        // Whether to go again, and whether to wait before.
         let again = match &end {
             // Refused unprocessed: no fault of the endpoint's (a graceful shutdown, or a
             // stream limit), and sent again at once, as gRPC's transparent retry does.
@@ -383,27 +384,32 @@ pub async fn forward(
             {
                 debug!(method = %out.method, endpoint = ?out.endpoint, %why, "upstream refused the stream unprocessed: retrying");
                 call.attempt_failed(Mark::Neutral, now);
-                true
+                Some(false)
             }
             End::Unavailable => {
                 debug!(method = %out.method, endpoint = ?out.endpoint, "idempotent call answered UNAVAILABLE: retrying");
                 call.attempt_failed(Mark::Failure, now);
-                wait_backoff(&shared, attempt, deadline).await
+                Some(true)
             }
-            _ => false,
+            _ => None,
         };
-        if again {
-            out.retries += 1;
-            out.grpc_status = None;
-            out.http_status = None;
-            out.first_byte = None;
-            // A send cut short left its bytes unreleased: they are in the replay now.
-            let n = std::mem::take(&mut lock(&replay).unreleased);
-            let _ = client_body.flow_control().release_capacity(n);
-            continue;
-        }
         call.request_complete = lock(&replay).ended;
-        break (end, up_send, lease);
+        let Some(wait) = again else {
+            break (end, up_send, Some(lease));
+        };
+        // The endpoint's slot is not held while waiting.
+        drop(lease);
+        if wait && !wait_backoff(&shared, attempt, deadline).await {
+            // Too close to the deadline to try again: the client gets the upstream's answer.
+            break (end, up_send, None);
+        }
+        out.retries += 1;
+        out.grpc_status = None;
+        out.http_status = None;
+        out.first_byte = None;
+        // A send cut short left its bytes unreleased: they are in the replay now.
+        let n = std::mem::take(&mut lock(&replay).unreleased);
+        let _ = client_body.flow_control().release_capacity(n);
     };
 
     match end {
