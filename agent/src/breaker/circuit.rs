@@ -107,6 +107,15 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// A permit of a closed breaker of this generation (admitted without its lock: a closed
+    /// breaker lets every call through).
+    pub fn closed(generation: u64) -> Self {
+        Self {
+            generation,
+            probe: false,
+        }
+    }
+
     pub fn is_probe(&self) -> bool {
         self.probe
     }
@@ -217,6 +226,11 @@ impl Breaker {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Changes of state so far (see [`Permit`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     #[cfg_attr(not(test), expect(dead_code, reason = "read by tests"))]

@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction},
+    circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction, State},
     classify::Verdict,
     config::{BreakerConfig, Scope},
 };
@@ -70,22 +70,90 @@ pub struct Snapshot {
 struct Cell {
     id: Arc<BreakerId>,
     breaker: Mutex<Breaker>,
+    /// The breaker's state and generation, mirrored after every change under the lock, so
+    /// that a closed breaker admits a call without taking it (most calls, most of the time).
+    gate: AtomicU64,
+}
+
+const GATE_CLOSED: u64 = 0;
+
+fn gate_of(b: &Breaker) -> u64 {
+    let state = match b.state() {
+        State::Closed => GATE_CLOSED,
+        State::Open => 1,
+        State::HalfOpen => 2,
+    };
+    (b.generation() << 2) | state
+}
+
+/// A breaker's lock; the gate is brought up to date when it is let go.
+struct Locked<'a> {
+    cell: &'a Cell,
+    guard: MutexGuard<'a, Breaker>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Breaker;
+    fn deref(&self) -> &Breaker {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Breaker {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.cell
+            .gate
+            .store(gate_of(&self.guard), Ordering::Release);
+    }
 }
 
 impl Cell {
-    fn lock(&self) -> MutexGuard<'_, Breaker> {
-        self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            cell: self,
+            guard: self.breaker.lock().unwrap_or_else(PoisonError::into_inner),
+        }
+    }
+
+    /// The generation of a closed breaker, read without the lock.
+    fn closed(&self) -> Option<u64> {
+        let g = self.gate.load(Ordering::Acquire);
+        (g & 3 == GATE_CLOSED).then_some(g >> 2)
+    }
+}
+
+/// A breaker held by a call: borrowed from the registry (endpoint, subset, cluster: they live
+/// as long as it), or shared (client and method breakers, made as calls come, and a client's
+/// may be forgotten while a call holds it).
+enum CellRef<'a> {
+    Borrowed(&'a Cell),
+    Shared(Arc<Cell>),
+}
+
+impl std::ops::Deref for CellRef<'_> {
+    type Target = Cell;
+    fn deref(&self) -> &Cell {
+        match self {
+            CellRef::Borrowed(c) => c,
+            CellRef::Shared(c) => c,
+        }
     }
 }
 
 /// A permit on one breaker, given back (as neutral) if dropped unrecorded: a call that
 /// vanished must not hold a half-open probe slot for ever.
-struct Held {
-    cell: Arc<Cell>,
+struct Held<'a> {
+    cell: CellRef<'a>,
     permit: Option<Permit>,
 }
 
-impl Held {
+impl Held<'_> {
     fn record(&mut self, mark: Mark, latency: Duration, now: Instant, out: &mut Vec<Transition>) {
         if let Some(p) = self.permit.take()
             && let Some(change) = self.cell.lock().record(p, mark, latency, now)
@@ -98,7 +166,7 @@ impl Held {
     }
 }
 
-impl Drop for Held {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.permit.take() {
             self.cell.lock().release(p);
@@ -108,15 +176,15 @@ impl Drop for Held {
 
 /// The permits one call holds.
 #[derive(Default)]
-pub struct CallPermits {
-    client: Option<Held>,
-    cluster: Option<Held>,
-    method: Option<Held>,
-    subset: Option<Held>,
-    endpoint: Option<Held>,
+pub struct CallPermits<'a> {
+    client: Option<Held<'a>>,
+    cluster: Option<Held<'a>>,
+    method: Option<Held<'a>>,
+    subset: Option<Held<'a>>,
+    endpoint: Option<Held<'a>>,
 }
 
-impl CallPermits {
+impl CallPermits<'_> {
     /// Records one attempt on the endpoint it was sent to (and its subset), before the call
     /// tries another endpoint.
     pub fn record_attempt(
@@ -183,12 +251,14 @@ pub struct ClusterShape<'a> {
     pub subsets: &'a [String],
 }
 
+type Map<V> = HashMap<Box<str>, V, foldhash::quality::RandomState>;
+
 struct ClassBreakers {
-    cluster: Option<Arc<Cell>>,
+    cluster: Option<Cell>,
     /// Empty when the cluster has one subset only (its breaker would be the cluster's).
-    subsets: Vec<Arc<Cell>>,
-    endpoints: Vec<Arc<Cell>>,
-    methods: RwLock<HashMap<Box<str>, Arc<Cell>>>,
+    subsets: Vec<Cell>,
+    endpoints: Vec<Cell>,
+    methods: RwLock<Map<Arc<Cell>>>,
 }
 
 struct ClusterBreakers {
@@ -201,7 +271,7 @@ pub struct Breakers {
     config: BreakerConfig,
     epoch: Instant,
     clusters: Vec<ClusterBreakers>,
-    clients: Mutex<HashMap<Box<str>, Arc<Cell>>>,
+    clients: Mutex<Map<Arc<Cell>>>,
     next_seed: AtomicU64,
     /// Clients and methods seen while their map was full: no breaker for them.
     pub untracked_clients: AtomicU64,
@@ -215,7 +285,7 @@ impl Breakers {
             config,
             epoch,
             clusters: Vec::new(),
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Map::default()),
             untracked_clients: AtomicU64::new(0),
             untracked_methods: AtomicU64::new(0),
         };
@@ -227,23 +297,25 @@ impl Breakers {
         &self.config
     }
 
-    fn cell(&self, scope: Scope, class: usize, name: String) -> Option<Arc<Cell>> {
+    fn cell(&self, scope: Scope, class: usize, name: String) -> Option<Cell> {
         let policy = self.config.policy(class, scope)?;
         let class_name = (class != 0 && scope != Scope::Client)
             .then(|| self.config.classes.get(class).cloned())
             .flatten();
-        Some(Arc::new(Cell {
+        let breaker = Breaker::new(
+            policy,
+            self.epoch,
+            self.next_seed.fetch_add(1, Ordering::Relaxed),
+        );
+        Some(Cell {
             id: Arc::new(BreakerId {
                 scope,
                 name,
                 class: class_name,
             }),
-            breaker: Mutex::new(Breaker::new(
-                policy,
-                self.epoch,
-                self.next_seed.fetch_add(1, Ordering::Relaxed),
-            )),
-        }))
+            gate: AtomicU64::new(gate_of(&breaker)),
+            breaker: Mutex::new(breaker),
+        })
     }
 
     fn cluster_breakers(&self, c: &ClusterShape<'_>) -> ClusterBreakers {
@@ -263,7 +335,7 @@ impl Breakers {
                     .iter()
                     .filter_map(|e| self.cell(Scope::Endpoint, class, format!("{}/{e}", c.name)))
                     .collect(),
-                methods: RwLock::new(HashMap::new()),
+                methods: RwLock::new(Map::default()),
             })
             .collect();
         ClusterBreakers {
@@ -287,21 +359,21 @@ impl Breakers {
         client: Option<&str>,
         now: Instant,
         out: &mut Vec<Transition>,
-    ) -> Result<CallPermits, Rejected> {
+    ) -> Result<CallPermits<'_>, Rejected> {
         let mut permits = CallPermits::default();
         if let Some(key) = client
             && let Some(cell) = self.client_cell(key, now)
         {
-            permits.client = Some(admit(&cell, now, out)?);
+            permits.client = Some(admit(CellRef::Shared(cell), now, out)?);
         }
         let Some(cb) = self.class(cluster, class) else {
             return Ok(permits);
         };
         if let Some(cell) = &cb.cluster {
-            permits.cluster = Some(admit(cell, now, out)?);
+            permits.cluster = Some(admit(CellRef::Borrowed(cell), now, out)?);
         }
         if let Some(cell) = self.method_cell(cluster, class, cb, method) {
-            permits.method = Some(admit(&cell, now, out)?);
+            permits.method = Some(admit(CellRef::Shared(cell), now, out)?);
         }
         Ok(permits)
     }
@@ -324,13 +396,13 @@ impl Breakers {
         ]
         .into_iter()
         .flatten()
-        .all(|c| c.lock().admissible(now))
+        .all(|c| c.closed().is_some() || c.lock().admissible(now))
     }
 
     /// Takes the picked endpoint's (and its subset's) permits for the call.
-    pub fn admit_endpoint(
-        &self,
-        permits: &mut CallPermits,
+    pub fn admit_endpoint<'a>(
+        &'a self,
+        permits: &mut CallPermits<'a>,
         cluster: usize,
         class: usize,
         endpoint: usize,
@@ -344,11 +416,11 @@ impl Breakers {
             .subset_of(cluster, endpoint)
             .and_then(|s| cb.subsets.get(s))
         {
-            Some(cell) => Some(admit(cell, now, out)?),
+            Some(cell) => Some(admit(CellRef::Borrowed(cell), now, out)?),
             None => None,
         };
         permits.endpoint = match cb.endpoints.get(endpoint) {
-            Some(cell) => Some(admit(cell, now, out)?),
+            Some(cell) => Some(admit(CellRef::Borrowed(cell), now, out)?),
             None => None,
         };
         Ok(())
@@ -398,7 +470,7 @@ impl Breakers {
             return None;
         }
         let name = format!("{}{method}", self.clusters.get(cluster)?.name);
-        let cell = self.cell(Scope::Method, class, name)?;
+        let cell = Arc::new(self.cell(Scope::Method, class, name)?);
         map.insert(method.into(), cell.clone());
         Some(cell)
     }
@@ -426,22 +498,22 @@ impl Breakers {
                 return None;
             }
         }
-        let cell = self.cell(Scope::Client, 0, key.to_owned())?;
+        let cell = Arc::new(self.cell(Scope::Client, 0, key.to_owned())?);
         map.insert(key.into(), cell.clone());
         Some(cell)
     }
 
-    fn every_cell(&self) -> Vec<Arc<Cell>> {
+    fn every_cell(&self) -> Vec<CellRef<'_>> {
         let mut cells = Vec::new();
         for c in &self.clusters {
             for cb in &c.classes {
-                cells.extend(cb.cluster.iter().cloned());
-                cells.extend(cb.subsets.iter().cloned());
-                cells.extend(cb.endpoints.iter().cloned());
-                cells.extend(read(&cb.methods).values().cloned());
+                cells.extend(cb.cluster.iter().map(CellRef::Borrowed));
+                cells.extend(cb.subsets.iter().map(CellRef::Borrowed));
+                cells.extend(cb.endpoints.iter().map(CellRef::Borrowed));
+                cells.extend(read(&cb.methods).values().cloned().map(CellRef::Shared));
             }
         }
-        cells.extend(lock(&self.clients).values().cloned());
+        cells.extend(lock(&self.clients).values().cloned().map(CellRef::Shared));
         cells
     }
 
@@ -555,8 +627,19 @@ impl Breakers {
 }
 
 /// Admits through one breaker, noting a change (open -> half-open).
-fn admit(cell: &Arc<Cell>, now: Instant, out: &mut Vec<Transition>) -> Result<Held, Rejected> {
-    match cell.lock().admit(now) {
+fn admit<'a>(
+    cell: CellRef<'a>,
+    now: Instant,
+    out: &mut Vec<Transition>,
+) -> Result<Held<'a>, Rejected> {
+    if let Some(generation) = cell.closed() {
+        return Ok(Held {
+            cell,
+            permit: Some(Permit::closed(generation)),
+        });
+    }
+    let admitted = cell.lock().admit(now);
+    match admitted {
         Ok((permit, change)) => {
             if let Some(change) = change {
                 out.push(Transition {
@@ -565,7 +648,7 @@ fn admit(cell: &Arc<Cell>, now: Instant, out: &mut Vec<Transition>) -> Result<He
                 });
             }
             Ok(Held {
-                cell: cell.clone(),
+                cell,
                 permit: Some(permit),
             })
         }

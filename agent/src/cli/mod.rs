@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments, sets up logging and the runtime, and maps errors to
 //! one readable line and a non-zero exit code.
 
+mod bench_breaker;
 mod check_config;
 mod run;
 mod trace;
@@ -29,6 +30,9 @@ enum Command {
     Run(run::Options),
     /// Check a configuration file; every problem is printed with its line.
     CheckConfig(check_config::Options),
+    /// What the breaker engine costs one stream (for `cargo xtask bench breaker`).
+    #[command(hide = true)]
+    BenchBreaker(bench_breaker::Options),
 }
 
 pub fn main() -> ExitCode {
@@ -57,6 +61,7 @@ pub fn main() -> ExitCode {
             Command::Trace(opts) => trace::run(opts).await,
             Command::Run(opts) => run::run(opts).await,
             Command::CheckConfig(opts) => check_config::run(&opts),
+            Command::BenchBreaker(opts) => bench_breaker::run(&opts),
         }
     });
     match result {

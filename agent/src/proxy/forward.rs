@@ -777,7 +777,7 @@ fn answer(
 struct Call<'a> {
     shared: &'a Shared,
     start: Instant,
-    permits: Option<CallPermits>,
+    permits: Option<CallPermits<'a>>,
     transitions: Vec<Transition>,
     /// The client had sent all of its request (for whose fault a deadline was).
     request_complete: bool,
@@ -848,12 +848,12 @@ impl Call<'_> {
 
 /// Picks an endpoint whose breakers admit the call, preferring one not tried yet, and takes
 /// its permits.
-fn pick_endpoint(
-    shared: &Shared,
+fn pick_endpoint<'a>(
+    shared: &'a Shared,
     cluster: usize,
     class: usize,
     tried: &[usize],
-    call: &mut Call<'_>,
+    call: &mut Call<'a>,
 ) -> Result<usize, Rejected> {
     let breakers = &shared.breakers;
     let pool = &shared.clusters[cluster];

@@ -3,6 +3,7 @@
 //! alike. Nothing here asserts a time: the figures are for people to read and compare.
 
 mod agent;
+mod breaker;
 mod h2;
 mod probes;
 mod proxy;
@@ -36,6 +37,10 @@ enum Suite {
     /// The agent's proxy: h2load gRPC unary calls at grpc-go direct, through `agent run`,
     /// nghttpx and HAProxy (interleaved runs): requests/s, p50/p99, the proxy's CPU and memory.
     Proxy(proxy::Options),
+    /// Circuit breakers: client-visible failures and time until traffic stops reaching an
+    /// endpoint that fails every call or is killed, through `agent run` vs HAProxy (`observe
+    /// layer7 error-limit 5 on-error mark-down`); and the engine's cost per stream.
+    Breaker(breaker::Options),
 }
 
 pub fn run(opts: Options) -> Result<()> {
@@ -49,6 +54,7 @@ pub fn run(opts: Options) -> Result<()> {
         Suite::Probes(o) => probes::run(o),
         Suite::H2(o) => h2::run(o),
         Suite::Proxy(o) => proxy::run(o),
+        Suite::Breaker(o) => breaker::run(o),
     }
 }
 
