@@ -107,6 +107,10 @@ pub struct Permit {
 }
 
 impl Permit {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// A permit of a closed breaker of this generation (admitted without its lock: a closed
     /// breaker lets every call through).
     pub fn closed(generation: u64) -> Self {
@@ -226,6 +230,26 @@ impl Breaker {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Whether a success changes nothing now but the window's count of calls: closed, no
+    /// failure in a row or in the window, no slow-call rule (which needs each latency). Then
+    /// a success may be counted without the breaker's lock (see the registry).
+    pub fn success_only_counts(&self) -> bool {
+        self.state == State::Closed
+            && self.consecutive == 0
+            && self.window.failures_seen() == 0
+            && self.policy.slow_ratio <= 0.0
+    }
+
+    /// Successes counted without the lock in bucket `index` of the window.
+    pub fn absorb_successes(&mut self, index: u64, calls: u32) {
+        self.window.absorb(index, calls);
+    }
+
+    /// The window's bucket width and count, for counting successes without the lock.
+    pub fn window_shape(&self) -> (u64, usize) {
+        (self.window.bucket_nanos(), self.window.buckets())
     }
 
     /// Changes of state so far (see [`Permit`]).

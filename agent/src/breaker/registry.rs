@@ -71,11 +71,22 @@ struct Cell {
     id: Arc<BreakerId>,
     breaker: Mutex<Breaker>,
     /// The breaker's state and generation, mirrored after every change under the lock, so
-    /// that a closed breaker admits a call without taking it (most calls, most of the time).
+    /// that a closed breaker admits a call without taking it, and a healthy one counts a
+    /// success without it (most calls, most of the time).
     gate: AtomicU64,
+    /// Successes counted without the lock, per window bucket: `bucket index << 24 | count`.
+    /// Moved into the breaker's window each time the lock is taken.
+    successes: Box<[AtomicU64]>,
+    bucket_nanos: u64,
 }
 
+const GATE_STATE: u64 = 0b11;
 const GATE_CLOSED: u64 = 0;
+/// Set while a success only counts (see [`Breaker::success_only_counts`]).
+const GATE_SUCCESS_ONLY_COUNTS: u64 = 0b100;
+const GATE_GENERATION_SHIFT: u32 = 3;
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
 fn gate_of(b: &Breaker) -> u64 {
     let state = match b.state() {
@@ -83,7 +94,12 @@ fn gate_of(b: &Breaker) -> u64 {
         State::Open => 1,
         State::HalfOpen => 2,
     };
-    (b.generation() << 2) | state
+    let counts_only = if b.success_only_counts() {
+        GATE_SUCCESS_ONLY_COUNTS
+    } else {
+        0
+    };
+    (b.generation() << GATE_GENERATION_SHIFT) | counts_only | state
 }
 
 /// A breaker's lock; the gate is brought up to date when it is let go.
@@ -114,17 +130,70 @@ impl Drop for Locked<'_> {
 }
 
 impl Cell {
-    fn lock(&self) -> Locked<'_> {
-        Locked {
-            cell: self,
-            guard: self.breaker.lock().unwrap_or_else(PoisonError::into_inner),
+    fn new(id: BreakerId, breaker: Breaker) -> Self {
+        let (bucket_nanos, buckets) = breaker.window_shape();
+        Self {
+            id: Arc::new(id),
+            gate: AtomicU64::new(gate_of(&breaker)),
+            successes: (0..buckets).map(|_| AtomicU64::new(0)).collect(),
+            bucket_nanos: bucket_nanos.max(1),
+            breaker: Mutex::new(breaker),
         }
+    }
+
+    /// The breaker, with the successes counted meanwhile moved into its window.
+    fn lock(&self) -> Locked<'_> {
+        let mut guard = self.breaker.lock().unwrap_or_else(PoisonError::into_inner);
+        for slot in &self.successes {
+            if slot.load(Ordering::Relaxed) != 0 {
+                let v = slot.swap(0, Ordering::AcqRel);
+                if v != 0 {
+                    guard.absorb_successes(v >> COUNT_BITS, (v & COUNT_MASK) as u32);
+                }
+            }
+        }
+        Locked { cell: self, guard }
     }
 
     /// The generation of a closed breaker, read without the lock.
     fn closed(&self) -> Option<u64> {
         let g = self.gate.load(Ordering::Acquire);
-        (g & 3 == GATE_CLOSED).then_some(g >> 2)
+        (g & GATE_STATE == GATE_CLOSED).then_some(g >> GATE_GENERATION_SHIFT)
+    }
+
+    /// Counts a success without the lock, if that is all it would do (see the gate). False
+    /// when the lock is needed.
+    /// `t`: nanoseconds since the registry's (and every breaker's) epoch.
+    fn count_success(&self, generation: u64, t: u64) -> bool {
+        let want = (generation << GATE_GENERATION_SHIFT) | GATE_SUCCESS_ONLY_COUNTS | GATE_CLOSED;
+        if self.gate.load(Ordering::Acquire) != want || self.successes.is_empty() {
+            return false;
+        }
+        let index = t / self.bucket_nanos;
+        if index >= 1 << (64 - COUNT_BITS) {
+            return false;
+        }
+        let slot = &self.successes[(index % self.successes.len() as u64) as usize];
+        let mut v = slot.load(Ordering::Relaxed);
+        loop {
+            let held = v >> COUNT_BITS;
+            let new = if v != 0 && held == index {
+                if v & COUNT_MASK == COUNT_MASK {
+                    return false;
+                }
+                v + 1
+            } else if v == 0 || held < index {
+                // Empty, or a bucket a whole window old: gone from the window anyway.
+                (index << COUNT_BITS) | 1
+            } else {
+                // A newer bucket: this clock reading is a window late; let the lock sort it.
+                return false;
+            };
+            match slot.compare_exchange_weak(v, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now_there) => v = now_there,
+            }
+        }
     }
 }
 
@@ -154,10 +223,20 @@ struct Held<'a> {
 }
 
 impl Held<'_> {
-    fn record(&mut self, mark: Mark, latency: Duration, now: Instant, out: &mut Vec<Transition>) {
-        if let Some(p) = self.permit.take()
-            && let Some(change) = self.cell.lock().record(p, mark, latency, now)
-        {
+    /// `t`: `now` on the registry's clock.
+    fn record(
+        &mut self,
+        mark: Mark,
+        latency: Duration,
+        now: Instant,
+        t: u64,
+        out: &mut Vec<Transition>,
+    ) {
+        let Some(p) = self.permit.take() else { return };
+        if mark == Mark::Success && !p.is_probe() && self.cell.count_success(p.generation(), t) {
+            return;
+        }
+        if let Some(change) = self.cell.lock().record(p, mark, latency, now) {
             out.push(Transition {
                 breaker: self.cell.id.clone(),
                 change,
@@ -175,8 +254,9 @@ impl Drop for Held<'_> {
 }
 
 /// The permits one call holds.
-#[derive(Default)]
 pub struct CallPermits<'a> {
+    /// The registry's epoch, which every breaker's clock counts from.
+    epoch: Instant,
     client: Option<Held<'a>>,
     cluster: Option<Held<'a>>,
     method: Option<Held<'a>>,
@@ -185,6 +265,21 @@ pub struct CallPermits<'a> {
 }
 
 impl CallPermits<'_> {
+    fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            client: None,
+            cluster: None,
+            method: None,
+            subset: None,
+            endpoint: None,
+        }
+    }
+
+    fn clock(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// Records one attempt on the endpoint it was sent to (and its subset), before the call
     /// tries another endpoint.
     pub fn record_attempt(
@@ -198,7 +293,7 @@ impl CallPermits<'_> {
             .into_iter()
             .flatten()
         {
-            h.record(mark, latency, now, out);
+            h.record(mark, latency, now, self.clock(now), out);
         }
     }
 
@@ -210,8 +305,9 @@ impl CallPermits<'_> {
         now: Instant,
         out: &mut Vec<Transition>,
     ) {
+        let t = self.clock(now);
         if let Some(h) = &mut self.client {
-            h.record(verdict.client, latency, now, out);
+            h.record(verdict.client, latency, now, t, out);
         }
         for h in [
             &mut self.cluster,
@@ -222,7 +318,7 @@ impl CallPermits<'_> {
         .into_iter()
         .flatten()
         {
-            h.record(verdict.upstream, latency, now, out);
+            h.record(verdict.upstream, latency, now, t, out);
         }
     }
 
@@ -307,15 +403,14 @@ impl Breakers {
             self.epoch,
             self.next_seed.fetch_add(1, Ordering::Relaxed),
         );
-        Some(Cell {
-            id: Arc::new(BreakerId {
+        Some(Cell::new(
+            BreakerId {
                 scope,
                 name,
                 class: class_name,
-            }),
-            gate: AtomicU64::new(gate_of(&breaker)),
-            breaker: Mutex::new(breaker),
-        })
+            },
+            breaker,
+        ))
     }
 
     fn cluster_breakers(&self, c: &ClusterShape<'_>) -> ClusterBreakers {
@@ -360,7 +455,7 @@ impl Breakers {
         now: Instant,
         out: &mut Vec<Transition>,
     ) -> Result<CallPermits<'_>, Rejected> {
-        let mut permits = CallPermits::default();
+        let mut permits = CallPermits::new(self.epoch);
         if let Some(key) = client
             && let Some(cell) = self.client_cell(key, now)
         {

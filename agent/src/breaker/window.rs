@@ -88,6 +88,39 @@ impl SlidingWindow {
         self.total
     }
 
+    /// Adds `calls` successful calls counted elsewhere (lock-free) in bucket `index`; nothing
+    /// if that bucket has left the window.
+    pub fn absorb(&mut self, index: u64, calls: u32) {
+        self.advance(index.saturating_mul(self.bucket_nanos));
+        let len = self.ring.len() as u64;
+        if index.saturating_add(len) <= self.head {
+            return;
+        }
+        let c = Counts {
+            calls,
+            failures: 0,
+            slow: 0,
+        };
+        if let Some(b) = self.ring.get_mut((index % len) as usize) {
+            b.add(c);
+        }
+        self.total.add(c);
+    }
+
+    pub fn bucket_nanos(&self) -> u64 {
+        self.bucket_nanos
+    }
+
+    pub fn buckets(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Failures in the window as of the last record or read (no clock needed: it can only
+    /// be more than at `now`).
+    pub fn failures_seen(&self) -> u32 {
+        self.total.failures
+    }
+
     pub fn clear(&mut self) {
         self.ring.fill(Counts::default());
         self.total = Counts::default();

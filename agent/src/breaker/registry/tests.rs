@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::breaker::{
-    circuit::{Mark, SignalAction, State},
+    circuit::{Breaker, Mark, SignalAction, State},
     classify::Verdict,
     config::RawBreakers,
 };
@@ -267,4 +267,94 @@ fn signals_reach_every_class_of_an_endpoint_and_one_client() {
     let r = call(&b, 0, Some("session:s1"), 0, OK, now, &mut out).unwrap_err();
     assert_eq!(r.reason.as_str(), "rapid_reset");
     call(&b, 0, Some("session:s2"), 0, OK, now, &mut out).unwrap();
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Successes counted without the lock (while a breaker is healthy) leave the breaker
+    /// exactly where recording every call under the lock would: same window, same trips, at
+    /// the same calls.
+    #[test]
+    fn lock_free_successes_match_the_locked_breaker(
+        steps in proptest::collection::vec((0u64..400, 0u8..10), 1..400),
+    ) {
+        let cfg = config(
+            r#"
+            [endpoint]
+            consecutive_failures = 4
+            failure_ratio = 0.5
+            min_requests = 8
+            window = "1s"
+            buckets = 5
+            open_for = "300ms"
+            jitter = 0.0
+            half_open_probes = 1
+            half_open_successes = 1
+            [cluster]
+            enabled = false
+            [method]
+            enabled = false
+            "#,
+        );
+        let policy = cfg.policy(0, Scope::Endpoint).unwrap();
+        let epoch = Instant::now();
+        let eps = vec!["a:1".to_owned()];
+        let b = Breakers::new(
+            cfg,
+            &[ClusterShape { name: "c", endpoints: &eps, endpoint_subset: &[0], subsets: &[] }],
+            epoch,
+        );
+        let mut pure = Breaker::new(policy, epoch, 0);
+        let mut now = epoch;
+        let mut out = Vec::new();
+        for (gap_ms, roll) in steps {
+            now += Duration::from_millis(gap_ms);
+            let mark = if roll < 2 { Mark::Failure } else { Mark::Success };
+            let v = Verdict { upstream: mark, client: Mark::Success };
+            out.clear();
+            let fast = call(&b, 0, None, 0, v, now, &mut out);
+            let slow = pure.admit(now).map(|(p, admitted)| {
+                let recorded = pure.record(p, mark, Duration::from_millis(1), now);
+                usize::from(admitted.is_some()) + usize::from(recorded.is_some())
+            });
+            proptest::prop_assert_eq!(fast.is_ok(), slow.is_ok());
+            if let Ok(changes) = slow {
+                proptest::prop_assert_eq!(out.len(), changes);
+            }
+            let got = &b.snapshot(now)[0].figures;
+            let want = pure.figures(now);
+            proptest::prop_assert_eq!(got.state, want.state);
+            proptest::prop_assert_eq!(got.window, want.window);
+            proptest::prop_assert_eq!(got.consecutive_failures, want.consecutive_failures);
+        }
+    }
+}
+
+#[test]
+fn a_healthy_breaker_counts_successes_without_its_lock() {
+    let b = breakers(BreakerConfig::default(), &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        call(&b, 0, None, 0, OK, now, &mut out).unwrap();
+    }
+    let cell = &b.clusters[0].classes[0].endpoints[0];
+    let pending: u64 = cell
+        .successes
+        .iter()
+        .map(|s| s.load(Ordering::Relaxed) & COUNT_MASK)
+        .sum();
+    assert_eq!(pending, 100, "every success went around the lock");
+    // One failure: from then on (while it is in the window) the lock counts them.
+    call(&b, 0, None, 0, UP_FAIL, now, &mut out).unwrap();
+    call(&b, 0, None, 0, OK, now, &mut out).unwrap();
+    let pending: u64 = cell
+        .successes
+        .iter()
+        .map(|s| s.load(Ordering::Relaxed) & COUNT_MASK)
+        .sum();
+    assert_eq!(pending, 0);
+    let figures = cell.lock().figures(now);
+    assert_eq!((figures.window.calls, figures.window.failures), (102, 1));
 }
