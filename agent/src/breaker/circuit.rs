@@ -383,6 +383,18 @@ impl Breaker {
         }
     }
 
+    /// A failure of a call admitted without a permit (a client that had no breaker yet):
+    /// counted, and judged, as any failure of a closed breaker.
+    pub fn count_failure(&mut self, now: Instant) -> Option<Change> {
+        let t = self.clock(now);
+        self.last_active = t;
+        if self.state != State::Closed {
+            return None;
+        }
+        self.count(t, true, false);
+        self.trip_reason(t).map(|r| self.open(t, r, 0))
+    }
+
     /// Gives a permit back without a result (the call was abandoned).
     pub fn release(&mut self, permit: Permit) {
         if permit.probe && permit.generation == self.generation && self.state == State::HalfOpen {

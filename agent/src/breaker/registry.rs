@@ -8,8 +8,8 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, RwLock,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -255,8 +255,7 @@ impl Drop for Held<'_> {
 
 /// The permits one call holds.
 pub struct CallPermits<'a> {
-    /// The registry's epoch, which every breaker's clock counts from.
-    epoch: Instant,
+    registry: &'a Breakers,
     client: Option<Held<'a>>,
     cluster: Option<Held<'a>>,
     method: Option<Held<'a>>,
@@ -264,10 +263,10 @@ pub struct CallPermits<'a> {
     endpoint: Option<Held<'a>>,
 }
 
-impl CallPermits<'_> {
-    fn new(epoch: Instant) -> Self {
+impl<'a> CallPermits<'a> {
+    fn new(registry: &'a Breakers) -> Self {
         Self {
-            epoch,
+            registry,
             client: None,
             cluster: None,
             method: None,
@@ -277,7 +276,11 @@ impl CallPermits<'_> {
     }
 
     fn clock(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(
+            now.saturating_duration_since(self.registry.epoch)
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX)
     }
 
     /// Records one attempt on the endpoint it was sent to (and its subset), before the call
@@ -297,17 +300,23 @@ impl CallPermits<'_> {
         }
     }
 
-    /// Records the call's result in every breaker it still holds.
+    /// Records the call's result in every breaker it still holds; a fault of a `client` that
+    /// had no breaker yet makes it one.
     pub fn record_call(
         &mut self,
         verdict: Verdict,
         latency: Duration,
         now: Instant,
+        client: Option<&str>,
         out: &mut Vec<Transition>,
     ) {
         let t = self.clock(now);
-        if let Some(h) = &mut self.client {
-            h.record(verdict.client, latency, now, t, out);
+        match (&mut self.client, client) {
+            (Some(h), _) => h.record(verdict.client, latency, now, t, out),
+            (None, Some(key)) if verdict.client == Mark::Failure => {
+                self.registry.client_fault(key, now, out);
+            }
+            _ => {}
         }
         for h in [
             &mut self.cluster,
@@ -349,12 +358,78 @@ pub struct ClusterShape<'a> {
 
 type Map<V> = HashMap<Box<str>, V, foldhash::quality::RandomState>;
 
+/// Method breakers: an open-addressed table that only grows (up to `max` methods, in twice
+/// as many slots), so that finding a method's breaker takes no lock and no reference count,
+/// and a breaker, once made, lives as long as the registry.
+type MethodEntry = Box<(Box<str>, Cell)>;
+
+struct MethodTable {
+    slots: Box<[OnceLock<MethodEntry>]>,
+    hasher: foldhash::quality::RandomState,
+    len: AtomicUsize,
+    max: usize,
+}
+
+impl MethodTable {
+    fn new(max: usize) -> Self {
+        Self {
+            slots: (0..(max * 2).max(1)).map(|_| OnceLock::new()).collect(),
+            hasher: foldhash::quality::RandomState::default(),
+            len: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.len.load(Ordering::Relaxed) >= self.max
+    }
+
+    fn get_or_insert(&self, method: &str, make: impl FnOnce() -> Option<Cell>) -> Option<&Cell> {
+        use std::hash::BuildHasher as _;
+        let n = self.slots.len();
+        let start = self.hasher.hash_one(method) as usize;
+        let mut make = Some(make);
+        // A breaker made for a slot another method took first, kept for the next empty one.
+        let mut spare: Option<Cell> = None;
+        for k in 0..n {
+            let slot = &self.slots[(start + k) % n];
+            if let Some(entry) = slot.get() {
+                if &*entry.0 == method {
+                    return Some(&entry.1);
+                }
+                continue;
+            }
+            // An empty slot: the method is not in the table; put it here (or learn which
+            // method another call put here first).
+            if self.full() {
+                return None;
+            }
+            let cell = spare.take().or_else(|| make.take().and_then(|f| f()))?;
+            match slot.set(Box::new((Box::<str>::from(method), cell))) {
+                Ok(()) => {
+                    self.len.fetch_add(1, Ordering::Relaxed);
+                    return slot.get().map(|e| &e.1);
+                }
+                Err(lost) => match slot.get() {
+                    Some(there) if &*there.0 == method => return Some(&there.1),
+                    _ => spare = Some(lost.1),
+                },
+            }
+        }
+        None
+    }
+
+    fn cells(&self) -> impl Iterator<Item = &Cell> {
+        self.slots.iter().filter_map(|s| s.get()).map(|e| &e.1)
+    }
+}
+
 struct ClassBreakers {
     cluster: Option<Cell>,
     /// Empty when the cluster has one subset only (its breaker would be the cluster's).
     subsets: Vec<Cell>,
     endpoints: Vec<Cell>,
-    methods: RwLock<Map<Arc<Cell>>>,
+    methods: MethodTable,
 }
 
 struct ClusterBreakers {
@@ -367,7 +442,12 @@ pub struct Breakers {
     config: BreakerConfig,
     epoch: Instant,
     clusters: Vec<ClusterBreakers>,
+    /// Breakers of the clients that were at fault (a client that never was needs none).
     clients: Mutex<Map<Arc<Cell>>>,
+    /// A bit per client key hash, set for the clients in `clients`: most calls learn that
+    /// their client has no breaker from one load.
+    client_filter: Box<[AtomicU64]>,
+    filter_hasher: foldhash::quality::RandomState,
     next_seed: AtomicU64,
     /// Clients and methods seen while their map was full: no breaker for them.
     pub untracked_clients: AtomicU64,
@@ -376,12 +456,17 @@ pub struct Breakers {
 
 impl Breakers {
     pub fn new(config: BreakerConfig, clusters: &[ClusterShape<'_>], epoch: Instant) -> Self {
+        let max_clients = config.max_clients;
         let mut me = Self {
             next_seed: AtomicU64::new(config.seed.unwrap_or_else(|| fastrand::u64(..))),
             config,
             epoch,
             clusters: Vec::new(),
             clients: Mutex::new(Map::default()),
+            client_filter: (0..(max_clients * 16).next_power_of_two().max(1024) / 64)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            filter_hasher: foldhash::quality::RandomState::default(),
             untracked_clients: AtomicU64::new(0),
             untracked_methods: AtomicU64::new(0),
         };
@@ -430,7 +515,7 @@ impl Breakers {
                     .iter()
                     .filter_map(|e| self.cell(Scope::Endpoint, class, format!("{}/{e}", c.name)))
                     .collect(),
-                methods: RwLock::new(Map::default()),
+                methods: MethodTable::new(self.config.max_methods),
             })
             .collect();
         ClusterBreakers {
@@ -455,9 +540,12 @@ impl Breakers {
         now: Instant,
         out: &mut Vec<Transition>,
     ) -> Result<CallPermits<'_>, Rejected> {
-        let mut permits = CallPermits::new(self.epoch);
+        let mut permits = CallPermits::new(self);
+        // Only clients that were at fault have a breaker: for the others (nearly every call)
+        // the filter says so without a lock.
         if let Some(key) = client
-            && let Some(cell) = self.client_cell(key, now)
+            && self.client_known(key)
+            && let Some(cell) = lock(&self.clients).get(key).cloned()
         {
             permits.client = Some(admit(CellRef::Shared(cell), now, out)?);
         }
@@ -468,7 +556,7 @@ impl Breakers {
             permits.cluster = Some(admit(CellRef::Borrowed(cell), now, out)?);
         }
         if let Some(cell) = self.method_cell(cluster, class, cb, method) {
-            permits.method = Some(admit(CellRef::Shared(cell), now, out)?);
+            permits.method = Some(admit(CellRef::Borrowed(cell), now, out)?);
         }
         Ok(permits)
     }
@@ -545,29 +633,51 @@ impl Breakers {
             .copied()
     }
 
-    fn method_cell(
-        &self,
+    fn method_cell<'a>(
+        &'a self,
         cluster: usize,
         class: usize,
-        cb: &ClassBreakers,
+        cb: &'a ClassBreakers,
         method: &str,
-    ) -> Option<Arc<Cell>> {
+    ) -> Option<&'a Cell> {
         self.config.policy(class, Scope::Method)?;
-        if let Some(c) = read(&cb.methods).get(method) {
-            return Some(c.clone());
-        }
-        let mut map = write(&cb.methods);
-        if let Some(c) = map.get(method) {
-            return Some(c.clone());
-        }
-        if map.len() >= self.config.max_methods {
+        let found = cb.methods.get_or_insert(method, || {
+            let name = format!("{}{method}", self.clusters.get(cluster)?.name);
+            self.cell(Scope::Method, class, name)
+        });
+        if found.is_none() && cb.methods.full() {
             self.untracked_methods.fetch_add(1, Ordering::Relaxed);
-            return None;
         }
-        let name = format!("{}{method}", self.clusters.get(cluster)?.name);
-        let cell = Arc::new(self.cell(Scope::Method, class, name)?);
-        map.insert(method.into(), cell.clone());
-        Some(cell)
+        found
+    }
+
+    /// Where a client key's bit is in the filter of clients with a breaker.
+    fn filter_bit(&self, key: &str) -> (usize, u64) {
+        use std::hash::BuildHasher as _;
+        let h = self.filter_hasher.hash_one(key);
+        let words = self.client_filter.len().max(1);
+        (((h >> 6) as usize) % words, 1u64 << (h & 63))
+    }
+
+    /// Whether a client may have a breaker (false: it surely has none).
+    fn client_known(&self, key: &str) -> bool {
+        let (word, bit) = self.filter_bit(key);
+        self.client_filter
+            .get(word)
+            .is_some_and(|w| w.load(Ordering::Acquire) & bit != 0)
+    }
+
+    /// A fault of a client that had no breaker when its call was admitted: counted in its
+    /// breaker, made now.
+    fn client_fault(&self, key: &str, now: Instant, out: &mut Vec<Transition>) {
+        if let Some(cell) = self.client_cell(key, now)
+            && let Some(change) = cell.lock().count_failure(now)
+        {
+            out.push(Transition {
+                breaker: cell.id.clone(),
+                change,
+            });
+        }
     }
 
     fn client_cell(&self, key: &str, now: Instant) -> Option<Arc<Cell>> {
@@ -588,6 +698,17 @@ impl Breakers {
                 let b = c.lock();
                 b.state() != super::circuit::State::Closed || b.last_active() >= idle_before
             });
+            // The filter again, for the clients left. (A call admitted meanwhile may miss
+            // its client's breaker: a race of microseconds, only when the map is full.)
+            for w in &self.client_filter {
+                w.store(0, Ordering::Release);
+            }
+            for k in map.keys() {
+                let (word, bit) = self.filter_bit(k);
+                if let Some(w) = self.client_filter.get(word) {
+                    w.fetch_or(bit, Ordering::AcqRel);
+                }
+            }
             if map.len() >= self.config.max_clients {
                 self.untracked_clients.fetch_add(1, Ordering::Relaxed);
                 return None;
@@ -595,6 +716,10 @@ impl Breakers {
         }
         let cell = Arc::new(self.cell(Scope::Client, 0, key.to_owned())?);
         map.insert(key.into(), cell.clone());
+        let (word, bit) = self.filter_bit(key);
+        if let Some(w) = self.client_filter.get(word) {
+            w.fetch_or(bit, Ordering::AcqRel);
+        }
         Some(cell)
     }
 
@@ -605,7 +730,7 @@ impl Breakers {
                 cells.extend(cb.cluster.iter().map(CellRef::Borrowed));
                 cells.extend(cb.subsets.iter().map(CellRef::Borrowed));
                 cells.extend(cb.endpoints.iter().map(CellRef::Borrowed));
-                cells.extend(read(&cb.methods).values().cloned().map(CellRef::Shared));
+                cells.extend(cb.methods.cells().map(CellRef::Borrowed));
             }
         }
         cells.extend(lock(&self.clients).values().cloned().map(CellRef::Shared));
@@ -757,14 +882,6 @@ fn admit<'a>(
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

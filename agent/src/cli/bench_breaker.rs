@@ -35,9 +35,14 @@ pub struct Options {
     /// Threads calling at once, over the same breakers.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Give every client a breaker first (one client fault each), as after a storm of
+    /// expired tokens: each call then goes through its client's breaker too. Without it,
+    /// no client was ever at fault and none has one (the common case).
+    #[arg(long)]
+    clients_with_breakers: bool,
 }
 
-/// Distinct client keys (`sub:user-N`), as many client breakers.
+/// Distinct client keys (`sub:user-N`).
 const CLIENTS: u64 = 1000;
 
 const METHOD: &str = "/pkg.S/M";
@@ -72,6 +77,27 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // A warm-up pass creates the client and method breakers, so that the measured calls find
     // them, as in a proxy that has been running for a while.
     one_loop(&breakers, &clients, CLIENTS.min(opts.calls), 0);
+    if opts.clients_with_breakers {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let fault = classify(
+            &Facts {
+                grpc: true,
+                ended: Ended::Answered,
+                grpc_status: Some(16),
+                http_status: Some(200),
+                token_expired: true,
+                request_complete: true,
+            },
+            breakers.config().resource_exhausted,
+        );
+        for client in &clients {
+            if let Ok(mut permits) = breakers.admit_call(0, 0, METHOD, Some(client), now, &mut out)
+            {
+                permits.record_call(fault, Duration::ZERO, now, Some(client), &mut out);
+            }
+        }
+    }
 
     let loops: Vec<Loop> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..opts.threads)
@@ -100,6 +126,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "{}",
         json!({
             "calls": opts.calls,
+            "clients_with_breakers": opts.clients_with_breakers,
             "threads": opts.threads,
             "ns_per_call": ns.iter().sum::<f64>() / ns.len() as f64,
             "ns_per_call_by_thread": ns,
@@ -152,7 +179,7 @@ fn one_loop(breakers: &Breakers, clients: &[String], calls: u64, t: u64) -> Loop
                 }
                 let verdict = classify(black_box(&facts), attribution);
                 let latency = Duration::from_micros(200 + n % 800);
-                permits.record_call(verdict, latency, now, &mut out);
+                permits.record_call(verdict, latency, now, Some(client), &mut out);
             }
             Err(_) => rejected += 1,
         }

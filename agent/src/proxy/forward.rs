@@ -158,6 +158,7 @@ pub async fn forward(
         shared: &shared,
         start,
         permits: None,
+        client_key: None,
         transitions: Vec::new(),
         request_complete: false,
     };
@@ -183,12 +184,12 @@ pub async fn forward(
     let cluster = &shared.clusters[cluster_index];
     out.cluster = Some(cluster.name.clone());
     // The client's, cluster's and method's breakers, before any endpoint is looked at.
-    let client_key = out.context.client_key().map(|k| k.to_string());
+    call.client_key = out.context.client_key().map(|k| k.to_string());
     match breakers.admit_call(
         cluster_index,
         class,
         &out.method,
-        client_key.as_deref(),
+        call.client_key.as_deref(),
         start.into_std(),
         &mut call.transitions,
     ) {
@@ -778,6 +779,8 @@ struct Call<'a> {
     shared: &'a Shared,
     start: Instant,
     permits: Option<CallPermits<'a>>,
+    /// The key of the client's breaker (`sub:...`, `session:...`).
+    client_key: Option<String>,
     transitions: Vec<Transition>,
     /// The client had sent all of its request (for whose fault a deadline was).
     request_complete: bool,
@@ -828,6 +831,7 @@ impl Call<'_> {
                 verdict,
                 out.first_byte.unwrap_or(out.latency),
                 now.into_std(),
+                self.client_key.as_deref(),
                 &mut self.transitions,
             );
         }

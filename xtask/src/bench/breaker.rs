@@ -1049,10 +1049,13 @@ fn engine(setup: &Setup) -> Result<Value> {
         opts.engine_calls, opts.engine_runs
     );
     let mut by_threads = Vec::new();
-    let mut ns: [Vec<f64>; 2] = Default::default();
+    // One thread; two on the same breakers; one where every client has a breaker (after a
+    // storm of client faults, still in the window: the slowest path of a healthy stream).
+    const VARIANTS: [(usize, bool); 3] = [(1, false), (2, false), (1, true)];
+    let mut ns: [Vec<f64>; 3] = Default::default();
     for _ in 0..opts.engine_runs {
-        for (k, threads) in [1, 2].into_iter().enumerate() {
-            let v = engine_run(&setup.agent_bin, opts.engine_calls, threads)?;
+        for (k, (threads, tracked)) in VARIANTS.into_iter().enumerate() {
+            let v = engine_run(&setup.agent_bin, opts.engine_calls, threads, tracked)?;
             // Every call is admitted and succeeds: a refusal or a transition would mean the
             // loop measured something else than the path of a healthy stream.
             if v["rejected"] != 0 || v["transitions"] != 0 {
@@ -1064,7 +1067,7 @@ fn engine(setup: &Setup) -> Result<Value> {
             ns[k].push(x);
         }
     }
-    for (k, threads) in [1, 2].into_iter().enumerate() {
+    for (k, (threads, tracked)) in VARIANTS.into_iter().enumerate() {
         let m = median(&ns[k]).unwrap_or(f64::NAN);
         let lo = ns[k].iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ns[k].iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -1076,14 +1079,16 @@ fn engine(setup: &Setup) -> Result<Value> {
         println!(
             "{threads} thread{} {m:.0} ns per stream (runs {lo:.0}..{hi:.0}); target < {ENGINE_NS_TARGET:.0} ns: {verdict}{}",
             if threads == 1 { ": " } else { "s:" },
-            if threads == 1 {
-                ""
-            } else {
-                " (two threads on the same breakers: each call's wait, lock contention included)"
+            match (threads, tracked) {
+                (1, false) => " (no client was ever at fault: no client breakers)",
+                (1, true) => " (every client has a breaker with a fault in its window)",
+                _ =>
+                    " (two threads on the same breakers: each call's wait, lock contention included)",
             }
         );
         by_threads.push(json!({
             "threads": threads,
+            "clients_with_breakers": tracked,
             "ns_per_call": ns[k],
             "median_ns_per_call": m,
             "target_ns": ENGINE_NS_TARGET,
@@ -1093,11 +1098,12 @@ fn engine(setup: &Setup) -> Result<Value> {
     Ok(json!({"calls_per_thread": opts.engine_calls, "runs": by_threads}))
 }
 
-fn engine_run(agent_bin: &Path, calls: u64, threads: usize) -> Result<Value> {
+fn engine_run(agent_bin: &Path, calls: u64, threads: usize, tracked: bool) -> Result<Value> {
     let text = output(
         Command::new(agent_bin)
             .args(["bench-breaker", "--calls", &calls.to_string()])
             .args(["--threads", &threads.to_string()])
+            .args(tracked.then_some("--clients-with-breakers"))
             .env("AGENT_LOG", "warn"),
     )?;
     text.lines()

@@ -57,7 +57,7 @@ fn call(
 ) -> Result<(), Rejected> {
     let mut p = b.admit_call(0, class, "/pkg.S/M", client, now, out)?;
     b.admit_endpoint(&mut p, 0, class, endpoint, now, out)?;
-    p.record_call(v, Duration::from_millis(1), now, out);
+    p.record_call(v, Duration::from_millis(1), now, client, out);
     Ok(())
 }
 
@@ -152,14 +152,40 @@ fn client_breakers_are_bounded() {
     let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
     let now = Instant::now();
     let mut out = Vec::new();
+    // Clients that were never at fault need no breaker.
+    for i in 0..100 {
+        call(&b, 0, Some(&format!("session:ok{i}")), 0, OK, now, &mut out).unwrap();
+    }
+    assert!(b.snapshot(now).iter().all(|s| s.id.scope != Scope::Client));
     for i in 0..5 {
-        call(&b, 0, Some(&format!("session:{i}")), 0, OK, now, &mut out).unwrap();
+        call(
+            &b,
+            0,
+            Some(&format!("session:{i}")),
+            0,
+            CLIENT_FAIL,
+            now,
+            &mut out,
+        )
+        .unwrap();
     }
     assert_eq!(b.untracked_clients.load(Ordering::Relaxed), 2);
     // A window later the idle ones are forgotten and new clients get breakers.
     let later = now + Duration::from_secs(11);
-    call(&b, 0, Some("session:new"), 0, OK, later, &mut out).unwrap();
+    call(&b, 0, Some("session:new"), 0, CLIENT_FAIL, later, &mut out).unwrap();
     assert_eq!(b.untracked_clients.load(Ordering::Relaxed), 2);
+    let clients: Vec<String> = b
+        .snapshot(later)
+        .into_iter()
+        .filter(|s| s.id.scope == Scope::Client)
+        .map(|s| s.id.name)
+        .collect();
+    assert_eq!(clients, ["session:new"]);
+    // Its next call finds its breaker through the filter.
+    for _ in 0..9 {
+        call(&b, 0, Some("session:new"), 0, CLIENT_FAIL, later, &mut out).unwrap();
+    }
+    assert!(call(&b, 0, Some("session:new"), 0, OK, later, &mut out).is_err());
 }
 
 #[test]
@@ -357,4 +383,54 @@ fn a_healthy_breaker_counts_successes_without_its_lock() {
     assert_eq!(pending, 0);
     let figures = cell.lock().figures(now);
     assert_eq!((figures.window.calls, figures.window.failures), (102, 1));
+}
+
+#[test]
+fn method_breakers_are_bounded_and_found_again() {
+    let b = breakers(config("max_methods = 2"), &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for m in ["/a.S/One", "/a.S/Two", "/a.S/One", "/a.S/Three", "/a.S/Two"] {
+        let mut p = b.admit_call(0, 0, m, None, now, &mut out).unwrap();
+        b.admit_endpoint(&mut p, 0, 0, 0, now, &mut out).unwrap();
+        p.record_call(UP_FAIL, Duration::from_millis(1), now, None, &mut out);
+    }
+    assert_eq!(b.untracked_methods.load(Ordering::Relaxed), 1);
+    let methods: Vec<(String, u32)> = b
+        .snapshot(now)
+        .into_iter()
+        .filter(|s| s.id.scope == Scope::Method)
+        .map(|s| (s.id.name, s.figures.window.calls))
+        .collect();
+    assert_eq!(methods.len(), 2, "{methods:?}");
+    assert!(
+        methods.contains(&("orders/a.S/One".into(), 2)),
+        "{methods:?}"
+    );
+    assert!(
+        methods.contains(&("orders/a.S/Two".into(), 2)),
+        "{methods:?}"
+    );
+    // Many threads finding and adding the same methods at once get one breaker each.
+    let b = breakers(BreakerConfig::default(), &[0, 0, 0], &["default".into()]);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let mut out = Vec::new();
+                for i in 0..200 {
+                    let m = format!("/a.S/M{}", i % 50);
+                    let mut p = b.admit_call(0, 0, &m, None, now, &mut out).unwrap();
+                    p.record_call(OK, Duration::from_millis(1), now, None, &mut out);
+                }
+            });
+        }
+    });
+    let methods = b
+        .snapshot(now)
+        .into_iter()
+        .filter(|s| s.id.scope == Scope::Method)
+        .map(|s| s.figures.window.calls)
+        .collect::<Vec<_>>();
+    assert_eq!(methods.len(), 50);
+    assert!(methods.iter().all(|&c| c == 16), "{methods:?}");
 }
