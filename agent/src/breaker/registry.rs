@@ -76,8 +76,29 @@ struct Cell {
     gate: AtomicU64,
     /// Successes counted without the lock, per window bucket: `bucket index << 24 | count`.
     /// Moved into the breaker's window each time the lock is taken.
+    /// In [`STRIPES`] rings of `buckets` counters, one per group of threads, so that runtime
+    /// threads counting at once do not fight over one cache line.
     successes: Box<[AtomicU64]>,
+    buckets: usize,
     bucket_nanos: u64,
+}
+
+/// Rings of lock-free success counters per breaker (see [`Cell::successes`]).
+const STRIPES: usize = 4;
+
+/// This thread's ring, given out in turn as threads first count.
+fn stripe() -> usize {
+    use std::cell::Cell as LocalCell;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: LocalCell<usize> = const { LocalCell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
+        }
+        s.get()
+    })
 }
 
 const GATE_STATE: u64 = 0b11;
@@ -135,7 +156,8 @@ impl Cell {
         Self {
             id: Arc::new(id),
             gate: AtomicU64::new(gate_of(&breaker)),
-            successes: (0..buckets).map(|_| AtomicU64::new(0)).collect(),
+            successes: (0..buckets * STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            buckets,
             bucket_nanos: bucket_nanos.max(1),
             breaker: Mutex::new(breaker),
         }
@@ -166,14 +188,19 @@ impl Cell {
     /// `t`: nanoseconds since the registry's (and every breaker's) epoch.
     fn count_success(&self, generation: u64, t: u64) -> bool {
         let want = (generation << GATE_GENERATION_SHIFT) | GATE_SUCCESS_ONLY_COUNTS | GATE_CLOSED;
-        if self.gate.load(Ordering::Acquire) != want || self.successes.is_empty() {
+        if self.gate.load(Ordering::Acquire) != want || self.buckets == 0 {
             return false;
         }
         let index = t / self.bucket_nanos;
         if index >= 1 << (64 - COUNT_BITS) {
             return false;
         }
-        let slot = &self.successes[(index % self.successes.len() as u64) as usize];
+        let Some(slot) = self
+            .successes
+            .get(stripe() * self.buckets + (index % self.buckets as u64) as usize)
+        else {
+            return false;
+        };
         let mut v = slot.load(Ordering::Relaxed);
         loop {
             let held = v >> COUNT_BITS;
