@@ -565,3 +565,121 @@ idempotent_methods = ["/proxytest.Test/Unary"]
     // A method not marked idempotent is never retried after an answer.
     drop(proxy);
 }
+
+/// The journal's events, in file order.
+fn journal_events(dir: &std::path::Path) -> (Vec<Value>, String) {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let events = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (events, text)
+}
+
+#[test]
+fn transitions_are_journaled_with_the_calls_context_and_contiguous_seq() {
+    let (_server, addr) = grpcio_server();
+    let journal = std::env::temp_dir().join(format!("e2e-journal-{}", fastrand_name()));
+    let config = format!(
+        r#"
+[[cluster]]
+name = "svc"
+endpoints = ["{addr}"]
+[breakers.endpoint]
+consecutive_failures = 3
+open_for = "300ms"
+jitter = 0.0
+half_open_probes = 1
+half_open_successes = 1
+[breakers.cluster]
+enabled = false
+[breakers.method]
+enabled = false
+[events]
+journal = {journal:?}
+"#
+    );
+    // An unsigned token (no key configured): its claims are kept, marked not verified.
+    let token = token(b"not-configured-anywhere", "user:10023", 3600);
+    let auth = format!("authorization=Bearer {token}");
+    let headers = [
+        "--header",
+        "traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "--header",
+        "x-session-id=sess_9z8y",
+        "--header",
+        &auth,
+    ];
+    control(addr, &["--code", "UNAVAILABLE"]);
+    let (mut proxy, _dir) = agent(&config);
+    let mut args = vec!["--count", "3"];
+    args.extend_from_slice(&headers);
+    load(proxy.addr, &args);
+    wait_breaker(&mut proxy, |l| l["to"] == "open");
+    // Healthy again: after 300 ms one probe closes it.
+    control(addr, &[]);
+    std::thread::sleep(Duration::from_millis(400));
+    load(proxy.addr, &args);
+    wait_breaker(&mut proxy, |l| l["to"] == "closed");
+    let (status, _, stderr) = proxy.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{stderr}");
+
+    let (events, text) = journal_events(&journal);
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3], "{text}");
+    let trip = &events[0];
+    assert_eq!(trip["schema"], "breaker_trip/v1");
+    assert!(trip["ts"].as_str().unwrap().ends_with('Z'), "{trip}");
+    assert_eq!(trip["breaker"]["name"], format!("endpoint svc/{addr}"));
+    assert_eq!(
+        (&trip["breaker"]["from"], &trip["breaker"]["to"]),
+        (&"closed".into(), &"open".into())
+    );
+    assert_eq!(trip["breaker"]["reason"], "consecutive_failures");
+    assert_eq!(trip["breaker"]["open_for_ms"], 300);
+    assert_eq!(trip["upstream"]["endpoint"], addr.to_string());
+    assert_eq!(trip["stream"]["method"], "/proxytest.Test/Unary");
+    assert_eq!(trip["stream"]["grpc_status"], 14);
+    assert_eq!(
+        trip["stream"]["trace_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(trip["stream"]["session_id"], "sess_9z8y");
+    assert_eq!(trip["jwt_claims"]["sub"], "user:10023");
+    assert_eq!(trip["jwt_claims"]["verified"], false);
+    assert_eq!(trip["window"]["failures"], 3);
+    let states: Vec<&str> = events
+        .iter()
+        .map(|e| e["breaker"]["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["open", "half_open", "closed"]);
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(
+        !text.contains(signature),
+        "the token's signature is in the journal"
+    );
+
+    // A restart goes on from the last sequence number.
+    let (mut proxy, _dir) = agent(&config);
+    assert_eq!(
+        proxy.ready["journal"]["recovery"]["last_seq"], 3,
+        "{}",
+        proxy.ready
+    );
+    control(addr, &["--code", "UNAVAILABLE"]);
+    load(proxy.addr, &["--count", "3"]);
+    wait_breaker(&mut proxy, |l| l["to"] == "open");
+    proxy.terminate(Duration::from_secs(10));
+    let (events, _) = journal_events(&journal);
+    assert_eq!(events.last().unwrap()["seq"], 4);
+    let _ = std::fs::remove_dir_all(&journal);
+}

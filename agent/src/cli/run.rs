@@ -1,6 +1,6 @@
 //! `agent run`: the proxy (with a configuration file, or the quick mode), until SIGTERM.
 
-use std::{io::Write as _, net::SocketAddr, path::PathBuf};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
@@ -10,7 +10,13 @@ use tokio::{
 };
 use tracing::info;
 
-use crate::proxy::{config, server::Proxy};
+use crate::{
+    events::{
+        journal::Journal,
+        writer::{JournalStats, write_transitions},
+    },
+    proxy::{config, server::Proxy},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -32,6 +38,9 @@ pub struct Options {
     /// Turn every circuit breaker off (as `[breakers] enabled = false`).
     #[arg(long)]
     no_breakers: bool,
+    /// Journal breaker events in this directory (as `[events] journal`).
+    #[arg(long)]
+    journal: Option<PathBuf>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -45,6 +54,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.no_breakers {
         config.breakers.disable();
     }
+    if let Some(dir) = &opts.journal {
+        config.events.journal = Some(dir.clone());
+    }
+    // The journal first: a directory in use or unwritable stops the agent before it serves.
+    let journal = match config.events.journal().map_err(|e| anyhow::anyhow!(e))? {
+        Some(c) => {
+            let fsync = c.fsync;
+            let dir = c.dir.clone();
+            let (j, recovery) = Journal::open(c)?;
+            if recovery.torn_bytes > 0 {
+                tracing::warn!(dir = %dir.display(), torn_bytes = recovery.torn_bytes, last_seq = recovery.last_seq, "journal: a torn last line was cut off");
+            }
+            Some((j, recovery, fsync, dir))
+        }
+        None => None,
+    };
     let proxy = Proxy::bind(&config).await?;
     let listeners: Vec<_> = proxy
         .local_addrs()
@@ -52,6 +77,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .map(|(name, addr)| json!({"name": name, "address": addr.to_string()}))
         .collect();
     let stats = proxy.stats();
+    let journal_stats = Arc::new(JournalStats::default());
+    let (journal_done, journal_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut journal_line = serde_json::Value::Null;
+    let writer = journal.map(|(j, recovery, fsync, dir)| {
+        journal_line = json!({"dir": dir.display().to_string(), "recovery": recovery});
+        tokio::spawn(write_transitions(
+            j,
+            proxy.breaker_events().subscribe(),
+            journal_stats.clone(),
+            fsync,
+            journal_done_rx,
+        ))
+    });
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
     let mut breakers = opts
         .print_breakers
@@ -61,7 +99,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let mut served = tokio::spawn(proxy.serve(shutdown));
-    print_line(&json!({"kind": "ready", "listeners": listeners}));
+    print_line(&json!({"kind": "ready", "listeners": listeners, "journal": journal_line}));
     let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
         let mut done = false;
@@ -85,6 +123,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigusr1.recv() => {
                 let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
                 line["kind"] = "stats".into();
+                line["journal"] = serde_json::to_value(journal_stats.figures()).unwrap_or_default();
                 print_line(&line);
             }
             r = &mut served => {
@@ -96,6 +135,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = stop.send(true);
     let left = served.await.context("the proxy task failed")?;
     let _ = printed_all.send(());
+    let _ = journal_done.send(());
+    if let Some(w) = writer {
+        let _ = w.await;
+    }
     let _ = printer.await;
     if left > 0 {
         bail!("{left} streams were still open when the drain timeout passed");

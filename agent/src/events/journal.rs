@@ -381,6 +381,13 @@ fn sync_dir(dir: &Path) {
 
 /// Every event with a sequence number at or above `from`, in order, as raw JSON lines (for
 /// an exporter's cursor and a watcher's resume). Errors stop the iteration.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the OTLP exporter's cursor (issue 6) and the API's watch resume (issue 7)"
+    )
+)]
 pub fn read_from(dir: &Path, from: u64) -> Result<Vec<(u64, String)>, JournalError> {
     let all = files(dir)?;
     // Skip files that end before `from`: a file ends where the next begins.

@@ -11,6 +11,7 @@ use super::retry::RetryConfig;
 use crate::{
     breaker::config::{BreakerConfig, RawBreakers},
     context::ContextConfig,
+    events::EventsConfig,
 };
 
 /// A validated configuration.
@@ -23,6 +24,7 @@ pub struct ProxyConfig {
     pub breakers: BreakerConfig,
     pub context: ContextConfig,
     pub retries: RetryConfig,
+    pub events: EventsConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +192,8 @@ struct RawConfig {
     context: ContextConfig,
     #[serde(default)]
     retries: RetryConfig,
+    #[serde(default)]
+    events: EventsConfig,
 }
 
 #[derive(Deserialize)]
@@ -536,6 +540,9 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
     if let Err(e) = raw.retries.check() {
         p.keyed(e);
     }
+    if let Err(e) = raw.events.journal() {
+        p.keyed(e);
+    }
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
         p.keyed(format!("context: {e}"));
@@ -548,6 +555,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
         breakers,
         context: raw.context,
         retries: raw.retries,
+        events: raw.events,
     }
 }
 
@@ -609,6 +617,7 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<ProxyConfig, St
         breakers: BreakerConfig::default(),
         context: ContextConfig::default(),
         retries: RetryConfig::default(),
+        events: EventsConfig::default(),
     })
 }
 
