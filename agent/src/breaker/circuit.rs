@@ -186,7 +186,8 @@ pub struct Breaker {
     last_active: u64,
 }
 
-fn nanos(d: Duration) -> u64 {
+/// A duration in nanoseconds, saturating: the breakers' clock unit.
+pub fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction, State},
+    circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction, State, nanos},
     classify::Verdict,
     config::{BreakerConfig, Scope},
 };
@@ -103,6 +103,7 @@ fn stripe() -> usize {
 
 const GATE_STATE: u64 = 0b11;
 const GATE_CLOSED: u64 = 0;
+const GATE_OPEN: u64 = 1;
 /// Set while a success only counts (see [`Breaker::success_only_counts`]).
 const GATE_SUCCESS_ONLY_COUNTS: u64 = 0b100;
 const GATE_GENERATION_SHIFT: u32 = 3;
@@ -112,7 +113,7 @@ const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 fn gate_of(b: &Breaker) -> u64 {
     let state = match b.state() {
         State::Closed => GATE_CLOSED,
-        State::Open => 1,
+        State::Open => GATE_OPEN,
         State::HalfOpen => 2,
     };
     let counts_only = if b.success_only_counts() {
@@ -175,6 +176,21 @@ impl Cell {
             }
         }
         Locked { cell: self, guard }
+    }
+
+    /// Notes a change of this breaker's state, if there was one.
+    fn report(&self, change: Option<Change>, out: &mut Vec<Transition>) {
+        if let Some(change) = change {
+            out.push(Transition {
+                breaker: self.id.clone(),
+                change,
+            });
+        }
+    }
+
+    /// Whether the breaker is open, read without the lock.
+    fn open(&self) -> bool {
+        self.gate.load(Ordering::Acquire) & GATE_STATE == GATE_OPEN
     }
 
     /// The generation of a closed breaker, read without the lock.
@@ -263,12 +279,8 @@ impl Held<'_> {
         if mark == Mark::Success && !p.is_probe() && self.cell.count_success(p.generation(), t) {
             return;
         }
-        if let Some(change) = self.cell.lock().record(p, mark, latency, now) {
-            out.push(Transition {
-                breaker: self.cell.id.clone(),
-                change,
-            });
-        }
+        let change = self.cell.lock().record(p, mark, latency, now);
+        self.cell.report(change, out);
     }
 }
 
@@ -303,11 +315,7 @@ impl<'a> CallPermits<'a> {
     }
 
     fn clock(&self, now: Instant) -> u64 {
-        u64::try_from(
-            now.saturating_duration_since(self.registry.epoch)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX)
+        nanos(now.saturating_duration_since(self.registry.epoch))
     }
 
     /// Records one attempt on the endpoint it was sent to (and its subset), before the call
@@ -697,13 +705,9 @@ impl Breakers {
     /// A fault of a client that had no breaker when its call was admitted: counted in its
     /// breaker, made now.
     fn client_fault(&self, key: &str, now: Instant, out: &mut Vec<Transition>) {
-        if let Some(cell) = self.client_cell(key, now)
-            && let Some(change) = cell.lock().count_failure(now)
-        {
-            out.push(Transition {
-                breaker: cell.id.clone(),
-                change,
-            });
+        if let Some(cell) = self.client_cell(key, now) {
+            let change = cell.lock().count_failure(now);
+            cell.report(change, out);
         }
     }
 
@@ -715,12 +719,10 @@ impl Breakers {
         }
         if map.len() >= self.config.max_clients {
             // Forget the clients that are closed and were quiet for a whole window.
-            let idle_before = u64::try_from(
+            let idle_before = nanos(
                 now.saturating_duration_since(self.epoch)
-                    .saturating_sub(policy.window)
-                    .as_nanos(),
-            )
-            .unwrap_or(u64::MAX);
+                    .saturating_sub(policy.window),
+            );
             map.retain(|_, c| {
                 let b = c.lock();
                 b.state() != super::circuit::State::Closed || b.last_active() >= idle_before
@@ -778,13 +780,10 @@ impl Breakers {
     /// Turns the open breakers whose period passed half-open (run every few hundred ms, so
     /// the state shown is true without traffic).
     pub fn tick(&self, now: Instant, out: &mut Vec<Transition>) {
-        for c in self.every_cell() {
-            if let Some(change) = c.lock().tick(now) {
-                out.push(Transition {
-                    breaker: c.id.clone(),
-                    change,
-                });
-            }
+        // Only an open breaker can be due; the others' locks are left to their calls.
+        for c in self.every_cell().into_iter().filter(|c| c.open()) {
+            let change = c.lock().tick(now);
+            c.report(change, out);
         }
     }
 
@@ -809,13 +808,9 @@ impl Breakers {
             return;
         };
         for cb in &c.classes {
-            if let Some(cell) = cb.endpoints.get(endpoint)
-                && let Some(change) = cell.lock().signal(now, kind, action)
-            {
-                out.push(Transition {
-                    breaker: cell.id.clone(),
-                    change,
-                });
+            if let Some(cell) = cb.endpoints.get(endpoint) {
+                let change = cell.lock().signal(now, kind, action);
+                cell.report(change, out);
             }
         }
     }
@@ -836,13 +831,9 @@ impl Breakers {
         now: Instant,
         out: &mut Vec<Transition>,
     ) {
-        if let Some(cell) = self.client_cell(key, now)
-            && let Some(change) = cell.lock().signal(now, kind, action)
-        {
-            out.push(Transition {
-                breaker: cell.id.clone(),
-                change,
-            });
+        if let Some(cell) = self.client_cell(key, now) {
+            let change = cell.lock().signal(now, kind, action);
+            cell.report(change, out);
         }
     }
 
@@ -888,12 +879,7 @@ fn admit<'a>(
     let admitted = cell.lock().admit(now);
     match admitted {
         Ok((permit, change)) => {
-            if let Some(change) = change {
-                out.push(Transition {
-                    breaker: cell.id.clone(),
-                    change,
-                });
-            }
+            cell.report(change, out);
             Ok(Held {
                 cell,
                 permit: Some(permit),

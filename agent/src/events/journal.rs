@@ -173,14 +173,7 @@ impl Journal {
         };
         recovery.torn_bytes = torn;
         recovery.last_seq = last_seq;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| JournalError::File {
-                file: path.clone(),
-                source,
-            })?;
+        let file = open_append(&path)?;
         let size = file
             .metadata()
             .map_err(|source| JournalError::File {
@@ -262,14 +255,7 @@ impl Journal {
     fn rotate(&mut self, first_seq: u64) -> Result<(), JournalError> {
         self.sync()?;
         let path = self.config.dir.join(file_name(first_seq));
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| JournalError::File {
-                file: path.clone(),
-                source,
-            })?;
+        self.file = open_append(&path)?;
         self.path = path;
         self.size = 0;
         sync_dir(&self.config.dir);
@@ -370,6 +356,18 @@ fn repair_by_scan(
         file.sync_all().map_err(err)?;
     }
     Ok((last, torn))
+}
+
+/// A journal file to append to, made if new.
+fn open_append(path: &Path) -> Result<File, JournalError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| JournalError::File {
+            file: path.to_owned(),
+            source,
+        })
 }
 
 /// Makes a new or renamed file's directory entry durable.

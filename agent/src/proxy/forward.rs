@@ -214,7 +214,7 @@ pub async fn forward(
     let (end, mut up_send, _lease) = loop {
         attempt += 1;
         let now = Instant::now();
-        let endpoint_index = match pick_endpoint(&shared, cluster_index, class, &tried, &mut call) {
+        let endpoint_index = match pick_endpoint(cluster_index, class, &tried, &mut call) {
             Ok(i) => i,
             Err(rejected) => {
                 // Every endpoint's breaker is open: the call never reaches one.
@@ -852,13 +852,13 @@ impl Call<'_> {
 
 /// Picks an endpoint whose breakers admit the call, preferring one not tried yet, and takes
 /// its permits.
-fn pick_endpoint<'a>(
-    shared: &'a Shared,
+fn pick_endpoint(
     cluster: usize,
     class: usize,
     tried: &[usize],
-    call: &mut Call<'a>,
+    call: &mut Call<'_>,
 ) -> Result<usize, Rejected> {
+    let shared = call.shared;
     let breakers = &shared.breakers;
     let pool = &shared.clusters[cluster];
     let now = Instant::now().into_std();

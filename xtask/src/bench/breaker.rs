@@ -54,7 +54,7 @@
 use std::{
     fs::File,
     io::{BufRead as _, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -65,7 +65,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::median;
+use super::{free_port, median};
 use crate::util::{display, output, workspace_root};
 
 #[derive(Debug, clap::Parser)]
@@ -348,11 +348,6 @@ fn monotonic() -> f64 {
     // SAFETY: clock_gettime only writes into the timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-/// A loopback address with a port free right now, for HAProxy to bind.
-fn free_port() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// A child process, SIGKILLed and reaped on drop (unless already waited for).

@@ -153,6 +153,11 @@ fn quantile(values: &[f64], q: f64) -> Option<f64> {
     Some(v[rank - 1])
 }
 
+/// A loopback address with a port free right now (for a proxy that must be told its port).
+fn free_port() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// The grpc-go test server (`cmd` runs the grpcpeer binary, pinned or not) on loopback,
 /// stopped on drop.
 struct GrpcServer {

@@ -35,7 +35,7 @@
 use std::{
     fs::File,
     io::{BufRead as _, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
@@ -45,7 +45,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::{GrpcServer, agent::cpu_seconds, build_go_peer, median, quantile, spread};
+use super::{GrpcServer, agent::cpu_seconds, build_go_peer, free_port, median, quantile, spread};
 use crate::util::{display, output_any_status, workspace_root};
 
 #[derive(Debug, clap::Parser)]
@@ -718,11 +718,6 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// A loopback address with a port free right now, for nghttpx and HAProxy to bind.
-fn free_port() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// Asks `/grpc.health.v1.Health/Check` once through `addr` with nghttp (`body` being the empty
