@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, bump, header, layout, wakeup_flags};
+use crate::maps::{EVENTS, bump, header, layout};
 
 /// 1 while this CPU serves a softirq. Resets are often sent and always received in softirq
 /// context, where the "current" task is whoever was interrupted: its pid would be a lie.
@@ -81,7 +81,6 @@ fn try_reset(ctx: &TracePointContext, direction: ResetDirection) -> Result<(), (
     };
     bump(seen);
 
-    let wakeup = wakeup_flags(size_of::<TcpResetEvent>() as u64);
     let Some(mut entry) = EVENTS.reserve::<TcpResetEvent>(0) else {
         bump(Counter::TcpResetDropped);
         return Err(());
@@ -128,7 +127,10 @@ fn try_reset(ctx: &TracePointContext, direction: ResetDirection) -> Result<(), (
             (*ev).netns_ino = read_field(net, l.net_inum).unwrap_or(0);
         }
     }
-    entry.submit(wakeup);
+    // Woken at once (flags 0: the kernel wakes the reader if it had caught up): a reset can
+    // trip a breaker, and resets are rare next to frames and GC pauses. A reset storm still
+    // wakes the reader at most once per drain.
+    entry.submit(0);
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 mod breaker;
 mod cli;
 mod context;
+mod correlate;
 mod events;
 mod probes;
 mod proxy;

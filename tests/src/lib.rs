@@ -421,3 +421,90 @@ pub fn parse_nghttp(out: &str) -> Vec<WireFrame> {
         })
         .collect()
 }
+
+/// Runs `program args`, panicking with its stderr when it fails.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair; deleted (with the pair) on drop.
+pub struct Netns {
+    pub name: String,
+    pub host_if: String,
+    pub ns_if: String,
+    /// `<subnet>.1` on the host's end, `<subnet>.2` in the namespace.
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+impl Netns {
+    /// A namespace named from `prefix` and this process, on the /24 `subnet` (`"10.213.77"`).
+    pub fn create(prefix: &str, subnet: &str) -> Netns {
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            name: format!("{prefix}ns{id}"),
+            host_if: format!("{prefix}{id}h"),
+            ns_if: format!("{prefix}{id}s"),
+            host_ip: format!("{subnet}.1"),
+            ns_ip: format!("{subnet}.2"),
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &n.name])
+            .stderr(Stdio::null())
+            .status();
+        sh("ip", &["netns", "add", &n.name]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &n.host_if, "type", "veth", "peer", "name", &n.ns_if, "netns",
+                &n.name,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", n.host_ip),
+                "dev",
+                &n.host_if,
+            ],
+        );
+        sh("ip", &["link", "set", &n.host_if, "up"]);
+        n.ip(&["addr", "add", &format!("{}/24", n.ns_ip), "dev", &n.ns_if]);
+        n.ip(&["link", "set", &n.ns_if, "up"]);
+        n.ip(&["link", "set", "lo", "up"]);
+        n
+    }
+
+    /// `ip -n NAME args`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all);
+    }
+
+    /// `ip netns exec NAME program args`, ready to spawn.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

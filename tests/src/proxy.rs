@@ -90,6 +90,17 @@ impl JsonChild {
     /// Like [`Self::wait_line`], but only lines that come from now on count.
     pub fn wait_new_line(&mut self, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
         let from = self.drain().len();
+        self.wait_line_from(from, timeout, want)
+    }
+
+    /// Like [`Self::wait_line`], but only lines from the `from`th on (as [`Self::drain`]
+    /// counts them) count.
+    pub fn wait_line_from(
+        &mut self,
+        from: usize,
+        timeout: Duration,
+        want: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = self.seen[from..].iter().find(|v| want(v)) {
@@ -166,8 +177,17 @@ pub struct AgentProxy {
 }
 
 impl AgentProxy {
-    /// `agent run ARGS`, once it says it is ready.
+    /// `agent run --no-probes ARGS`, once it says it is ready: the proxy alone, for tests of
+    /// what it does with calls (the kernel side has tests of its own, and the ones with
+    /// [`Self::start_with_probes`]).
     pub fn start(args: &[&str]) -> AgentProxy {
+        let mut all = vec!["--no-probes"];
+        all.extend_from_slice(args);
+        AgentProxy::start_with_probes(&all)
+    }
+
+    /// `agent run ARGS` with the kernel probes `[signals]` configures (all by default).
+    pub fn start_with_probes(args: &[&str]) -> AgentProxy {
         let mut process = JsonChild::spawn(
             "agent run",
             Command::new(agent_bin()).arg("run").args(args).env(

@@ -17,86 +17,19 @@ use std::{
 };
 
 use e2e::{
-    Peer, Trace, WireFrame, of_kind, parse_nghttp, require_root, wait_listening, workspace_root,
+    Netns, Peer, Trace, WireFrame, of_kind, parse_nghttp, require_root, sh, wait_listening,
+    workspace_root,
 };
 use serde_json::Value;
 
-/// A network namespace joined to this one by a veth pair; deleted (with the pair) on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-    ns_if: String,
-    host_ip: String,
-    ns_ip: String,
+/// The reordering qdisc on the namespace's end of the veth pair.
+trait Reorder {
+    fn tc(&self, args: &[&str]);
+    fn reorder_egress(&self);
+    fn stop_reordering(&self);
 }
 
-fn ip(args: &[&str]) {
-    sh("ip", args);
-}
-
-fn sh(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (iproute2): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    fn create() -> Netns {
-        let id = std::process::id() % 100_000;
-        let n = Netns {
-            name: format!("h2reorder{id}"),
-            host_if: format!("h2r{id}h"),
-            ns_if: format!("h2r{id}s"),
-            host_ip: "10.213.77.1".into(),
-            ns_ip: "10.213.77.2".into(),
-        };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &n.name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &n.name]);
-        ip(&[
-            "link", "add", &n.host_if, "type", "veth", "peer", "name", &n.ns_if, "netns", &n.name,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", n.host_ip),
-            "dev",
-            &n.host_if,
-        ]);
-        ip(&["link", "set", &n.host_if, "up"]);
-        ip(&[
-            "-n",
-            &n.name,
-            "addr",
-            "add",
-            &format!("{}/24", n.ns_ip),
-            "dev",
-            &n.ns_if,
-        ]);
-        ip(&["-n", &n.name, "link", "set", &n.ns_if, "up"]);
-        ip(&["-n", &n.name, "link", "set", "lo", "up"]);
-        // One MSS per skb, so the qdisc below sorts segments, not 64 KiB super-packets.
-        ip(&[
-            "-n",
-            &n.name,
-            "link",
-            "set",
-            &n.ns_if,
-            "gso_max_size",
-            "1500",
-        ]);
-        n
-    }
-
+impl Reorder for Netns {
     fn tc(&self, args: &[&str]) {
         let mut all = vec!["-n", &self.name];
         all.extend_from_slice(args);
@@ -139,14 +72,6 @@ impl Netns {
 
     fn stop_reordering(&self) {
         self.tc(&["qdisc", "del", "dev", &self.ns_if, "root"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -240,7 +165,9 @@ fn scratch() -> PathBuf {
 #[ignore = "needs root: creates a network namespace, loads eBPF programs; run by `cargo xtask test`"]
 fn reordered_and_retransmitted_segments_are_counted_as_lost_never_misread() {
     require_root();
-    let net = Netns::create();
+    let net = Netns::create("h2r", "10.213.77");
+    // One MSS per skb, so the qdisc sorts segments, not 64 KiB super-packets.
+    net.ip(&["link", "set", &net.ns_if, "gso_max_size", "1500"]);
     let docroot = scratch();
     const BIG: usize = 4 << 20;
     std::fs::write(docroot.join("big"), pseudo_random(BIG)).unwrap();

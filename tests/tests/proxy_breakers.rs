@@ -137,14 +137,14 @@ consecutive_failures = 3
             "60",
         ],
     );
-    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    let trip = wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "open");
     assert_eq!(
-        trip["breaker"],
+        trip["breaker"]["name"],
         format!("endpoint svc/{bad_addr}"),
         "{trip}"
     );
-    assert_eq!(trip["reason"], "consecutive_failures", "{trip}");
-    assert_eq!(trip["trigger"]["grpc_status"], 14, "{trip}");
+    assert_eq!(trip["breaker"]["reason"], "consecutive_failures", "{trip}");
+    assert_eq!(trip["stream"]["grpc_status"], 14, "{trip}");
     // Three failures opened it; from then on every call went to the good endpoint.
     assert_eq!(code_count(&done, "UNAVAILABLE"), 3, "{done}");
     assert_eq!(code_count(&done, "OK"), 57, "{done}");
@@ -207,7 +207,7 @@ consecutive_failures = 3
     );
     let trips = breaker_lines(&mut proxy);
     assert_eq!(trips.len(), 1, "{trips:?}");
-    assert_eq!(trips[0]["trigger"]["grpc_status"], 13);
+    assert_eq!(trips[0]["stream"]["grpc_status"], 13);
 }
 
 /// An HS256 token for `sub` that expires `exp_offset` seconds from now.
@@ -293,10 +293,13 @@ hmac_secret_file = {secret_file:?}
         "{details}"
     );
     let trips = breaker_lines(&mut proxy);
-    let opened: Vec<&Value> = trips.iter().filter(|l| l["to"] == "open").collect();
+    let opened: Vec<&Value> = trips
+        .iter()
+        .filter(|l| l["breaker"]["to"] == "open")
+        .collect();
     assert_eq!(opened.len(), 1, "only Mallory's breaker: {trips:?}");
-    assert_eq!(opened[0]["breaker"], "client sub:mallory");
-    let claims = &opened[0]["trigger"]["jwt_claims"];
+    assert_eq!(opened[0]["breaker"]["name"], "client sub:mallory");
+    let claims = &opened[0]["jwt_claims"];
     assert_eq!(claims["sub"], "mallory", "{claims}");
     assert_eq!(claims["verified"], true, "{claims}");
     assert_eq!(claims["expired"], true, "{claims}");
@@ -332,8 +335,8 @@ endpoints = ["{canary_addr}"]
 "#
     ));
     let done = load(proxy.addr, &["--count", "200", "--concurrency", "2"]);
-    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
-    assert_eq!(trip["breaker"], "subset svc/canary", "{trip}");
+    let trip = wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "open");
+    assert_eq!(trip["breaker"]["name"], "subset svc/canary", "{trip}");
     // Five failures in a row (the default) and the canary is out; the stable subset took
     // everything else. The cluster's breaker (a ratio of 0.8) never saw enough to open.
     let failed = code_count(&done, "UNAVAILABLE");
@@ -341,8 +344,8 @@ endpoints = ["{canary_addr}"]
     assert_eq!(code_count(&done, "OK"), 200 - failed, "{done}");
     let opened: Vec<String> = breaker_lines(&mut proxy)
         .iter()
-        .filter(|l| l["to"] == "open")
-        .map(|l| l["breaker"].as_str().unwrap().to_owned())
+        .filter(|l| l["breaker"]["to"] == "open")
+        .map(|l| l["breaker"]["name"].as_str().unwrap().to_owned())
         .collect();
     assert!(
         opened
@@ -371,9 +374,9 @@ jitter = 0.0
     let endpoint = format!("endpoint svc/{addr}");
     control(addr, &["--code", "UNAVAILABLE"]);
     load(proxy.addr, &["--count", "3"]);
-    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    let trip = wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "open");
     assert_eq!(
-        (&trip["breaker"], &trip["open_for_ms"]),
+        (&trip["breaker"]["name"], &trip["breaker"]["open_for_ms"]),
         (&endpoint.clone().into(), &1000.into())
     );
     // While open nothing reaches the upstream.
@@ -387,14 +390,14 @@ jitter = 0.0
 
     // Healthy again, but slow: the probes stay in flight while 20 calls arrive at once.
     control(addr, &["--delay-ms", "500"]);
-    wait_breaker(&mut proxy, |l| l["to"] == "half_open");
+    wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "half_open");
     let before = server_stats(addr)["calls_started"].as_u64().unwrap();
     let done = load(proxy.addr, &["--count", "20", "--concurrency", "20"]);
     let reached = server_stats(addr)["calls_started"].as_u64().unwrap() - before;
     assert_eq!(reached, 2, "only the 2 probes reach the upstream: {done}");
     assert_eq!(code_count(&done, "OK"), 2, "{done}");
-    let closed = wait_breaker(&mut proxy, |l| l["to"] == "closed");
-    assert_eq!(closed["reason"], "probes_succeeded", "{closed}");
+    let closed = wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "closed");
+    assert_eq!(closed["breaker"]["reason"], "probes_succeeded", "{closed}");
     let done = load(proxy.addr, &["--count", "10", "--concurrency", "10"]);
     assert_eq!(code_count(&done, "OK"), 10, "closed again: {done}");
 
@@ -405,9 +408,9 @@ jitter = 0.0
     std::thread::sleep(Duration::from_millis(1100));
     let done = load(proxy.addr, &["--count", "1"]);
     assert_eq!(code_count(&done, "UNAVAILABLE"), 1);
-    let reopened = wait_breaker(&mut proxy, |l| l["reason"] == "probe_failed");
-    assert_eq!(reopened["to"], "open");
-    assert_eq!(reopened["open_for_ms"], 2000, "{reopened}");
+    let reopened = wait_breaker(&mut proxy, |l| l["breaker"]["reason"] == "probe_failed");
+    assert_eq!(reopened["breaker"]["to"], "open");
+    assert_eq!(reopened["breaker"]["open_for_ms"], 2000, "{reopened}");
 }
 
 #[test]
@@ -466,12 +469,12 @@ policy = {{ failure_ratio = 0.9 }}
     assert!(refused_by_breaker(&low), "{low}");
     let opened: Vec<Value> = breaker_lines(&mut proxy)
         .into_iter()
-        .filter(|l| l["to"] == "open")
+        .filter(|l| l["breaker"]["to"] == "open")
         .collect();
     assert!(!opened.is_empty());
     for o in &opened {
-        assert_eq!(o["breaker"], format!("endpoint svc/{addr}"), "{o}");
-        assert!(o["class"].is_null(), "{o}");
+        assert_eq!(o["breaker"]["name"], format!("endpoint svc/{addr}"), "{o}");
+        assert!(o["breaker"]["class"].is_null(), "{o}");
     }
 }
 
@@ -495,9 +498,9 @@ endpoints = ["{good_addr}", "{dead_addr}"]
     // idempotent-retry test covers the budget.)
     let done = load(proxy.addr, &["--count", "200", "--concurrency", "3"]);
     let _ = dead_addr;
-    let trip = wait_breaker(&mut proxy, |l| l["to"] == "open");
+    let trip = wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "open");
     assert_eq!(
-        trip["breaker"],
+        trip["breaker"]["name"],
         format!("endpoint svc/{dead_addr}"),
         "{trip}"
     );
@@ -614,12 +617,12 @@ journal = {journal:?}
     let mut args = vec!["--count", "3"];
     args.extend_from_slice(&headers);
     load(proxy.addr, &args);
-    wait_breaker(&mut proxy, |l| l["to"] == "open");
+    wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "open");
     // Healthy again: after 300 ms one probe closes it.
     control(addr, &[]);
     std::thread::sleep(Duration::from_millis(400));
     load(proxy.addr, &args);
-    wait_breaker(&mut proxy, |l| l["to"] == "closed");
+    wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "closed");
     let (status, _, stderr) = proxy.terminate(Duration::from_secs(10));
     assert!(status.success(), "{stderr}");
 

@@ -788,13 +788,6 @@ impl Breakers {
     }
 
     /// An outside signal about one endpoint (every class's breaker of it).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the correlation stage feeds kernel signals (issue 6)"
-        )
-    )]
     pub fn signal_endpoint(
         &self,
         cluster: usize,
@@ -816,13 +809,6 @@ impl Breakers {
     }
 
     /// An outside signal about one client.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the correlation stage feeds kernel signals (issue 6)"
-        )
-    )]
     pub fn signal_client(
         &self,
         key: &str,

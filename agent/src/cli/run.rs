@@ -11,6 +11,7 @@ use tokio::{
 use tracing::info;
 
 use crate::{
+    correlate::feed::KernelFeed,
     events::{
         journal::Journal,
         writer::{JournalStats, write_transitions},
@@ -41,6 +42,10 @@ pub struct Options {
     /// Journal breaker events in this directory (as `[events] journal`).
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// Attach no kernel probes: no kernel signals reach the breakers (as `[signals] probes =
+    /// []`). Without root the probes cannot be attached.
+    #[arg(long)]
+    no_probes: bool,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -57,6 +62,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(dir) = &opts.journal {
         config.events.journal = Some(dir.clone());
     }
+    if opts.no_probes {
+        config.signals.probes.clear();
+    }
+    let signals = config.signals.check().map_err(|e| anyhow::anyhow!(e))?;
     // The journal first: a directory in use or unwritable stops the agent before it serves.
     let journal = match config.events.journal().map_err(|e| anyhow::anyhow!(e))? {
         Some(c) => {
@@ -76,6 +85,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, addr)| json!({"name": name, "address": addr.to_string()}))
         .collect();
+    // The probes before serving: a call's connection is tracked from the start.
+    let kernel = if config.signals.probes.is_empty() {
+        None
+    } else {
+        Some(KernelFeed::start(&config.signals, signals, proxy.shared())?)
+    };
+    let probes_line = kernel
+        .as_ref()
+        .map(|k| json!(k.status))
+        .unwrap_or(json!([]));
+    let joins = proxy.shared().joins.clone();
     let stats = proxy.stats();
     let journal_stats = Arc::new(JournalStats::default());
     let (journal_done, journal_done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -99,7 +119,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let mut served = tokio::spawn(proxy.serve(shutdown));
-    print_line(&json!({"kind": "ready", "listeners": listeners, "journal": journal_line}));
+    print_line(
+        &json!({"kind": "ready", "listeners": listeners, "journal": journal_line, "probes": probes_line}),
+    );
     let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
         let mut done = false;
@@ -124,6 +146,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
                 line["kind"] = "stats".into();
                 line["journal"] = serde_json::to_value(journal_stats.figures()).unwrap_or_default();
+                line["signals"] = joins.stats.figures();
+                let (conns, streams) = joins.tracked.counts();
+                line["tracked"] = json!({"connections": conns, "streams": streams, "evidence_dropped": joins.board.dropped.load(std::sync::atomic::Ordering::Relaxed)});
+                if let Some(k) = &kernel {
+                    line["probes"] = k.figures();
+                }
                 print_line(&line);
             }
             r = &mut served => {
@@ -134,6 +162,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let _ = stop.send(true);
     let left = served.await.context("the proxy task failed")?;
+    if let Some(k) = kernel {
+        k.stop().await;
+    }
     let _ = printed_all.send(());
     let _ = journal_done.send(());
     if let Some(w) = writer {
@@ -192,34 +223,11 @@ fn drain<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>, print: impl Fn(&T)) 
     }
 }
 
+/// The `breaker_trip/v1` event (as journaled, without `seq`), tagged `"kind": "breaker"`.
 fn print_breaker_event(e: &crate::proxy::outcome::BreakerEvent) {
-    let t = &e.transition;
-    let c = &t.change;
-    let trigger = e.trigger.as_ref().map(|o| {
-        json!({
-            "method": o.method,
-            "endpoint": o.endpoint,
-            "grpc_status": o.grpc_status,
-            "ending": o.ending,
-            "trace_id": o.context.trace_id,
-            "session_id": o.context.session_id,
-            "jwt_claims": o.context.claims.as_deref(),
-        })
-    });
-    print_line(&json!({
-        "kind": "breaker",
-        "breaker": t.breaker.to_string(),
-        "scope": t.breaker.scope,
-        "name": t.breaker.name,
-        "class": t.breaker.class,
-        "from": c.from,
-        "to": c.to,
-        "reason": c.reason,
-        "open_for_ms": c.open_for.map(|d| d.as_millis() as u64),
-        "window": c.counts,
-        "consecutive_failures": c.consecutive_failures,
-        "trigger": trigger,
-    }));
+    let mut line = crate::events::trip::breaker_trip(e, std::time::SystemTime::now());
+    line["kind"] = "breaker".into();
+    print_line(&line);
 }
 
 fn print_outcome(o: &crate::proxy::outcome::StreamOutcome) {

@@ -16,9 +16,26 @@
 //! | `window` | the breaker's window then: `calls`, `failures`, `slow` |
 //! | `consecutive_failures` | failures in a row then |
 //! | `upstream.cluster`, `upstream.endpoint` | what the breaker guards, or where the triggering call went |
-//! | `stream` | the call whose result made the change: `method`, `grpc_status`, `http_status`, `ending`, `trace_id`, `span_id`, `session_id`, `client` (address), `latency_us` |
+//! | `upstream.pid`, `upstream.comm`, `upstream.netns` | the process serving that endpoint, when it runs on this host (found by the owner of the socket at the far end of the proxy's connection, in any network namespace) |
+//! | `stream` | the call whose result made the change: `method`, `grpc_status`, `http_status`, `ending`, `trace_id`, `span_id`, `session_id`, `client` (address), `latency_us`; for a change a kernel signal made, the stream the signal hit (`in_flight: true` and no status when it had not ended) |
 //! | `jwt_claims` | that call's allowlisted claims, with `verified` and `expired` (never the token) |
-//! | `evidence` | kernel signals behind the change (empty until the correlation stage) |
+//! | `evidence` | kernel signals about what the breaker guards in the last 30 s, oldest first (below) |
+//!
+//! Each `evidence` entry has `kind` (`tcp_reset`, `rst_stream`, `goaway`, `go_stw`,
+//! `rapid_reset`), `at` (the kernel's timestamp as wall time), `ktime_ns` (CLOCK_MONOTONIC),
+//! `kernel_to_transition_us` (from the kernel event to this transition), `by` (`upstream`,
+//! `client` or `agent`: who sent the reset or frame, or paused), and by kind:
+//!
+//! - `tcp_reset`: `direction` (`sent`/`received` by the socket it was `seen_on`:
+//!   `agent_socket` or `peer_socket`), `local` and `peer` (the proxy's connection), `state`,
+//!   `netns`, `kernel_reason` (why the kernel sent it), `pid`/`comm` (when the kernel ran in the
+//!   sending task), `stream` (method, client, trace and session of a stream on it).
+//! - `rst_stream`: `stream_id`, `error_code`, `error`, `local`, `peer`, `stream`.
+//! - `goaway`: `last_stream_id`, `error_code`, `error`, `local`, `peer`.
+//! - `go_stw`: `pid`, `comm`, `netns`, `duration_us` (as the Go runtime accounts it),
+//!   `world_stopped_us`, `threshold_us`, `reason`.
+//! - `rapid_reset`: `client`, `local`, `resets_last_second`, `resets_total`,
+//!   `max_resets_per_sec`.
 
 use std::time::SystemTime;
 
@@ -52,7 +69,7 @@ pub fn breaker_trip(e: &BreakerEvent, at: SystemTime) -> Value {
         "breaker": breaker,
         "window": c.counts,
         "consecutive_failures": c.consecutive_failures,
-        "evidence": [],
+        "evidence": e.evidence,
     });
     // What the breaker guards: its own name says it for endpoint and subset breakers.
     let mut upstream = serde_json::Map::new();
@@ -96,6 +113,21 @@ pub fn breaker_trip(e: &BreakerEvent, at: SystemTime) -> Value {
         if let Some(claims) = o.context.claims.as_deref() {
             event["jwt_claims"] = serde_json::to_value(claims).unwrap_or(Value::Null);
         }
+    }
+    if e.trigger.is_none()
+        && let Some(s) = &e.stream
+    {
+        let mut stream = crate::correlate::stream_json(s);
+        stream["in_flight"] = true.into();
+        event["stream"] = stream;
+        if let Some(claims) = s.context.claims.as_deref() {
+            event["jwt_claims"] = serde_json::to_value(claims).unwrap_or(Value::Null);
+        }
+    }
+    if let Some(owner) = &e.upstream_owner {
+        upstream.insert("pid".into(), owner.pid.into());
+        upstream.insert("comm".into(), owner.comm.as_str().into());
+        upstream.insert("netns".into(), owner.netns.into());
     }
     if !upstream.is_empty() {
         event["upstream"] = Value::Object(upstream);

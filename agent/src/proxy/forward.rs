@@ -27,7 +27,7 @@ use tracing::{debug, info};
 use super::{
     config::Route,
     grpc::{self, Code},
-    outcome::{BreakerEvent, BreakerEvents, Ending, Outcomes, StreamOutcome},
+    outcome::{BreakerEvents, Ending, Outcomes, StreamOutcome},
     retry::{RetryBudget, RetryConfig, RetryGuard},
     upstream::{ClusterPool, Lease, UpstreamError},
 };
@@ -39,6 +39,10 @@ use crate::{
         registry::{BreakerId, Breakers, CallPermits, Rejected, Transition},
     },
     context::Extractor,
+    correlate::{
+        Joins,
+        table::{ConnGuard, StreamGuard, StreamTag},
+    },
 };
 
 /// What every stream of the proxy shares.
@@ -52,6 +56,8 @@ pub struct Shared {
     pub budget: RetryBudget,
     /// See [`super::config::Timeouts::grpc_timeout_offset`].
     pub grpc_timeout_offset: std::time::Duration,
+    /// The proxy's connections and streams for the kernel signals to be joined to.
+    pub joins: Arc<Joins>,
 }
 
 /// What a stream knows of its client connection.
@@ -59,6 +65,9 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     pub client: SocketAddr,
     pub routes: Arc<[Route]>,
+    /// This connection in the correlation table (when kernel signals are joined); marked
+    /// closed when the connection and its last stream are done.
+    pub tracked: Option<ConnGuard>,
 }
 
 /// The first route that matches the request, as an index into the clusters.
@@ -154,6 +163,22 @@ pub async fn forward(
         blame: None,
         first_byte: None,
     };
+    // The stream in the correlation table, under its id on the client's connection (and,
+    // below, on the upstream's), for kernel signals about it to find its context.
+    let tag = conn.tracked.as_ref().map(|_| {
+        Arc::new(StreamTag {
+            method: out.method.clone(),
+            client: conn.client,
+            context: out.context.clone(),
+            client_key: out.context.client_key().map(|k| k.to_string()),
+        })
+    });
+    let _downstream_stream = conn
+        .tracked
+        .as_ref()
+        .zip(tag.as_ref())
+        .map(|(c, t)| c.conn.stream(respond.stream_id().as_u32(), t.clone()));
+    let mut _upstream_stream: Option<StreamGuard> = None;
     let mut call = Call {
         shared: &shared,
         start,
@@ -265,6 +290,10 @@ pub async fn forward(
             }
         };
         let stream_id = response.stream_id();
+        _upstream_stream = lease
+            .tracked()
+            .zip(tag.as_ref())
+            .map(|(c, t)| c.stream(stream_id.as_u32(), t.clone()));
         // A GOAWAY that came while the stream was being opened already refused it.
         let end = if lease.refused(stream_id) {
             End::Refused("the upstream sent GOAWAY before this stream".into())
@@ -839,10 +868,7 @@ impl Call<'_> {
         let out = Arc::new(out);
         for transition in self.transitions.drain(..) {
             info!(breaker = %transition.breaker, from = transition.change.from.as_str(), to = transition.change.to.as_str(), reason = %transition.change.reason, "breaker");
-            self.shared.breaker_events.publish(BreakerEvent {
-                transition,
-                trigger: Some(out.clone()),
-            });
+            crate::correlate::publish(self.shared, transition, Some(out.clone()), None);
         }
         self.shared
             .outcomes

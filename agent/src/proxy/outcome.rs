@@ -14,7 +14,11 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::{breaker::registry::Transition, context::RequestContext};
+use crate::{
+    breaker::registry::Transition,
+    context::RequestContext,
+    correlate::{process::Owner, table::StreamTag},
+};
 
 /// How a stream ended, from the proxy's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -76,11 +80,18 @@ pub struct StreamOutcome {
     pub first_byte: Option<Duration>,
 }
 
-/// A breaker changed state; with the call whose result made it change, if one did.
+/// A breaker changed state; with the call whose result made it change, if one did, or the
+/// stream a kernel signal hit, and the kernel evidence about what the breaker guards.
 #[derive(Clone, Debug)]
 pub struct BreakerEvent {
     pub transition: Transition,
     pub trigger: Option<Arc<StreamOutcome>>,
+    /// A stream still in flight (or just ended) that the signal behind the change hit.
+    pub stream: Option<Arc<StreamTag>>,
+    /// `breaker_trip/v1` evidence objects, oldest first.
+    pub evidence: Vec<serde_json::Value>,
+    /// The process serving the endpoint, when it runs on this host.
+    pub upstream_owner: Option<Owner>,
 }
 
 mod opt_micros {

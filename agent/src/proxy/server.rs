@@ -26,13 +26,14 @@ use tracing::{debug, info, warn};
 use crate::{
     breaker::registry::{Breakers, ClusterShape, Snapshot},
     context::{ContextStats, Extractor},
+    correlate::{Joins, table::Side},
 };
 
 use super::{
     coalesce::Coalesce,
     config::{Limits, Listener, ProxyConfig, Timeouts},
     forward::{self, ConnInfo, Shared},
-    outcome::{BreakerEvent, BreakerEvents, Outcomes},
+    outcome::{BreakerEvents, Outcomes},
     retry::RetryBudget,
     tls::{self, TlsError},
     upstream::ClusterPool,
@@ -195,11 +196,14 @@ impl Proxy {
                 subsets: &c.subsets,
             })
             .collect();
+        // Connections and streams are tracked only when kernel signals are joined to them.
+        let joins = Arc::new(Joins::new(!config.signals.probes.is_empty()));
         let shared = Arc::new(Shared {
             clusters: config
                 .clusters
                 .iter()
-                .map(|c| ClusterPool::new(c, config.limits))
+                .enumerate()
+                .map(|(i, c)| ClusterPool::new(i, c, config.limits, joins.clone()))
                 .collect(),
             outcomes: Outcomes::new(16 * 1024),
             breaker_events: BreakerEvents::new(4 * 1024),
@@ -208,6 +212,7 @@ impl Proxy {
             retries: config.retries.clone(),
             budget: RetryBudget::default(),
             grpc_timeout_offset: config.timeouts.grpc_timeout_offset,
+            joins,
         });
         Ok(Proxy {
             listeners,
@@ -229,6 +234,11 @@ impl Proxy {
 
     pub fn outcomes(&self) -> &Outcomes {
         &self.shared.outcomes
+    }
+
+    /// What the correlation stage needs of the proxy.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     pub fn breaker_events(&self) -> &BreakerEvents {
@@ -277,10 +287,7 @@ impl Proxy {
                     .breakers
                     .tick(std::time::Instant::now(), &mut changes);
                 for transition in changes {
-                    shared.breaker_events.publish(BreakerEvent {
-                        transition,
-                        trigger: None,
-                    });
+                    crate::correlate::publish(&shared, transition, None, None);
                 }
             }
         }));
@@ -339,10 +346,20 @@ async fn accept_loop(
                 continue;
             }
         };
+        let tracked = socket.local_addr().ok().and_then(|local| {
+            shared.joins.tracked.connection(
+                Side::Downstream {
+                    listener: info.name.clone(),
+                },
+                local,
+                peer,
+            )
+        });
         let conn = Arc::new(ConnInfo {
             listener: info.name.clone(),
             client: peer,
             routes: info.routes.clone(),
+            tracked,
         });
         let guard = live.enter();
         let _ = socket.set_nodelay(true);

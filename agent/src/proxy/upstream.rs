@@ -21,6 +21,11 @@ use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::correlate::{
+    Joins,
+    table::{Side, TrackedConn},
+};
+
 use super::{
     coalesce::Coalesce,
     config::{Cluster, Limits},
@@ -72,6 +77,9 @@ pub struct EndpointStats {
 
 pub struct ClusterPool {
     pub name: String,
+    /// Its place among the proxy's clusters (as the breakers and the correlation table name it).
+    index: usize,
+    joins: Arc<Joins>,
     endpoints: Vec<Arc<Endpoint>>,
     connect_timeout: Duration,
     max_connections: usize,
@@ -80,6 +88,7 @@ pub struct ClusterPool {
 
 pub struct Endpoint {
     pub address: String,
+    index: usize,
     /// Calls holding a stream on this endpoint.
     in_flight: AtomicUsize,
     connections: Mutex<Vec<Arc<UpstreamConnection>>>,
@@ -98,6 +107,8 @@ struct UpstreamConnection {
     closed: Arc<AtomicBool>,
     /// Once the upstream sent GOAWAY, no new stream goes here.
     goaway: Arc<GoawaySeen>,
+    /// This connection in the correlation table (when kernel signals are joined).
+    tracked: Option<Arc<TrackedConn>>,
 }
 
 /// A stream slot on an endpoint's connection; released on drop.
@@ -122,6 +133,11 @@ impl Lease {
 }
 
 impl Lease {
+    /// The connection's entry in the correlation table, to register the call's stream in.
+    pub fn tracked(&self) -> Option<&Arc<TrackedConn>> {
+        self.connection.tracked.as_ref()
+    }
+
     /// The upstream said by GOAWAY that it will not process stream `id` of this connection.
     pub fn refused(&self, id: h2::StreamId) -> bool {
         self.connection.goaway.refused(id.as_u32())
@@ -136,15 +152,19 @@ impl Drop for Lease {
 }
 
 impl ClusterPool {
-    pub fn new(cluster: &Cluster, limits: Limits) -> Self {
+    pub fn new(index: usize, cluster: &Cluster, limits: Limits, joins: Arc<Joins>) -> Self {
         Self {
             name: cluster.name.clone(),
+            index,
+            joins,
             endpoints: cluster
                 .endpoints
                 .iter()
-                .map(|a| {
+                .enumerate()
+                .map(|(i, a)| {
                     Arc::new(Endpoint {
                         address: a.clone(),
+                        index: i,
                         in_flight: AtomicUsize::new(0),
                         connections: Mutex::new(Vec::new()),
                         connecting: AtomicUsize::new(0),
@@ -181,6 +201,11 @@ impl ClusterPool {
 
     pub fn endpoint(&self, index: usize) -> Option<Arc<Endpoint>> {
         self.endpoints.get(index).cloned()
+    }
+
+    /// The index of the endpoint at `address`, as configured.
+    pub fn endpoint_index(&self, address: &str) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.address == address)
     }
 
     /// Picks an endpoint among those `allowed` (their breakers closed, say): the one with
@@ -274,7 +299,7 @@ impl ClusterPool {
 
     /// Opens the connection [`Self::reserve_open`] made room for.
     async fn open(&self, e: &Endpoint) -> Result<Arc<UpstreamConnection>, UpstreamError> {
-        let result = tokio::time::timeout(self.connect_timeout, self.connect(&e.address)).await;
+        let result = tokio::time::timeout(self.connect_timeout, self.connect(e)).await;
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::ConnectTimeout {
@@ -292,7 +317,8 @@ impl ClusterPool {
         opened
     }
 
-    async fn connect(&self, address: &str) -> Result<Arc<UpstreamConnection>, UpstreamError> {
+    async fn connect(&self, e: &Endpoint) -> Result<Arc<UpstreamConnection>, UpstreamError> {
+        let address = e.address.as_str();
         let mut last = None;
         let addrs =
             tokio::net::lookup_host(address)
@@ -318,6 +344,18 @@ impl ClusterPool {
             });
         };
         let _ = tcp.set_nodelay(true);
+        // Registered before the handshake: a reset during it is this endpoint's too.
+        let tracked = match (tcp.local_addr(), tcp.peer_addr()) {
+            (Ok(local), Ok(peer)) => self.joins.tracked.connection(
+                Side::Upstream {
+                    cluster: self.index,
+                    endpoint: e.index,
+                },
+                local,
+                peer,
+            ),
+            _ => None,
+        };
         let goaway = Arc::new(GoawaySeen::default());
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.limits.upstream_stream_window)
@@ -333,7 +371,10 @@ impl ClusterPool {
         let max_streams = Arc::new(AtomicUsize::new(connection.max_concurrent_send_streams()));
         let closed = Arc::new(AtomicBool::new(false));
         let (max, done, endpoint) = (max_streams.clone(), closed.clone(), address.to_owned());
+        let tracked_conn = tracked.as_ref().map(|g| g.conn.clone());
         tokio::spawn(async move {
+            // The table entry lingers from the connection's end, not its last lease's.
+            let _tracked = tracked;
             // Drive the connection; note the upstream's stream limit as its SETTINGS change.
             let result = std::future::poll_fn(|cx| {
                 let r = std::pin::Pin::new(&mut connection).poll(cx);
@@ -354,6 +395,7 @@ impl ClusterPool {
             max_streams,
             closed,
             goaway,
+            tracked: tracked_conn,
         }))
     }
 }

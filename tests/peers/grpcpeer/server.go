@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -141,7 +142,15 @@ func runServer(args []string) {
 	maxStreams := fs.Uint("max-streams", 0, "SETTINGS_MAX_CONCURRENT_STREAMS to announce (0: grpc-go default, not announced)")
 	slow := fs.Duration("slow", 10*time.Second, "how long /test.Echo/Slow holds a call")
 	staticWindow := fs.Bool("static-window", false, "keep the 64 KiB flow-control windows: no BDP PINGs, no window growth")
+	gcEvery := fs.Duration("gc-every", 0, "force a garbage collection (with its stop-the-world pauses) this often; 0: never")
 	fs.Parse(args)
+	if *gcEvery > 0 {
+		go func() {
+			for range time.Tick(*gcEvery) {
+				runtime.GC()
+			}
+		}()
+	}
 
 	opts := []grpc.ServerOption{
 		grpc.CustomCodec(serverCodec{}),

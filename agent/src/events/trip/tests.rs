@@ -68,6 +68,9 @@ fn a_trip_carries_the_breaker_the_upstream_and_the_calls_context() {
         &BreakerEvent {
             transition,
             trigger: Some(Arc::new(outcome)),
+            stream: None,
+            evidence: Vec::new(),
+            upstream_owner: None,
         },
         UNIX_EPOCH + Duration::from_millis(1_717_023_480_123),
     );

@@ -1,0 +1,627 @@
+//! The correlation stage: kernel signals joined to the proxy's own connections, streams and
+//! upstream processes, and fed to the breakers.
+//!
+//! - A TCP reset is joined by its 4-tuple: our end of the connection, or (on this host, also
+//!   across network namespaces) the mirror image, the peer's end. Both ends of one reset are
+//!   two kernel events; the first acts, the second is only counted.
+//! - An HTTP/2 frame is joined by its flow to a connection and by its stream id to a stream.
+//! - A Go stop-the-world pause is joined by its pid to the endpoints that process serves: the
+//!   owner of the socket at the far end of our connection to the endpoint ([`process`]).
+//! - A rapid-reset pattern on a client connection is joined to the client key last seen on it.
+//!
+//! What each signal does is configured in `[signals]` ([`config::SignalsConfig`]): trip the
+//! breaker, count as a failure, only annotate its next transition, or nothing.
+
+pub mod config;
+pub mod evidence;
+pub mod feed;
+pub mod process;
+pub mod table;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tracing::{debug, info};
+
+use self::{
+    config::{Parsed, SignalUse, SignalsConfig},
+    evidence::{Board, Evidence, Target, wall_time},
+    process::Owner,
+    table::{Side, StreamTag, Tracked, TrackedConn},
+};
+use crate::{
+    breaker::{circuit::SignalAction, config::Scope, registry::Transition},
+    proxy::{
+        forward::Shared,
+        outcome::{BreakerEvent, StreamOutcome},
+    },
+    signals::{
+        GoStwPause, TcpReset,
+        h2_frame::{FrameDetail, H2Frame},
+        rapid_reset::{RapidReset, RapidResetDetector, RapidResetPolicy},
+        tcp_reset::Direction,
+    },
+};
+
+/// What the proxy and the correlation stage share: the connection table, the evidence board
+/// and the processes found serving endpoints.
+pub struct Joins {
+    pub tracked: Tracked,
+    pub board: Board,
+    /// By endpoint breaker name (`cluster/address`).
+    owners: Mutex<HashMap<String, Owner>>,
+    pub stats: SignalStats,
+}
+
+impl Joins {
+    pub fn new(tracking: bool) -> Self {
+        Self {
+            tracked: Tracked::new(tracking),
+            board: Board::default(),
+            owners: Mutex::default(),
+            stats: SignalStats::default(),
+        }
+    }
+
+    pub fn owner(&self, endpoint: &str) -> Option<Owner> {
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(endpoint)
+            .cloned()
+    }
+
+    fn set_owner(&self, endpoint: String, owner: Owner) {
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(endpoint, owner);
+    }
+
+    /// Endpoints (breaker names) served by process `pid`.
+    fn endpoints_of(&self, pid: u32) -> Vec<(String, Owner)> {
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, o)| o.pid == pid)
+            .map(|(e, o)| (e.clone(), o.clone()))
+            .collect()
+    }
+}
+
+/// Per kind of signal: seen, joined to something of the proxy's, acted on (a breaker tripped
+/// or counted), and duplicates (the second end of one reset).
+#[derive(Debug, Default)]
+pub struct SignalStats {
+    pub tcp_resets: KindStats,
+    pub rst_streams: KindStats,
+    pub goaways: KindStats,
+    pub stw_pauses: KindStats,
+    pub rapid_resets: KindStats,
+    /// Breaker transitions the signals caused.
+    pub transitions: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct KindStats {
+    pub seen: AtomicU64,
+    pub joined: AtomicU64,
+    pub acted: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct KindFigures {
+    pub seen: u64,
+    pub joined: u64,
+    pub acted: u64,
+    pub duplicates: u64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl KindStats {
+    pub fn figures(&self) -> KindFigures {
+        KindFigures {
+            seen: self.seen.load(Ordering::Relaxed),
+            joined: self.joined.load(Ordering::Relaxed),
+            acted: self.acted.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl SignalStats {
+    pub fn figures(&self) -> Value {
+        json!({
+            "tcp_reset": self.tcp_resets.figures(),
+            "rst_stream": self.rst_streams.figures(),
+            "goaway": self.goaways.figures(),
+            "go_stw": self.stw_pauses.figures(),
+            "rapid_reset": self.rapid_resets.figures(),
+            "transitions": self.transitions.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Publishes breaker transitions with the evidence the board holds for them (the path every
+/// transition takes, from calls, the timer and signals alike).
+pub fn publish(
+    shared: &Shared,
+    transition: Transition,
+    trigger: Option<Arc<StreamOutcome>>,
+    stream: Option<Arc<StreamTag>>,
+) {
+    let now = Instant::now();
+    let joins = &shared.joins;
+    let at = evidence::monotonic_ns();
+    let evidence: Vec<Value> = joins
+        .board
+        .recent(&transition.breaker, now)
+        .iter()
+        .map(|e| e.for_transition(at))
+        .collect();
+    let owner = (transition.breaker.scope == Scope::Endpoint)
+        .then(|| joins.owner(&transition.breaker.name))
+        .flatten()
+        .or_else(|| {
+            trigger
+                .as_ref()
+                .and_then(|t| Some(format!("{}/{}", t.cluster.as_ref()?, t.endpoint.as_ref()?)))
+                .and_then(|name| joins.owner(&name))
+        });
+    shared.breaker_events.publish(BreakerEvent {
+        transition,
+        trigger,
+        stream,
+        evidence,
+        upstream_owner: owner,
+    });
+}
+
+/// The correlation task's state.
+pub struct Correlator {
+    shared: Arc<Shared>,
+    config: SignalsConfig,
+    parsed: Parsed,
+    rapid_reset: RapidResetDetector,
+    /// This agent's network namespace: a 4-tuple on loopback names a connection only there.
+    own_netns: Option<u64>,
+}
+
+impl Correlator {
+    pub fn new(shared: Arc<Shared>, config: SignalsConfig, parsed: Parsed) -> Self {
+        let rapid_reset = RapidResetDetector::new(RapidResetPolicy {
+            max_resets_per_sec: config.rapid_reset_rate,
+            cooldown_ns: 10_000_000_000,
+        });
+        let own_netns = std::fs::read_link("/proc/self/ns/net").ok().and_then(|l| {
+            l.to_str()?
+                .strip_prefix("net:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        });
+        Self {
+            shared,
+            config,
+            parsed,
+            rapid_reset,
+            own_netns,
+        }
+    }
+
+    fn joins(&self) -> &Joins {
+        &self.shared.joins
+    }
+
+    /// The connection of ours a 4-tuple names, and whether the event was on our end of it.
+    fn connection(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        netns: Option<u32>,
+    ) -> Option<(Arc<TrackedConn>, bool)> {
+        let t = &self.joins().tracked;
+        let ours_ns = match (netns, self.own_netns) {
+            (Some(a), Some(b)) => u64::from(a) == b,
+            _ => true,
+        };
+        if ours_ns && let Some(c) = t.find(local, remote) {
+            return Some((c, true));
+        }
+        // The peer's end: on loopback only in our own namespace (another namespace's loopback
+        // is another host's).
+        if remote.ip().is_loopback() && !ours_ns {
+            return None;
+        }
+        t.find(remote, local).map(|c| (c, false))
+    }
+
+    pub fn tcp_reset(&mut self, r: &TcpReset) {
+        let stats = &self.joins().stats.tcp_resets;
+        bump(&stats.seen);
+        let Some((conn, our_end)) = self.connection(r.local, r.remote, r.netns) else {
+            return;
+        };
+        bump(&stats.joined);
+        // Who reset the connection: our socket sent it, or the peer's did.
+        let by_peer = match (our_end, r.direction) {
+            (true, Direction::Received) | (false, Direction::Sent) => true,
+            (true, Direction::Sent) | (false, Direction::Received) => false,
+        };
+        if !conn.first_reset() {
+            bump(&stats.duplicates);
+            return;
+        }
+        let by = match (&conn.side, by_peer) {
+            (_, false) => "agent",
+            (Side::Upstream { .. }, true) => "upstream",
+            (Side::Downstream { .. }, true) => "client",
+        };
+        let mut json = json!({
+            "kind": "tcp_reset",
+            "at": wall_time(r.ktime_ns),
+            "ktime_ns": r.ktime_ns,
+            "by": by,
+            "direction": r.direction,
+            "seen_on": if our_end { "agent_socket" } else { "peer_socket" },
+            "local": conn.local.to_string(),
+            "peer": conn.peer.to_string(),
+            "state": r.state,
+            "netns": r.netns,
+        });
+        if let Some(reason) = &r.reason {
+            json["kernel_reason"] = reason.as_str().into();
+        }
+        if let Some(t) = &r.task {
+            json["pid"] = t.pid.into();
+            json["comm"] = t.comm.as_str().into();
+        }
+        let affected = conn.affected_stream();
+        if let Some(s) = &affected {
+            json["stream"] = stream_json(s);
+        }
+        let ev = Evidence {
+            ktime_ns: r.ktime_ns,
+            json,
+        };
+        match conn.side {
+            Side::Upstream { cluster, endpoint } if by_peer => {
+                let used = self.config.upstream_tcp_reset;
+                if self.endpoint_signal(cluster, endpoint, "tcp_reset", used, ev, affected) {
+                    bump(&stats.acted);
+                }
+            }
+            // Resets by the agent, and by clients, are evidence only (of the endpoint, or of
+            // the client's key).
+            Side::Upstream { cluster, endpoint } => {
+                if let Some(name) = self.endpoint_name(cluster, endpoint) {
+                    self.annotate(Scope::Endpoint, name, ev);
+                }
+            }
+            Side::Downstream { .. } => {
+                if let Some(key) = conn.client_key() {
+                    self.annotate(Scope::Client, key.to_string(), ev);
+                }
+            }
+        }
+    }
+
+    pub fn h2_frame(&mut self, f: &H2Frame) {
+        if let Some(signal) = self.rapid_reset.observe(f) {
+            self.rapid_reset_seen(&signal);
+        }
+        let is_rst = match f.detail {
+            FrameDetail::RstStream { .. } => true,
+            FrameDetail::GoAway { .. } => false,
+            _ => return,
+        };
+        let stats = if is_rst {
+            &self.joins().stats.rst_streams
+        } else {
+            &self.joins().stats.goaways
+        };
+        bump(&stats.seen);
+        // Only frames an upstream sent us: find our end as the receiver.
+        let Some(conn) = self.joins().tracked.find(f.flow.dst, f.flow.src) else {
+            return;
+        };
+        let Side::Upstream { cluster, endpoint } = conn.side else {
+            return;
+        };
+        bump(&stats.joined);
+        let (kind, used, json) = match &f.detail {
+            FrameDetail::RstStream { error_code, error } => {
+                // An ordinary end, a cancellation, a refusal the proxy retries.
+                let benign = matches!(*error_code, 0 | 7 | 8);
+                let used = if benign {
+                    SignalUse::Annotate
+                } else {
+                    self.config.upstream_rst_stream
+                };
+                (
+                    "rst_stream",
+                    used,
+                    json!({"stream_id": f.stream_id, "error_code": error_code, "error": error}),
+                )
+            }
+            FrameDetail::GoAway {
+                last_stream_id,
+                error_code,
+                error,
+            } => {
+                let used = if *error_code == 0 {
+                    SignalUse::Annotate
+                } else {
+                    self.config.upstream_goaway
+                };
+                (
+                    "goaway",
+                    used,
+                    json!({"last_stream_id": last_stream_id, "error_code": error_code, "error": error}),
+                )
+            }
+            _ => return,
+        };
+        let mut json = json;
+        json["kind"] = kind.into();
+        json["at"] = wall_time(f.ktime_ns).into();
+        json["ktime_ns"] = f.ktime_ns.into();
+        json["by"] = "upstream".into();
+        json["local"] = conn.local.to_string().into();
+        json["peer"] = conn.peer.to_string().into();
+        let stream = if is_rst {
+            conn.find_stream(f.stream_id)
+        } else {
+            conn.affected_stream()
+        };
+        if let Some(s) = &stream {
+            json["stream"] = stream_json(s);
+        }
+        let ev = Evidence {
+            ktime_ns: f.ktime_ns,
+            json,
+        };
+        if self.endpoint_signal(cluster, endpoint, kind, used, ev, stream) {
+            bump(&stats.acted);
+        }
+    }
+
+    fn rapid_reset_seen(&mut self, r: &RapidReset) {
+        let stats = &self.joins().stats.rapid_resets;
+        bump(&stats.seen);
+        // The client sent the resets: our end is the receiver.
+        let Some(conn) = self.joins().tracked.find(r.flow.dst, r.flow.src) else {
+            return;
+        };
+        if !matches!(conn.side, Side::Downstream { .. }) {
+            return;
+        }
+        bump(&stats.joined);
+        let json = json!({
+            "kind": "rapid_reset",
+            "at": wall_time(r.ktime_ns),
+            "ktime_ns": r.ktime_ns,
+            "by": "client",
+            "client": r.flow.src.to_string(),
+            "local": r.flow.dst.to_string(),
+            "resets_last_second": r.resets_last_second,
+            "resets_total": r.resets_total,
+            "max_resets_per_sec": r.max_resets_per_sec,
+        });
+        let ev = Evidence {
+            ktime_ns: r.ktime_ns,
+            json,
+        };
+        let Some(key) = conn.client_key() else {
+            // Nothing to key a breaker by: no verified subject, no session on its streams.
+            info!(client = %r.flow.src, resets_last_second = r.resets_last_second, "rapid reset from a client without a client key: not tripped");
+            return;
+        };
+        let action = match self.config.rapid_reset {
+            SignalUse::Trip => SignalAction::Trip,
+            SignalUse::Count => SignalAction::CountFailure,
+            SignalUse::Annotate => {
+                self.annotate(Scope::Client, key.to_string(), ev);
+                return;
+            }
+            SignalUse::Off => return,
+        };
+        let now = Instant::now();
+        self.joins().board.add(
+            Target {
+                scope: Scope::Client,
+                name: key.to_string(),
+            },
+            ev,
+            now,
+        );
+        let mut out = Vec::new();
+        self.shared
+            .breakers
+            .signal_client(&key, "rapid_reset", action, now, &mut out);
+        bump(&stats.acted);
+        let stream = conn.affected_stream();
+        self.publish_all(out, stream);
+    }
+
+    pub fn go_stw(&mut self, p: &GoStwPause, go_minor: Option<u32>) {
+        let stats = &self.joins().stats.stw_pauses;
+        bump(&stats.seen);
+        let served = self.joins().endpoints_of(p.pid);
+        if served.is_empty() {
+            return;
+        }
+        bump(&stats.joined);
+        let view = p.view(go_minor);
+        let long = view.duration_ns
+            >= u64::try_from(self.parsed.stw_threshold.as_nanos()).unwrap_or(u64::MAX);
+        let used = if long {
+            self.config.upstream_stw
+        } else {
+            SignalUse::Off
+        };
+        if used == SignalUse::Off {
+            return;
+        }
+        for (name, owner) in served {
+            let json = json!({
+                "kind": "go_stw",
+                "at": wall_time(p.stop_ns),
+                "ktime_ns": p.stop_ns,
+                "by": "upstream",
+                "pid": p.pid,
+                "comm": p.comm,
+                "netns": owner.netns,
+                "duration_us": view.duration_ns / 1000,
+                "world_stopped_us": view.world_stopped_ns / 1000,
+                "threshold_us": self.parsed.stw_threshold.as_micros() as u64,
+                "reason": view.reason,
+            });
+            let ev = Evidence {
+                ktime_ns: p.stop_ns,
+                json,
+            };
+            let Some((cluster, endpoint)) = self.endpoint_index(&name) else {
+                continue;
+            };
+            if self.endpoint_signal(cluster, endpoint, "go_stw", used, ev, None) {
+                bump(&stats.acted);
+            }
+        }
+    }
+
+    fn endpoint_name(&self, cluster: usize, endpoint: usize) -> Option<String> {
+        let c = self.shared.clusters.get(cluster)?;
+        let e = c.endpoint(endpoint)?;
+        Some(format!("{}/{}", c.name, e.address))
+    }
+
+    fn endpoint_index(&self, name: &str) -> Option<(usize, usize)> {
+        let (cluster, address) = name.split_once('/')?;
+        let ci = self
+            .shared
+            .clusters
+            .iter()
+            .position(|c| c.name == cluster)?;
+        let ei = self.shared.clusters[ci].endpoint_index(address)?;
+        Some((ci, ei))
+    }
+
+    fn annotate(&self, scope: Scope, name: String, ev: Evidence) {
+        self.joins()
+            .board
+            .add(Target { scope, name }, ev, Instant::now());
+    }
+
+    /// Files the evidence and applies the signal to the endpoint's breakers; true when it
+    /// tripped or counted.
+    fn endpoint_signal(
+        &self,
+        cluster: usize,
+        endpoint: usize,
+        kind: &str,
+        used: SignalUse,
+        ev: Evidence,
+        stream: Option<Arc<StreamTag>>,
+    ) -> bool {
+        let Some(name) = self.endpoint_name(cluster, endpoint) else {
+            return false;
+        };
+        let now = Instant::now();
+        self.joins().board.add(
+            Target {
+                scope: Scope::Endpoint,
+                name,
+            },
+            ev,
+            now,
+        );
+        let action = match used {
+            SignalUse::Trip => SignalAction::Trip,
+            SignalUse::Count => SignalAction::CountFailure,
+            SignalUse::Annotate | SignalUse::Off => return false,
+        };
+        let mut out = Vec::new();
+        self.shared
+            .breakers
+            .signal_endpoint(cluster, endpoint, kind, action, now, &mut out);
+        self.publish_all(out, stream);
+        true
+    }
+
+    fn publish_all(&self, transitions: Vec<Transition>, stream: Option<Arc<StreamTag>>) {
+        for t in transitions {
+            info!(breaker = %t.breaker, from = t.change.from.as_str(), to = t.change.to.as_str(), reason = %t.change.reason, "breaker (kernel signal)");
+            self.joins()
+                .stats
+                .transitions
+                .fetch_add(1, Ordering::Relaxed);
+            publish(&self.shared, t, None, stream.clone());
+        }
+    }
+
+    /// Periodic work: forget old connections and evidence, and look for the processes serving
+    /// newly connected endpoints.
+    pub async fn sweep(&self) {
+        let now = Instant::now();
+        self.joins().tracked.sweep(now);
+        self.joins().board.sweep(now);
+        self.look_up_owners().await;
+    }
+
+    /// Looks for the processes serving newly connected endpoints (reading /proc: off the
+    /// runtime's threads).
+    pub async fn look_up_owners(&self) {
+        let pending = self.joins().tracked.upstreams_to_look_up();
+        for conn in pending {
+            conn.owner_looked_up.store(true, Ordering::Relaxed);
+            let Side::Upstream { cluster, endpoint } = conn.side else {
+                continue;
+            };
+            let Some(name) = self.endpoint_name(cluster, endpoint) else {
+                continue;
+            };
+            let (local, peer) = (conn.local, conn.peer);
+            let found = tokio::task::spawn_blocking(move || {
+                process::peer_owner(Path::new("/proc"), local, peer)
+            })
+            .await
+            .ok()
+            .flatten();
+            match found {
+                Some(owner) => {
+                    debug!(endpoint = %name, pid = owner.pid, comm = %owner.comm, netns = owner.netns, "endpoint served by");
+                    self.joins().set_owner(name, owner);
+                }
+                None => debug!(endpoint = %name, "no local process serves this endpoint"),
+            }
+        }
+    }
+}
+
+/// What a stream tag says, as evidence and in the trip event's `stream`.
+pub fn stream_json(s: &StreamTag) -> Value {
+    let mut v = json!({"method": s.method, "client": s.client.to_string()});
+    if let Some(t) = &s.context.trace_id {
+        v["trace_id"] = t.as_str().into();
+    }
+    if let Some(t) = &s.context.session_id {
+        v["session_id"] = t.as_str().into();
+    }
+    v
+}
