@@ -14,7 +14,7 @@ use crate::{
     correlate::feed::KernelFeed,
     events::{
         journal::Journal,
-        writer::{JournalStats, write_transitions},
+        writer::{JournalStats, JournaledEvents, write_transitions},
     },
     proxy::{config, server::Proxy},
 };
@@ -100,19 +100,23 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let journal_stats = Arc::new(JournalStats::default());
     let (journal_done, journal_done_rx) = tokio::sync::oneshot::channel::<()>();
     let mut journal_line = serde_json::Value::Null;
+    // Everything that reports breaker events does so after the journal, when there is one.
+    let journaled = Arc::new(JournaledEvents::new(16 * 1024));
+    let mut printed_journaled =
+        (opts.print_breakers && journal.is_some()).then(|| journaled.subscribe());
     let writer = journal.map(|(j, recovery, fsync, dir)| {
         journal_line = json!({"dir": dir.display().to_string(), "recovery": recovery});
         tokio::spawn(write_transitions(
             j,
             proxy.breaker_events().subscribe(),
             journal_stats.clone(),
+            journaled.clone(),
             fsync,
             journal_done_rx,
         ))
     });
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
-    let mut breakers = opts
-        .print_breakers
+    let mut breakers = (opts.print_breakers && printed_journaled.is_none())
         .then(|| proxy.breaker_events().subscribe());
     let (stop, shutdown) = watch::channel(false);
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -129,12 +133,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             tokio::select! {
                 biased;
                 r = next(&mut breakers) => if !print_one(r, print_breaker_event) { breakers = None },
+                r = next(&mut printed_journaled) => if !print_one(r, print_journaled) { printed_journaled = None },
                 r = next(&mut outcomes) => if !print_one(r, print_outcome) { outcomes = None },
                 // The proxy is done: what is queued is all there will be.
                 _ = &mut served_all => done = true,
             }
         }
         drain(&mut breakers, print_breaker_event);
+        drain(&mut printed_journaled, print_journaled);
         drain(&mut outcomes, print_outcome);
     });
     loop {
@@ -165,11 +171,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(k) = kernel {
         k.stop().await;
     }
-    let _ = printed_all.send(());
+    // The writer's last batch first: the printer reports what it journaled.
     let _ = journal_done.send(());
     if let Some(w) = writer {
         let _ = w.await;
     }
+    let _ = printed_all.send(());
     let _ = printer.await;
     if left > 0 {
         bail!("{left} streams were still open when the drain timeout passed");
@@ -221,6 +228,18 @@ fn drain<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>, print: impl Fn(&T)) 
             Err(_) => break,
         }
     }
+}
+
+/// A journaled event's line, tagged `"kind": "breaker"` (the journal's lines all begin with
+/// `{"seq":`).
+fn print_journaled(j: &crate::events::writer::Journaled) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{{\"kind\":\"breaker\",{}",
+        j.line.get(1..).unwrap_or("}")
+    );
+    let _ = out.flush();
 }
 
 /// The `breaker_trip/v1` event (as journaled, without `seq`), tagged `"kind": "breaker"`.

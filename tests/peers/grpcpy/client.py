@@ -368,6 +368,17 @@ def load_call(stub, args, i, metadata, timeout):
         return e.code(), e.details() or "", messages, problem
 
 
+def call_token(args, i):
+    """An HS256 JWT of its own for call i: subject `<--token-sub-prefix><i>`, expired an hour ago, signed
+    with the secret in the file --token-per-call names (so each call is another client)."""
+    import jwt  # pyjwt; only this option needs it
+    if not hasattr(call_token, "secret"):
+        with open(args.token_per_call, "rb") as f:
+            call_token.secret = f.read()
+    claims = {"sub": "%s%d" % (args.token_sub_prefix, i), "scope": "read:test", "exp": int(time.time()) - 3600}
+    return jwt.encode(claims, call_token.secret, algorithm="HS256")
+
+
 def case_load(stub, args):
     count = 100 if args.count is None else args.count
     timeout = None if args.timeout_ms is None else args.timeout_ms / 1000
@@ -391,8 +402,11 @@ def case_load(stub, args):
                 time.sleep(pause)
             first = False
             t = time.monotonic()
+            md = metadata
+            if args.token_per_call:
+                md = metadata + (("authorization", "Bearer " + call_token(args, i)),)
             try:
-                code, text, messages, problem = load_call(stub, args, i, metadata, timeout)
+                code, text, messages, problem = load_call(stub, args, i, md, timeout)
             except Exception as e:  # anything but a status is a bug in the test or the proxy
                 code, text, messages, problem = None, "", 0, "%s: %s" % (type(e).__name__, e)
             ms = (time.monotonic() - t) * 1000
@@ -502,6 +516,11 @@ def main():
                         help="load --method server-stream: messages asked for per call")
     parser.add_argument("--header", type=header_arg, action="append", default=[],
                         metavar="KEY=VALUE", help="load: metadata on every call (repeatable)")
+    parser.add_argument("--token-sub-prefix", default="user-",
+                        help="load, --token-per-call: call i's subject is PREFIX<i>")
+    parser.add_argument("--token-per-call", metavar="SECRET_FILE",
+                        help="load: each call carries its own expired HS256 token (sub user-<i>) "
+                        "signed with the secret in this file")
     parser.add_argument("--per-call", action="store_true",
                         help="load: one {\"event\":\"call\"} line per call")
     parser.add_argument("--expect-codes", type=lambda t: [status_code(c) for c in t.split(",")],

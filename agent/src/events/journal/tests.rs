@@ -253,3 +253,38 @@ fn lazier_fsync_policies_still_write_every_event() {
         fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[test]
+fn a_batch_is_written_in_order_across_a_rotation_with_one_sync() {
+    let dir = temp_dir("batch");
+    let config = JournalConfig {
+        max_file_bytes: 200,
+        ..JournalConfig::new(&dir)
+    };
+    let (mut j, _) = Journal::open(config.clone()).unwrap();
+    j.append(&serde_json::json!({"n": 0})).unwrap();
+    let events: Vec<_> = (1..=10)
+        .map(|n| serde_json::json!({"n": n, "pad": "x".repeat(40)}))
+        .collect();
+    let (written, error) = j.append_batch(&events);
+    assert!(error.is_none());
+    assert_eq!(
+        written.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (2..=11).collect::<Vec<_>>()
+    );
+    // Each returned line is the one in the journal (without its newline).
+    let (_, line) = &written[0];
+    assert!(
+        line.starts_with("{\"seq\":2,") && !line.ends_with('\n'),
+        "{line}"
+    );
+    assert_eq!(seqs(&dir), (1..=11).collect::<Vec<_>>());
+    assert!(files(&dir).unwrap().len() > 1);
+    // A non-object stops the batch; what came before it is kept and reported.
+    let (written, error) = j.append_batch(&[serde_json::json!({"n": 12}), serde_json::json!(3)]);
+    assert_eq!(written.len(), 1);
+    assert!(matches!(error, Some(JournalError::NotAnObject(_))));
+    drop(j);
+    let (_, r) = Journal::open(config).unwrap();
+    assert_eq!(r.last_seq, 12);
+}
