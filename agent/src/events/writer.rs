@@ -27,6 +27,8 @@ pub struct JournalStats {
     pub dropped: AtomicU64,
     pub failed: AtomicU64,
     pub last_seq: AtomicU64,
+    /// Poked after each event written, for readers that follow the journal (the exporter).
+    pub appended: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -72,6 +74,7 @@ pub async fn write_transitions(
             Ok(seq) => {
                 stats.written.fetch_add(1, Ordering::Relaxed);
                 stats.last_seq.store(seq, Ordering::Relaxed);
+                stats.appended.notify_one();
             }
             Err(error) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
