@@ -7,6 +7,7 @@ mod breaker;
 mod cli;
 mod context;
 mod events;
+mod export;
 mod probes;
 mod proxy;
 mod signals;

@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{oneshot, watch},
 };
 use tracing::info;
 
@@ -14,6 +14,11 @@ use crate::{
     events::{
         journal::Journal,
         writer::{JournalStats, write_transitions},
+    },
+    export::{
+        metrics::Metrics,
+        otlp_logs::{LogExporter, LogStats},
+        prometheus,
     },
     proxy::{config, server::Proxy},
 };
@@ -41,6 +46,14 @@ pub struct Options {
     /// Journal breaker events in this directory (as `[events] journal`).
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// Send the journal's events and the metrics to this OTLP/gRPC receiver,
+    /// http://HOST:PORT (as `[export] otlp_endpoint`; needs the journal).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Serve the metrics in the Prometheus text format at http://ADDR/metrics (as `[export]
+    /// prometheus_listen`).
+    #[arg(long, value_name = "ADDR")]
+    prometheus_listen: Option<SocketAddr>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -56,6 +69,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     if let Some(dir) = &opts.journal {
         config.events.journal = Some(dir.clone());
+    }
+    if let Some(url) = &opts.otlp_endpoint {
+        config.export.otlp_endpoint = Some(url.clone());
+    }
+    if let Some(addr) = opts.prometheus_listen {
+        config.export.prometheus_listen = Some(addr);
+    }
+    let export = config.export.check().map_err(|e| anyhow::anyhow!(e))?;
+    if export.otlp_endpoint.is_some() && config.events.journal.is_none() {
+        bail!(
+            "export.otlp_endpoint (--otlp-endpoint) sends the journal's events, from a cursor kept \
+             beside them: give [events] journal (or --journal DIR) too"
+        );
     }
     // The journal first: a directory in use or unwritable stops the agent before it serves.
     let journal = match config.events.journal().map_err(|e| anyhow::anyhow!(e))? {
@@ -80,8 +106,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let journal_stats = Arc::new(JournalStats::default());
     let (journal_done, journal_done_rx) = tokio::sync::oneshot::channel::<()>();
     let mut journal_line = serde_json::Value::Null;
+    let mut journal_dir = None;
     let writer = journal.map(|(j, recovery, fsync, dir)| {
         journal_line = json!({"dir": dir.display().to_string(), "recovery": recovery});
+        journal_dir = Some(dir);
         tokio::spawn(write_transitions(
             j,
             proxy.breaker_events().subscribe(),
@@ -90,6 +118,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             journal_done_rx,
         ))
     });
+    let exporting =
+        Exporting::start(&export, &proxy, journal_dir.as_deref(), &journal_stats).await?;
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
     let mut breakers = opts
         .print_breakers
@@ -99,7 +129,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let mut served = tokio::spawn(proxy.serve(shutdown));
-    print_line(&json!({"kind": "ready", "listeners": listeners, "journal": journal_line}));
+    print_line(&json!({
+        "kind": "ready",
+        "listeners": listeners,
+        "journal": journal_line,
+        "otlp": export.otlp_endpoint,
+        "prometheus": exporting.prometheus_addr.map(|a| a.to_string()),
+    }));
     let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
         let mut done = false;
@@ -124,6 +160,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
                 line["kind"] = "stats".into();
                 line["journal"] = serde_json::to_value(journal_stats.figures()).unwrap_or_default();
+                if let Some(l) = &exporting.log_stats {
+                    line["otlp_logs"] = serde_json::to_value(l.figures()).unwrap_or_default();
+                }
                 print_line(&line);
             }
             r = &mut served => {
@@ -139,6 +178,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(w) = writer {
         let _ = w.await;
     }
+    // After the journal's last event: the exporter sends what it can of the rest.
+    exporting.stop().await;
     let _ = printer.await;
     if left > 0 {
         bail!("{left} streams were still open when the drain timeout passed");
@@ -226,4 +267,85 @@ fn print_outcome(o: &crate::proxy::outcome::StreamOutcome) {
     let mut line = serde_json::to_value(o).unwrap_or_default();
     line["kind"] = "stream".into();
     print_line(&line);
+}
+
+/// The exporters `agent run` started ([`crate::export`]).
+struct Exporting {
+    metrics: Option<Metrics>,
+    recorder: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    logs: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    log_stats: Option<Arc<LogStats>>,
+    prometheus_addr: Option<SocketAddr>,
+    prometheus_stop: watch::Sender<bool>,
+}
+
+impl Exporting {
+    async fn start(
+        export: &crate::export::Export,
+        proxy: &Proxy,
+        journal_dir: Option<&std::path::Path>,
+        journal_stats: &Arc<JournalStats>,
+    ) -> anyhow::Result<Exporting> {
+        let (prometheus_stop, prometheus_stopped) = watch::channel(false);
+        let mut exporting = Exporting {
+            metrics: None,
+            recorder: None,
+            logs: None,
+            log_stats: None,
+            prometheus_addr: None,
+            prometheus_stop,
+        };
+        let listener = match export.prometheus_listen {
+            Some(a) => Some(prometheus::bind(a).await?),
+            None => None,
+        };
+        if export.otlp_endpoint.is_none() && listener.is_none() {
+            return Ok(exporting);
+        }
+        let otlp = export
+            .otlp_endpoint
+            .as_deref()
+            .map(|e| (e, export.otlp_interval));
+        let metrics = Metrics::new(otlp, listener.is_some())?;
+        if let (Some(endpoint), Some(dir)) = (&export.otlp_endpoint, journal_dir) {
+            let stats = Arc::new(LogStats::default());
+            let (done, done_rx) = oneshot::channel();
+            let exporter = LogExporter::new(endpoint, dir)?;
+            let task = tokio::spawn(exporter.run(journal_stats.clone(), stats.clone(), done_rx));
+            exporting.logs = Some((done, task));
+            exporting.log_stats = Some(stats);
+        }
+        let (done, done_rx) = oneshot::channel();
+        let (recorded, task) = metrics.record(
+            proxy.outcomes().subscribe(),
+            proxy.breaker_events().subscribe(),
+            done_rx,
+        );
+        exporting.recorder = Some((done, task));
+        metrics.observe_breakers(proxy.stats());
+        metrics.observe_pipeline(journal_stats.clone(), recorded, exporting.log_stats.clone());
+        if let (Some(listener), Some(registry)) = (listener, metrics.registry()) {
+            exporting.prometheus_addr = listener.local_addr().ok();
+            tokio::spawn(prometheus::serve(listener, registry, prometheus_stopped));
+        }
+        exporting.metrics = Some(metrics);
+        Ok(exporting)
+    }
+
+    /// Once the proxy and the journal are done: the last events and figures go out (bounded
+    /// in time), then the endpoint closes.
+    async fn stop(self) {
+        if let Some((done, task)) = self.logs {
+            let _ = done.send(());
+            let _ = task.await;
+        }
+        if let Some((done, task)) = self.recorder {
+            let _ = done.send(());
+            let _ = task.await;
+        }
+        if let Some(m) = self.metrics {
+            m.shutdown().await;
+        }
+        let _ = self.prometheus_stop.send(true);
+    }
 }

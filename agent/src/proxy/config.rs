@@ -12,6 +12,7 @@ use crate::{
     breaker::config::{BreakerConfig, RawBreakers},
     context::ContextConfig,
     events::EventsConfig,
+    export::ExportConfig,
 };
 
 /// A validated configuration.
@@ -25,6 +26,7 @@ pub struct ProxyConfig {
     pub context: ContextConfig,
     pub retries: RetryConfig,
     pub events: EventsConfig,
+    pub export: ExportConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +196,8 @@ struct RawConfig {
     retries: RetryConfig,
     #[serde(default)]
     events: EventsConfig,
+    #[serde(default)]
+    export: ExportConfig,
 }
 
 #[derive(Deserialize)]
@@ -543,6 +547,9 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
     if let Err(e) = raw.events.journal() {
         p.keyed(e);
     }
+    if let Err(e) = raw.export.check() {
+        p.keyed(e);
+    }
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
         p.keyed(format!("context: {e}"));
@@ -556,6 +563,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
         context: raw.context,
         retries: raw.retries,
         events: raw.events,
+        export: raw.export,
     }
 }
 
@@ -618,6 +626,7 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<ProxyConfig, St
         context: ContextConfig::default(),
         retries: RetryConfig::default(),
         events: EventsConfig::default(),
+        export: ExportConfig::default(),
     })
 }
 
