@@ -360,6 +360,10 @@ otlp_interval = "500ms"
 
     let (status, _, stderr) = proxy.terminate(Duration::from_secs(20));
     assert!(status.success(), "{stderr}");
+    // The cursor says what was acknowledged: everything, so a restart sends nothing again.
+    let cursor = std::fs::read_to_string(journal.join("otlp.cursor")).unwrap();
+    let last = *journal_seqs(&journal).last().unwrap();
+    assert_eq!(cursor.trim(), (last + 1).to_string());
     drop(upstream);
     let _ = std::fs::remove_dir_all(&dir);
 }

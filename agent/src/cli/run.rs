@@ -109,7 +109,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut journal_dir = None;
     let writer = journal.map(|(j, recovery, fsync, dir)| {
         journal_line = json!({"dir": dir.display().to_string(), "recovery": recovery});
-        journal_dir = Some(dir);
+        journal_dir = Some((dir, recovery.last_seq));
         tokio::spawn(write_transitions(
             j,
             proxy.breaker_events().subscribe(),
@@ -118,8 +118,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             journal_done_rx,
         ))
     });
-    let exporting =
-        Exporting::start(&export, &proxy, journal_dir.as_deref(), &journal_stats).await?;
+    let journal_dir = journal_dir.as_ref().map(|(d, last)| (d.as_path(), *last));
+    let exporting = Exporting::start(&export, &proxy, journal_dir, &journal_stats).await?;
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
     let mut breakers = opts
         .print_breakers
@@ -283,7 +283,7 @@ impl Exporting {
     async fn start(
         export: &crate::export::Export,
         proxy: &Proxy,
-        journal_dir: Option<&std::path::Path>,
+        journal: Option<(&std::path::Path, u64)>,
         journal_stats: &Arc<JournalStats>,
     ) -> anyhow::Result<Exporting> {
         let (prometheus_stop, prometheus_stopped) = watch::channel(false);
@@ -307,11 +307,12 @@ impl Exporting {
             .as_deref()
             .map(|e| (e, export.otlp_interval));
         let metrics = Metrics::new(otlp, listener.is_some())?;
-        if let (Some(endpoint), Some(dir)) = (&export.otlp_endpoint, journal_dir) {
+        if let (Some(endpoint), Some((dir, last_seq))) = (&export.otlp_endpoint, journal) {
             let stats = Arc::new(LogStats::default());
             let (done, done_rx) = oneshot::channel();
             let exporter = LogExporter::new(endpoint, dir)?;
-            let task = tokio::spawn(exporter.run(journal_stats.clone(), stats.clone(), done_rx));
+            let task =
+                tokio::spawn(exporter.run(last_seq, journal_stats.clone(), stats.clone(), done_rx));
             exporting.logs = Some((done, task));
             exporting.log_stats = Some(stats);
         }

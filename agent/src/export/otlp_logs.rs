@@ -122,20 +122,15 @@ impl LogExporter {
         })
     }
 
+    /// `last_seq`: the journal's when it was opened.
     pub async fn run(
         mut self,
+        last_seq: u64,
         journal: Arc<JournalStats>,
         stats: Arc<LogStats>,
         mut done: oneshot::Receiver<()>,
     ) {
-        let from = match read_cursor(&self.dir) {
-            Ok(n) => n.unwrap_or(1),
-            Err(error) => {
-                // Everything again rather than a gap: duplicates are allowed, losses are not.
-                warn!(%error, "otlp cursor unreadable: sending the journal from its start");
-                1
-            }
-        };
+        let from = start_seq(read_cursor(&self.dir), last_seq);
         stats.next_seq.store(from, Ordering::Relaxed);
         let mut tail = Tail::new(&self.dir, from);
         let mut batch: Vec<(u64, String)> = Vec::new();
@@ -243,6 +238,28 @@ impl LogExporter {
                 }],
                 ..Default::default()
             }],
+        }
+    }
+}
+
+/// Where to start from the saved cursor, given the journal's last sequence number.
+fn start_seq(cursor: io::Result<Option<u64>>, last_seq: u64) -> u64 {
+    match cursor {
+        Ok(None) => 1,
+        // A journal started afresh beside an old cursor: its numbers begin at 1 again, and a
+        // cursor beyond them would skip them all.
+        Ok(Some(n)) if n > last_seq + 1 => {
+            warn!(
+                cursor = n,
+                last_seq, "otlp cursor beyond the journal: sending the journal from its start"
+            );
+            1
+        }
+        Ok(Some(n)) => n,
+        Err(error) => {
+            // Everything again rather than a gap: duplicates are allowed, losses are not.
+            warn!(%error, "otlp cursor unreadable: sending the journal from its start");
+            1
         }
     }
 }

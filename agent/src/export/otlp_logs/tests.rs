@@ -121,5 +121,11 @@ fn the_cursor_survives_a_round_trip_and_a_bad_file_is_an_error() {
     assert!(!dir.join(format!("{CURSOR_FILE}.tmp")).exists());
     fs::write(dir.join(CURSOR_FILE), "4x\n").unwrap();
     assert!(read_cursor(&dir).is_err());
+    // Where the exporter starts: the cursor, unless it is gone, bad, or past the journal.
+    assert_eq!(start_seq(Ok(Some(43)), 42), 43);
+    assert_eq!(start_seq(Ok(Some(10)), 42), 10);
+    assert_eq!(start_seq(Ok(None), 42), 1);
+    assert_eq!(start_seq(Ok(Some(44)), 42), 1);
+    assert_eq!(start_seq(read_cursor(&dir), 42), 1);
     fs::remove_dir_all(&dir).unwrap();
 }
