@@ -8,6 +8,7 @@ mod cli;
 mod context;
 mod correlate;
 mod events;
+mod export;
 mod probes;
 mod proxy;
 mod signals;

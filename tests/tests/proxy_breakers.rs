@@ -670,7 +670,7 @@ journal = {journal:?}
     );
     control(addr, &["--code", "UNAVAILABLE"]);
     load(proxy.addr, &["--count", "3"]);
-    wait_breaker(&mut proxy, |l| l["to"] == "open");
+    wait_breaker(&mut proxy, |l| l["breaker"]["to"] == "open");
     proxy.terminate(Duration::from_secs(10));
     let (events, _) = journal_events(&journal);
     assert_eq!(events.last().unwrap()["seq"], 4);

@@ -2,6 +2,7 @@
 //! one readable line and a non-zero exit code.
 
 mod bench_breaker;
+mod bench_correlate;
 mod check_config;
 mod run;
 mod trace;
@@ -33,6 +34,10 @@ enum Command {
     /// What the breaker engine costs one stream (for `cargo xtask bench breaker`).
     #[command(hide = true)]
     BenchBreaker(bench_breaker::Options),
+    /// What the correlation stage costs per kernel signal and per tracked stream (for `cargo
+    /// xtask bench correlate`).
+    #[command(hide = true)]
+    BenchCorrelate(bench_correlate::Options),
 }
 
 pub fn main() -> ExitCode {
@@ -62,6 +67,7 @@ pub fn main() -> ExitCode {
             Command::Run(opts) => run::run(opts).await,
             Command::CheckConfig(opts) => check_config::run(&opts),
             Command::BenchBreaker(opts) => bench_breaker::run(&opts),
+            Command::BenchCorrelate(opts) => bench_correlate::run(&opts).await,
         }
     });
     match result {

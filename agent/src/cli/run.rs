@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{oneshot, watch},
 };
 use tracing::info;
 
@@ -15,6 +15,11 @@ use crate::{
     events::{
         journal::Journal,
         writer::{JournalStats, JournaledEvents, write_transitions},
+    },
+    export::{
+        metrics::Metrics,
+        otlp_logs::{LogExporter, LogStats},
+        prometheus,
     },
     proxy::{config, server::Proxy},
 };
@@ -46,6 +51,14 @@ pub struct Options {
     /// []`). Without root the probes cannot be attached.
     #[arg(long)]
     no_probes: bool,
+    /// Send the journal's events and the metrics to this OTLP/gRPC receiver,
+    /// http://HOST:PORT (as `[export] otlp_endpoint`; needs the journal).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Serve the metrics in the Prometheus text format at http://ADDR/metrics (as `[export]
+    /// prometheus_listen`).
+    #[arg(long, value_name = "ADDR")]
+    prometheus_listen: Option<SocketAddr>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -66,6 +79,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         config.signals.probes.clear();
     }
     let signals = config.signals.check().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(url) = &opts.otlp_endpoint {
+        config.export.otlp_endpoint = Some(url.clone());
+    }
+    if let Some(addr) = opts.prometheus_listen {
+        config.export.prometheus_listen = Some(addr);
+    }
+    let export = config.export.check().map_err(|e| anyhow::anyhow!(e))?;
+    if export.otlp_endpoint.is_some() && config.events.journal.is_none() {
+        bail!(
+            "export.otlp_endpoint (--otlp-endpoint) sends the journal's events, from a cursor kept \
+             beside them: give [events] journal (or --journal DIR) too"
+        );
+    }
     // The journal first: a directory in use or unwritable stops the agent before it serves.
     let journal = match config.events.journal().map_err(|e| anyhow::anyhow!(e))? {
         Some(c) => {
@@ -104,8 +130,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let journaled = Arc::new(JournaledEvents::new(16 * 1024));
     let mut printed_journaled =
         (opts.print_breakers && journal.is_some()).then(|| journaled.subscribe());
+    let mut journal_dir = None;
     let writer = journal.map(|(j, recovery, fsync, dir)| {
         journal_line = json!({"dir": dir.display().to_string(), "recovery": recovery});
+        journal_dir = Some((dir, recovery.last_seq));
         tokio::spawn(write_transitions(
             j,
             proxy.breaker_events().subscribe(),
@@ -115,6 +143,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             journal_done_rx,
         ))
     });
+    let journal_dir = journal_dir.as_ref().map(|(d, last)| (d.as_path(), *last));
+    let exporting = Exporting::start(
+        &export,
+        &proxy,
+        journal_dir,
+        &journal_stats,
+        kernel.as_ref().map(KernelFeed::counters),
+    )
+    .await?;
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
     let mut breakers = (opts.print_breakers && printed_journaled.is_none())
         .then(|| proxy.breaker_events().subscribe());
@@ -123,9 +160,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let mut served = tokio::spawn(proxy.serve(shutdown));
-    print_line(
-        &json!({"kind": "ready", "listeners": listeners, "journal": journal_line, "probes": probes_line}),
-    );
+    print_line(&json!({
+        "kind": "ready",
+        "listeners": listeners,
+        "journal": journal_line,
+        "probes": probes_line,
+        "otlp": export.otlp_endpoint,
+        "prometheus": exporting.prometheus_addr.map(|a| a.to_string()),
+    }));
     let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
         let mut done = false;
@@ -158,6 +200,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if let Some(k) = &kernel {
                     line["probes"] = k.figures();
                 }
+                if let Some(l) = &exporting.log_stats {
+                    line["otlp_logs"] = serde_json::to_value(l.figures()).unwrap_or_default();
+                }
                 print_line(&line);
             }
             r = &mut served => {
@@ -176,6 +221,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(w) = writer {
         let _ = w.await;
     }
+    // After the journal's last event: the exporter sends what it can of the rest.
+    exporting.stop().await;
     let _ = printed_all.send(());
     let _ = printer.await;
     if left > 0 {
@@ -253,4 +300,142 @@ fn print_outcome(o: &crate::proxy::outcome::StreamOutcome) {
     let mut line = serde_json::to_value(o).unwrap_or_default();
     line["kind"] = "stream".into();
     print_line(&line);
+}
+
+/// The kernel side's figures as metrics: signals by kind and what became of them, the
+/// connections and streams tracked for them, and the probes' own counters (drops included).
+fn observe_kernel(
+    metrics: &Metrics,
+    joins: Arc<crate::correlate::Joins>,
+    probes: Option<crate::correlate::feed::ProbeCounters>,
+) {
+    let j = joins.clone();
+    metrics.observe_counters(
+        "agent_kernel_signals",
+        "Kernel signals by kind and stage: seen, joined to the proxy's connections, acted on (a breaker tripped or counted), duplicates (the other end of one reset)",
+        Arc::new(move |observe| {
+            let s = &j.stats;
+            for (kind, k) in [
+                ("tcp_reset", &s.tcp_resets),
+                ("rst_stream", &s.rst_streams),
+                ("goaway", &s.goaways),
+                ("go_stw", &s.stw_pauses),
+                ("rapid_reset", &s.rapid_resets),
+            ] {
+                let f = k.figures();
+                for (stage, v) in [
+                    ("seen", f.seen),
+                    ("joined", f.joined),
+                    ("acted", f.acted),
+                    ("duplicate", f.duplicates),
+                ] {
+                    observe(v, &[("kind", kind.into()), ("stage", stage.into())]);
+                }
+            }
+        }),
+    );
+    metrics.observe_gauges(
+        "agent_tracked",
+        "Connections (open, and closed in the last 5 s) and live streams the correlation table holds",
+        Arc::new(move |observe| {
+            let (conns, streams) = joins.tracked.counts();
+            observe(conns as u64, &[("what", "connections".into())]);
+            observe(streams as u64, &[("what", "streams".into())]);
+        }),
+    );
+    if let Some(p) = probes {
+        metrics.observe_counters(
+            "agent_probe_events",
+            "The kernel programs' counters (as of the last sweep, every second), by name: events, and drops (names ending in _dropped)",
+            Arc::new(move |observe| {
+                for (name, v) in p.snapshot() {
+                    observe(v, &[("counter", name)]);
+                }
+            }),
+        );
+    }
+}
+
+/// The exporters `agent run` started ([`crate::export`]).
+struct Exporting {
+    metrics: Option<Metrics>,
+    recorder: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    logs: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    log_stats: Option<Arc<LogStats>>,
+    prometheus_addr: Option<SocketAddr>,
+    prometheus_stop: watch::Sender<bool>,
+}
+
+impl Exporting {
+    async fn start(
+        export: &crate::export::Export,
+        proxy: &Proxy,
+        journal: Option<(&std::path::Path, u64)>,
+        journal_stats: &Arc<JournalStats>,
+        probe_counters: Option<crate::correlate::feed::ProbeCounters>,
+    ) -> anyhow::Result<Exporting> {
+        let (prometheus_stop, prometheus_stopped) = watch::channel(false);
+        let mut exporting = Exporting {
+            metrics: None,
+            recorder: None,
+            logs: None,
+            log_stats: None,
+            prometheus_addr: None,
+            prometheus_stop,
+        };
+        let listener = match export.prometheus_listen {
+            Some(a) => Some(prometheus::bind(a).await?),
+            None => None,
+        };
+        if export.otlp_endpoint.is_none() && listener.is_none() {
+            return Ok(exporting);
+        }
+        let otlp = export
+            .otlp_endpoint
+            .as_deref()
+            .map(|e| (e, export.otlp_interval));
+        let metrics = Metrics::new(otlp, listener.is_some())?;
+        if let (Some(endpoint), Some((dir, last_seq))) = (&export.otlp_endpoint, journal) {
+            let stats = Arc::new(LogStats::default());
+            let (done, done_rx) = oneshot::channel();
+            let exporter = LogExporter::new(endpoint, dir)?;
+            let task =
+                tokio::spawn(exporter.run(last_seq, journal_stats.clone(), stats.clone(), done_rx));
+            exporting.logs = Some((done, task));
+            exporting.log_stats = Some(stats);
+        }
+        let (done, done_rx) = oneshot::channel();
+        let (recorded, task) = metrics.record(
+            proxy.outcomes().subscribe(),
+            proxy.breaker_events().subscribe(),
+            done_rx,
+        );
+        exporting.recorder = Some((done, task));
+        metrics.observe_breakers(proxy.stats());
+        observe_kernel(&metrics, proxy.shared().joins.clone(), probe_counters);
+        metrics.observe_pipeline(journal_stats.clone(), recorded, exporting.log_stats.clone());
+        if let (Some(listener), Some(registry)) = (listener, metrics.registry()) {
+            exporting.prometheus_addr = listener.local_addr().ok();
+            tokio::spawn(prometheus::serve(listener, registry, prometheus_stopped));
+        }
+        exporting.metrics = Some(metrics);
+        Ok(exporting)
+    }
+
+    /// Once the proxy and the journal are done: the last events and figures go out (bounded
+    /// in time), then the endpoint closes.
+    async fn stop(self) {
+        if let Some((done, task)) = self.logs {
+            let _ = done.send(());
+            let _ = task.await;
+        }
+        if let Some((done, task)) = self.recorder {
+            let _ = done.send(());
+            let _ = task.await;
+        }
+        if let Some(m) = self.metrics {
+            m.shutdown().await;
+        }
+        let _ = self.prometheus_stop.send(true);
+    }
 }

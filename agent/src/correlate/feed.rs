@@ -27,13 +27,29 @@ use crate::{
 /// connections' serving processes looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The kernel programs' counters as of the last sweep, by name.
+#[derive(Clone, Default)]
+pub struct ProbeCounters(Arc<std::sync::Mutex<Vec<(String, u64)>>>);
+
+impl ProbeCounters {
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        self.0.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, counters: impl IntoIterator<Item = (String, u64)>) {
+        if let Ok(mut c) = self.0.lock() {
+            *c = counters.into_iter().collect();
+        }
+    }
+}
+
 /// The running kernel side.
 pub struct KernelFeed {
     pub status: Vec<ProbeStatus>,
     pub reader: Arc<ReaderStats>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-    counters: Arc<std::sync::Mutex<Value>>,
+    counters: ProbeCounters,
 }
 
 impl KernelFeed {
@@ -74,7 +90,7 @@ impl KernelFeed {
             None
         };
         let status = probes.status.clone();
-        let counters = Arc::new(std::sync::Mutex::new(Value::Null));
+        let counters = ProbeCounters::default();
         let counters_out = counters.clone();
         let (stop, mut stopped) = watch::channel(false);
         let joins = shared.joins.clone();
@@ -112,9 +128,7 @@ impl KernelFeed {
                             tokio::task::block_in_place(|| t.sweep(&mut probes.ebpf));
                         }
                         correlator.sweep().await;
-                        if let Ok(mut c) = counters_out.lock() {
-                            *c = json!(probes.counters());
-                        }
+                        counters_out.set(probes.counters().into_iter().map(|(k, v)| (k.to_owned(), v)));
                     }
                     _ = joins.tracked.upstream_opened.notified() => correlator.look_up_owners().await,
                     _ = stopped.changed() => { let _ = stop_reader.send(true); }
@@ -134,10 +148,19 @@ impl KernelFeed {
         })
     }
 
+    pub fn counters(&self) -> ProbeCounters {
+        self.counters.clone()
+    }
+
     /// The kernel programs' counters (as of the last sweep) and the ring reader's.
     pub fn figures(&self) -> Value {
         use std::sync::atomic::Ordering::Relaxed;
-        let kernel = self.counters.lock().map(|c| c.clone()).unwrap_or_default();
+        let kernel: serde_json::Map<String, Value> = self
+            .counters
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect();
         json!({
             "kernel": kernel,
             "reader": {

@@ -625,3 +625,6 @@ pub fn stream_json(s: &StreamTag) -> Value {
     }
     v
 }
+
+#[cfg(test)]
+mod tests;

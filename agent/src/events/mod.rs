@@ -1,8 +1,9 @@
 //! Events the agent keeps and reports: breaker transitions as `breaker_trip/v1` events
 //! ([`trip`]), written by [`writer`] to the durable [`journal`] before anything else reports
-//! them.
+//! them. [`tail`] follows the journal for the exporters.
 
 pub mod journal;
+pub mod tail;
 pub mod trip;
 pub mod writer;
 

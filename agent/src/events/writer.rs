@@ -27,6 +27,8 @@ pub struct JournalStats {
     pub dropped: AtomicU64,
     pub failed: AtomicU64,
     pub last_seq: AtomicU64,
+    /// Poked after each event written, for readers that follow the journal (the exporter).
+    pub appended: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -128,6 +130,8 @@ pub async fn write_transitions(
                 line: line.into(),
             });
         }
+        // A follower of the journal (the OTLP exporter) reads on.
+        stats.appended.notify_one();
     };
     loop {
         tokio::select! {

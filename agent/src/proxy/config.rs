@@ -13,6 +13,7 @@ use crate::{
     context::ContextConfig,
     correlate::config::SignalsConfig,
     events::EventsConfig,
+    export::ExportConfig,
 };
 
 /// A validated configuration.
@@ -27,6 +28,7 @@ pub struct ProxyConfig {
     pub retries: RetryConfig,
     pub events: EventsConfig,
     pub signals: SignalsConfig,
+    pub export: ExportConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -198,6 +200,8 @@ struct RawConfig {
     events: EventsConfig,
     #[serde(default)]
     signals: SignalsConfig,
+    #[serde(default)]
+    export: ExportConfig,
 }
 
 #[derive(Deserialize)]
@@ -550,6 +554,9 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
     if let Err(e) = raw.signals.check() {
         p.keyed(e);
     }
+    if let Err(e) = raw.export.check() {
+        p.keyed(e);
+    }
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
         p.keyed(format!("context: {e}"));
@@ -564,6 +571,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
         retries: raw.retries,
         events: raw.events,
         signals: raw.signals,
+        export: raw.export,
     }
 }
 
@@ -627,6 +635,7 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<ProxyConfig, St
         retries: RetryConfig::default(),
         events: EventsConfig::default(),
         signals: SignalsConfig::default(),
+        export: ExportConfig::default(),
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod agent;
 mod breaker;
+mod correlate;
 mod h2;
 mod probes;
 mod proxy;
@@ -41,6 +42,9 @@ enum Suite {
     /// endpoint that fails every call or is killed, through `agent run` vs HAProxy (`observe
     /// layer7 error-limit 5 on-error mark-down`); and the engine's cost per stream.
     Breaker(breaker::Options),
+    /// Correlation: kernel signals joined per second with 10,000 live streams tracked (and
+    /// with 100, for the ratio), and memory per tracked stream.
+    Correlate(correlate::Options),
 }
 
 pub fn run(opts: Options) -> Result<()> {
@@ -55,6 +59,7 @@ pub fn run(opts: Options) -> Result<()> {
         Suite::H2(o) => h2::run(o),
         Suite::Proxy(o) => proxy::run(o),
         Suite::Breaker(o) => breaker::run(o),
+        Suite::Correlate(o) => correlate::run(o),
     }
 }
 

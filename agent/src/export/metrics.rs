@@ -1,0 +1,436 @@
+//! The agent's metrics: one OpenTelemetry SDK meter provider, read by a periodic OTLP
+//! exporter and by the Prometheus endpoint ([`super::prometheus`]), so both show the same
+//! figures. Names follow OpenTelemetry's conventions and come out in Prometheus as a
+//! collector would write them: counters get `_total`, the latency histogram (unit `s`)
+//! `_seconds`.
+//!
+//! | metric (Prometheus name) | labels |
+//! |---|---|
+//! | `agent_breaker_state` (0 closed, 1 half-open, 2 open) | `scope`, `name`, `class` |
+//! | `agent_breaker_transitions_total` | `scope`, `to`, `reason` |
+//! | `agent_proxy_streams_total` | `method`, `grpc_status`, `ending` |
+//! | `agent_proxy_stream_duration_seconds` (histogram) | `method`, `grpc_status` |
+//! | `agent_events_dropped_total` | `stage` |
+//! | `agent_otlp_log_records_exported_total`, `agent_otlp_log_export_failures_total` | |
+//! | `agent_metric_label_values_folded_total` | `label` |
+//! | `agent_kernel_signals_total` | `kind` (`tcp_reset`, `rst_stream`, `goaway`, `go_stw`, `rapid_reset`), `stage` (`seen`, `joined`, `acted`, `duplicate`) |
+//! | `agent_tracked` | `what` (`connections`, `streams`) |
+//! | `agent_probe_events_total` | `counter` (the kernel programs' counters; drops end in `_dropped`) |
+//!
+//! Client breakers are in `agent_breaker_state` only while not closed (there may be
+//! thousands). Methods come from clients: past [`MAX_METHODS`] distinct ones, the rest are
+//! labelled `other` and counted as folded.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram, Meter, MeterProvider as _},
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{
+    Resource,
+    metrics::{PeriodicReader, SdkMeterProvider},
+};
+use tokio::sync::{
+    broadcast::{self, error::RecvError},
+    oneshot,
+};
+use tracing::warn;
+
+use super::otlp_logs::LogStats;
+use crate::{
+    breaker::{circuit::State, config::Scope},
+    events::writer::JournalStats,
+    proxy::{
+        outcome::{BreakerEvent, StreamOutcome},
+        server::StatsSource,
+    },
+};
+
+/// Distinct `method` label values at most; the rest are `other`.
+pub const MAX_METHODS: usize = 200;
+
+/// Latency buckets, in seconds: 0.5 ms to 30 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// A source of counter values, read at each collection: it calls its argument once per
+/// series, with the value and the series' labels.
+pub type CounterSource = Arc<dyn Fn(&mut dyn FnMut(u64, &[(&'static str, String)])) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("otlp metrics exporter for {endpoint:?}: {source}")]
+    Otlp {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("prometheus exporter: {0}")]
+    Prometheus(#[source] opentelemetry_sdk::error::OTelSdkError),
+}
+
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    meter: Meter,
+    registry: Option<prometheus::Registry>,
+}
+
+impl Metrics {
+    /// Metrics sent every `interval` to an OTLP `endpoint`, and/or kept for a Prometheus
+    /// endpoint. Must be called inside the runtime (the OTLP channel lives on it).
+    pub fn new(otlp: Option<(&str, Duration)>, prometheus: bool) -> Result<Metrics, MetricsError> {
+        let mut builder = SdkMeterProvider::builder().with_resource(
+            Resource::builder()
+                .with_service_name("agent")
+                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                .build(),
+        );
+        if let Some((endpoint, interval)) = otlp {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|source| MetricsError::Otlp {
+                    endpoint: endpoint.to_owned(),
+                    source,
+                })?;
+            builder = builder.with_reader(
+                PeriodicReader::builder(exporter)
+                    .with_interval(interval)
+                    .build(),
+            );
+        }
+        let registry = if prometheus {
+            let registry = prometheus::Registry::new();
+            let exporter = opentelemetry_prometheus::exporter()
+                .with_registry(registry.clone())
+                .build()
+                .map_err(MetricsError::Prometheus)?;
+            builder = builder.with_reader(exporter);
+            Some(registry)
+        } else {
+            None
+        };
+        let provider = builder.build();
+        let meter = provider.meter("agent");
+        Ok(Metrics {
+            provider,
+            meter,
+            registry,
+        })
+    }
+
+    /// What the Prometheus endpoint serves (None: not asked for).
+    pub fn registry(&self) -> Option<prometheus::Registry> {
+        self.registry.clone()
+    }
+
+    /// A counter read from `source` at each collection (kernel signal counts, say): `name`
+    /// without `_total` (Prometheus adds it), `help` its description.
+    pub fn observe_counters(&self, name: &'static str, help: &'static str, source: CounterSource) {
+        let _ = self
+            .meter
+            .u64_observable_counter(name)
+            .with_description(help)
+            .with_callback(move |o| {
+                source(&mut |v, labels| o.observe(v, &key_values(labels)));
+            })
+            .build();
+    }
+
+    /// A gauge read from `source` at each collection.
+    pub fn observe_gauges(&self, name: &'static str, help: &'static str, source: CounterSource) {
+        let _ = self
+            .meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |o| {
+                source(&mut |v, labels| o.observe(v, &key_values(labels)));
+            })
+            .build();
+    }
+
+    /// `agent_breaker_state` from the proxy's breakers, read at each collection.
+    pub fn observe_breakers(&self, stats: StatsSource) {
+        self.observe_gauges(
+            "agent_breaker_state",
+            "State of each circuit breaker: 0 closed, 1 half-open, 2 open (client breakers only while not closed)",
+            Arc::new(move |observe| {
+                for b in stats.snapshot().breakers {
+                    let state = match b.figures.state {
+                        State::Closed => 0,
+                        State::HalfOpen => 1,
+                        State::Open => 2,
+                    };
+                    if b.id.scope == Scope::Client && state == 0 {
+                        continue;
+                    }
+                    observe(
+                        state,
+                        &[
+                            ("scope", b.id.scope.as_str().to_owned()),
+                            ("name", b.id.name),
+                            ("class", b.id.class.unwrap_or_else(|| "default".into())),
+                        ],
+                    );
+                }
+            }),
+        );
+    }
+
+    /// `agent_events_dropped_total{stage}`: what the journal writer, this recorder and the OTLP
+    /// log exporter lost; and the exporter's own counts.
+    pub fn observe_pipeline(
+        &self,
+        journal: Arc<JournalStats>,
+        recorded: Arc<Recorded>,
+        logs: Option<Arc<LogStats>>,
+    ) {
+        let l = logs.clone();
+        self.observe_counters(
+            "agent_events_dropped",
+            "Events lost on the way, by stage: journal_lagged and journal_failed (not journaled), metrics_outcomes_lagged and metrics_transitions_lagged (not counted in these metrics), otlp_rejected (refused by the collector), otlp_retention (deleted from the journal before they were sent)",
+            Arc::new(move |observe| {
+                let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                let mut stage = |v, name: &str| observe(v, &[("stage", name.to_owned())]);
+                stage(load(&journal.dropped), "journal_lagged");
+                stage(load(&journal.failed), "journal_failed");
+                stage(load(&recorded.outcomes_lagged), "metrics_outcomes_lagged");
+                stage(load(&recorded.transitions_lagged), "metrics_transitions_lagged");
+                if let Some(l) = &l {
+                    stage(load(&l.rejected), "otlp_rejected");
+                    stage(load(&l.skipped), "otlp_retention");
+                }
+            }),
+        );
+        let Some(logs) = logs else { return };
+        let l = logs.clone();
+        self.observe_counters(
+            "agent_otlp_log_records_exported",
+            "Journal events the OTLP collector acknowledged (again after a restart of the agent)",
+            Arc::new(move |observe| observe(l.exported.load(Ordering::Relaxed), &[])),
+        );
+        self.observe_counters(
+            "agent_otlp_log_export_failures",
+            "OTLP log requests that failed (each batch is sent again until acknowledged)",
+            Arc::new(move |observe| observe(logs.failures.load(Ordering::Relaxed), &[])),
+        );
+    }
+
+    /// Records stream outcomes and breaker transitions as the proxy publishes them, until
+    /// `done` (then what is queued).
+    pub fn record(
+        &self,
+        outcomes: broadcast::Receiver<StreamOutcome>,
+        transitions: broadcast::Receiver<BreakerEvent>,
+        done: oneshot::Receiver<()>,
+    ) -> (Arc<Recorded>, tokio::task::JoinHandle<()>) {
+        let recorded = Arc::new(Recorded::default());
+        let folded = recorded.clone();
+        self.observe_counters(
+            "agent_metric_label_values_folded",
+            "Observations whose label value was replaced by \"other\" (too many distinct values)",
+            Arc::new(move |observe| {
+                observe(
+                    folded.methods.folded.load(Ordering::Relaxed),
+                    &[("label", "method".into())],
+                );
+            }),
+        );
+        let instruments = Instruments {
+            streams: self
+                .meter
+                .u64_counter("agent_proxy_streams")
+                .with_description("Streams the proxy ended, by method, gRPC status and ending")
+                .build(),
+            duration: self
+                .meter
+                .f64_histogram("agent_proxy_stream_duration")
+                .with_description("Stream latency, from its request headers to its end")
+                .with_unit("s")
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
+                .build(),
+            transitions: self
+                .meter
+                .u64_counter("agent_breaker_transitions")
+                .with_description("Circuit breaker state changes, by scope, new state and reason")
+                .build(),
+        };
+        let task = tokio::spawn(record(
+            instruments,
+            recorded.clone(),
+            outcomes,
+            transitions,
+            done,
+        ));
+        (recorded, task)
+    }
+
+    /// Sends the last figures (to a collector that may be down: bounded) and stops.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let stop = tokio::task::spawn_blocking(move || {
+            provider.shutdown_with_timeout(Duration::from_secs(3))
+        });
+        match tokio::time::timeout(Duration::from_secs(5), stop).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => warn!(%error, "metrics: last export failed"),
+            Ok(Err(_)) | Err(_) => warn!("metrics: shutdown did not finish"),
+        }
+    }
+}
+
+fn key_values(labels: &[(&'static str, String)]) -> Vec<KeyValue> {
+    labels
+        .iter()
+        .map(|(k, v)| KeyValue::new(*k, v.clone()))
+        .collect()
+}
+
+struct Instruments {
+    streams: Counter<u64>,
+    duration: Histogram<f64>,
+    transitions: Counter<u64>,
+}
+
+/// What the recorder lost or folded.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Outcomes and transitions the recorder fell too far behind to see.
+    pub outcomes_lagged: AtomicU64,
+    pub transitions_lagged: AtomicU64,
+    pub methods: LabelCap,
+}
+
+async fn record(
+    i: Instruments,
+    recorded: Arc<Recorded>,
+    mut outcomes: broadcast::Receiver<StreamOutcome>,
+    mut transitions: broadcast::Receiver<BreakerEvent>,
+    mut done: oneshot::Receiver<()>,
+) {
+    let outcome = |o: &StreamOutcome| {
+        let method = recorded.methods.value(&o.method);
+        let status = o
+            .grpc_status
+            .map_or_else(|| "none".to_owned(), |s| s.to_string());
+        let ending = serde_json::to_value(o.ending)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let labels = [
+            KeyValue::new("method", method),
+            KeyValue::new("grpc_status", status),
+        ];
+        i.duration.record(o.latency.as_secs_f64(), &labels);
+        let [m, s] = labels;
+        i.streams.add(1, &[m, s, KeyValue::new("ending", ending)]);
+    };
+    let transition = |e: &BreakerEvent| {
+        let t = &e.transition;
+        i.transitions.add(
+            1,
+            &[
+                KeyValue::new("scope", t.breaker.scope.as_str()),
+                KeyValue::new("to", t.change.to.as_str()),
+                KeyValue::new("reason", t.change.reason.as_str().to_owned()),
+            ],
+        );
+    };
+    let lagged = |counter: &AtomicU64, n: u64| {
+        counter.fetch_add(n, Ordering::Relaxed);
+    };
+    loop {
+        tokio::select! {
+            biased;
+            r = transitions.recv() => match r {
+                Ok(e) => transition(&e),
+                Err(RecvError::Lagged(n)) => lagged(&recorded.transitions_lagged, n),
+                Err(RecvError::Closed) => break,
+            },
+            r = outcomes.recv() => match r {
+                Ok(o) => outcome(&o),
+                Err(RecvError::Lagged(n)) => lagged(&recorded.outcomes_lagged, n),
+                Err(RecvError::Closed) => break,
+            },
+            _ = &mut done => {
+                while let Ok(e) = transitions.try_recv() {
+                    transition(&e);
+                }
+                while let Ok(o) = outcomes.try_recv() {
+                    outcome(&o);
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Keeps a label's distinct values to a bound: the first `max` seen are kept, later new ones
+/// become `other` (and are counted).
+#[derive(Debug)]
+pub struct LabelCap {
+    max: usize,
+    // Seeded hashing: the values are chosen by clients.
+    seen: Mutex<HashSet<Box<str>, foldhash::quality::RandomState>>,
+    pub folded: AtomicU64,
+}
+
+impl Default for LabelCap {
+    fn default() -> Self {
+        LabelCap::new(MAX_METHODS)
+    }
+}
+
+impl LabelCap {
+    pub fn new(max: usize) -> LabelCap {
+        LabelCap {
+            max,
+            seen: Mutex::default(),
+            folded: AtomicU64::new(0),
+        }
+    }
+
+    pub fn value(&self, v: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(v) {
+            return v.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(v.into());
+            return v.to_owned();
+        }
+        self.folded.fetch_add(1, Ordering::Relaxed);
+        "other".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn label_values_past_the_cap_are_other_and_counted() {
+        let cap = LabelCap::new(2);
+        assert_eq!(cap.value("/a"), "/a");
+        assert_eq!(cap.value("/b"), "/b");
+        assert_eq!(cap.value("/c"), "other");
+        assert_eq!(cap.value("/a"), "/a");
+        assert_eq!(cap.value("/d"), "other");
+        assert_eq!(cap.folded.load(Ordering::Relaxed), 2);
+    }
+}
