@@ -323,3 +323,17 @@ pub fn h2_upstream(mode: &str) -> (JsonChild, SocketAddr) {
     let addr = listening(&mut upstream);
     (upstream, addr)
 }
+
+/// Writes `DIR/agent.toml`: a cleartext listener `in` on a free loopback port routing every
+/// call to cluster `svc`, then `body` (the cluster and whatever else the test configures).
+pub fn config_file(dir: &std::path::Path, body: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listener]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\n[[listener.route]]\ncluster = \"svc\"\n\n{body}\n"
+        ),
+    )
+    .unwrap();
+    path
+}

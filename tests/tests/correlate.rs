@@ -15,7 +15,7 @@ use std::{
 
 use e2e::{
     Netns, Peer, go_peer,
-    proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server, python},
+    proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, python},
     require_root,
 };
 use serde_json::Value;
@@ -34,14 +34,7 @@ fn scratch(name: &str) -> PathBuf {
 /// `agent run --config` with the probes on, one listener routing everything to cluster `svc`,
 /// printing breaker events.
 fn agent(dir: &std::path::Path, clusters_and_more: &str) -> AgentProxy {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\n[[listener.route]]\ncluster = \"svc\"\n\n{clusters_and_more}\n"
-        ),
-    )
-    .unwrap();
+    let config = config_file(dir, clusters_and_more);
     AgentProxy::start_with_probes(&["--config", config.to_str().unwrap(), "--print-breakers"])
 }
 

@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server, listening, python};
+use e2e::proxy::{
+    AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, listening, python,
+};
 use serde_json::Value;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -81,17 +83,10 @@ fn journal_seqs(dir: &Path) -> Vec<u64> {
 /// `agent run --config` with the failing upstream `upstream` behind breakers that trip on
 /// every failure and reopen 50 ms later (a storm of transitions), and `more` configuration.
 fn agent(dir: &Path, upstream: SocketAddr, more: &str) -> AgentProxy {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = config_file(
+        dir,
+        &format!(
             r#"
-[[listener]]
-name = "in"
-address = "127.0.0.1:0"
-[[listener.route]]
-cluster = "svc"
-
 [[cluster]]
 name = "svc"
 endpoints = ["{upstream}"]
@@ -111,8 +106,7 @@ enabled = false
 {more}
 "#
         ),
-    )
-    .unwrap();
+    );
     AgentProxy::start(&["--config", config.to_str().unwrap()])
 }
 

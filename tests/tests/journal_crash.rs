@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use e2e::proxy::{AgentProxy, grpcio_client, grpcio_server};
+use e2e::proxy::{AgentProxy, config_file, grpcio_client, grpcio_server};
 use serde_json::Value;
 
 const CALLS: usize = 10_000;
@@ -65,18 +65,11 @@ fn kill_9_during_a_storm_of_10000_trips_loses_no_reported_event() {
     let secret = dir.join("secret");
     std::fs::write(&secret, b"journal-crash-secret-0123456789ab").unwrap();
     let journal_dir = dir.join("journal");
-    let config = dir.join("agent.toml");
 
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[listener]]
-name = "in"
-address = "127.0.0.1:0"
-[[listener.route]]
-cluster = "svc"
-[[cluster]]
+    let config = config_file(
+        &dir,
+        &format!(
+            r#"[[cluster]]
 name = "svc"
 endpoints = ["{up}"]
 [breakers]
@@ -91,8 +84,7 @@ journal = {journal_dir:?}
 fsync = "always"
 "#
         ),
-    )
-    .unwrap();
+    );
     // Every call is answered UNAUTHENTICATED; with its expired token that is the client's
     // fault, and its client's breaker opens.
     let c = grpcio_client(up, "control", &["--code", "UNAUTHENTICATED"]);

@@ -16,7 +16,7 @@ use std::{
 
 use e2e::{
     agent_bin,
-    proxy::{JsonChild, grpcio_client, grpcio_server, python},
+    proxy::{JsonChild, config_file, grpcio_client, grpcio_server, python},
     require_root,
 };
 use serde_json::Value;
@@ -108,17 +108,10 @@ fn no_raw_token_or_signature_is_written_anywhere() {
     let (_server, up) = grpcio_server();
     let c = grpcio_client(up, "control", &["--code", "UNAVAILABLE"]);
     assert!(c.finish(Duration::from_secs(30)).0.success());
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[listener]]
-name = "in"
-address = "127.0.0.1:0"
-[[listener.route]]
-cluster = "svc"
-[[cluster]]
+    let config = config_file(
+        &dir,
+        &format!(
+            r#"[[cluster]]
 name = "svc"
 endpoints = ["{up}"]
 [breakers.endpoint]
@@ -146,8 +139,7 @@ prometheus_listen = "127.0.0.1:0"
 probes = ["tcp-reset"]
 "#
         ),
-    )
-    .unwrap();
+    );
     let mut agent = JsonChild::spawn(
         "agent run",
         Command::new(agent_bin())

@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use e2e::proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server};
+use e2e::proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server};
 use serde_json::Value;
 
 /// `agent run --config` with this configuration (listener and route added), printing
@@ -19,22 +19,7 @@ fn agent(clusters_and_more: &str) -> (AgentProxy, PathBuf) {
         fastrand_name()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[listener]]
-name = "in"
-address = "127.0.0.1:0"
-[[listener.route]]
-cluster = "svc"
-
-{clusters_and_more}
-"#
-        ),
-    )
-    .unwrap();
+    let config = config_file(&dir, clusters_and_more);
     let proxy = AgentProxy::start(&[
         "--config",
         config.to_str().unwrap(),

@@ -5,7 +5,6 @@
 
 use std::{
     io::Write as _,
-    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -13,10 +12,7 @@ use anyhow::Context as _;
 
 use serde::Serialize;
 use serde_json::json;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     probes::{
@@ -136,18 +132,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })
     .context("cannot attach the probes")?;
 
-    let (tx, mut rx) = mpsc::channel(ring::CHANNEL_BATCHES);
-    let (stop_reader, shutdown) = watch::channel(false);
-    let reader_stats = Arc::new(ReaderStats::default());
-    let reader = ring::spawn(
-        ring,
-        decoder,
-        tx,
-        shutdown,
-        reader_stats.clone(),
-        opts.ring_poll_interval,
-    )
-    .context("cannot poll the ring buffer")?;
+    let mut reader = ring::start(ring, decoder, opts.ring_poll_interval)
+        .context("cannot poll the ring buffer")?;
 
     let mut out = Output::new(opts.json, Printed::from_kinds(&opts.print));
     let mut tracker = if probes.is_attached(ProbeName::GoGc) {
@@ -174,7 +160,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut stopping = false;
     loop {
         tokio::select! {
-            batch = rx.recv() => {
+            batch = reader.signals.recv() => {
                 let Some(batch) = batch else { break };
                 for signal in batch {
                     match signal {
@@ -201,7 +187,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
                 // Lines are written in batches: flush once the queue is empty, not per line.
-                if rx.is_empty() {
+                if reader.signals.is_empty() {
                     out.flush();
                 }
             }
@@ -212,17 +198,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = sigint.recv(), if !stopping => { stopping = true; let _ = stop_reader.send(true); }
-            _ = sigterm.recv(), if !stopping => { stopping = true; let _ = stop_reader.send(true); }
+            _ = sigint.recv(), if !stopping => { stopping = true; let _ = reader.stop.send(true); }
+            _ = sigterm.recv(), if !stopping => { stopping = true; let _ = reader.stop.send(true); }
         }
     }
-    let _ = reader.await;
+    let _ = reader.task.await;
     let go_before_release = tracker.as_ref().map(GoTracker::stats);
     if let Some(t) = tracker.as_mut() {
         t.release_all(&mut probes.ebpf);
     }
     let go_after_release = tracker.as_ref().map(GoTracker::stats);
-    out.summary(&probes, &reader_stats, go_before_release, go_after_release);
+    out.summary(&probes, &reader.stats, go_before_release, go_after_release);
     Ok(())
 }
 
@@ -532,11 +518,7 @@ impl Output {
                 h2_summary(probes, &get, self.printed_frames),
             );
         }
-        let reader = json!({
-            "records": reader.records.load(Ordering::Relaxed),
-            "signals": reader.signals.load(Ordering::Relaxed),
-            "undecodable": reader.undecodable.load(Ordering::Relaxed),
-        });
+        let reader = reader.figures();
         if self.json {
             self.json_line(json!({ "kind": "summary", "probes": per_probe, "reader": reader }));
         } else {

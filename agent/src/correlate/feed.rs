@@ -5,10 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-};
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, warn};
 
 use super::{Correlator, config::Parsed, config::SignalsConfig};
@@ -69,18 +66,13 @@ impl KernelFeed {
             },
         })
         .context("cannot attach the kernel probes (run as root, or give --no-probes)")?;
-        let (tx, mut rx) = mpsc::channel(ring::CHANNEL_BATCHES);
-        let (stop_reader, reader_shutdown) = watch::channel(false);
-        let reader_stats = Arc::new(ReaderStats::default());
-        let reader = ring::spawn(
-            ring,
-            decoder,
-            tx,
-            reader_shutdown,
-            reader_stats.clone(),
-            parsed.ring_poll_interval,
-        )
-        .context("cannot poll the ring buffer")?;
+        let ring::Reader {
+            signals: mut rx,
+            stats: reader_stats,
+            stop: stop_reader,
+            task: reader,
+        } = ring::start(ring, decoder, parsed.ring_poll_interval)
+            .context("cannot poll the ring buffer")?;
         let mut tracker = if probes.is_attached(ProbeName::GoGc) {
             let mut t = GoTracker::new(&mut probes.ebpf)?;
             let found = t.scan_running(&mut probes.ebpf);
@@ -154,7 +146,6 @@ impl KernelFeed {
 
     /// The kernel programs' counters (as of the last sweep) and the ring reader's.
     pub fn figures(&self) -> Value {
-        use std::sync::atomic::Ordering::Relaxed;
         let kernel: serde_json::Map<String, Value> = self
             .counters
             .snapshot()
@@ -163,11 +154,7 @@ impl KernelFeed {
             .collect();
         json!({
             "kernel": kernel,
-            "reader": {
-                "records": self.reader.records.load(Relaxed),
-                "signals": self.reader.signals.load(Relaxed),
-                "undecodable": self.reader.undecodable.load(Relaxed),
-            },
+            "reader": self.reader.figures(),
         })
     }
 

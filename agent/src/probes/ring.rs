@@ -31,7 +31,7 @@ use crate::signals::{Decoder, Signal};
 const BATCH: usize = 4096;
 
 /// Batches the channel holds before the reader waits: 16 batches of up to `BATCH` signals.
-pub const CHANNEL_BATCHES: usize = 16;
+const CHANNEL_BATCHES: usize = 16;
 
 #[derive(Debug, Default)]
 pub struct ReaderStats {
@@ -42,9 +42,46 @@ pub struct ReaderStats {
     pub undecodable: AtomicU64,
 }
 
+impl ReaderStats {
+    pub fn figures(&self) -> serde_json::Value {
+        serde_json::json!({
+            "records": self.records.load(Ordering::Relaxed),
+            "signals": self.signals.load(Ordering::Relaxed),
+            "undecodable": self.undecodable.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A running reader: the batches of signals it hands on, its figures, and how to stop it.
+pub struct Reader {
+    pub signals: mpsc::Receiver<Vec<Signal>>,
+    pub stats: Arc<ReaderStats>,
+    /// Send true to stop it (after a last drain, so events already in the ring are delivered).
+    pub stop: watch::Sender<bool>,
+    pub task: JoinHandle<()>,
+}
+
+/// Starts the reader of `ring`, reading it at least every `poll_interval`.
+pub fn start(
+    ring: RingBuf<MapData>,
+    decoder: Decoder,
+    poll_interval: Duration,
+) -> std::io::Result<Reader> {
+    let (tx, signals) = mpsc::channel(CHANNEL_BATCHES);
+    let (stop, shutdown) = watch::channel(false);
+    let stats = Arc::new(ReaderStats::default());
+    let task = spawn(ring, decoder, tx, shutdown, stats.clone(), poll_interval)?;
+    Ok(Reader {
+        signals,
+        stats,
+        stop,
+        task,
+    })
+}
+
 /// Spawns the reader. It returns when `shutdown` flips to true (after a last drain, so events
 /// already in the ring are delivered) or when the receiver is gone.
-pub fn spawn(
+fn spawn(
     ring: RingBuf<MapData>,
     decoder: Decoder,
     tx: mpsc::Sender<Vec<Signal>>,
