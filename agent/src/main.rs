@@ -3,6 +3,7 @@
 //! Modules follow the data path: `probes` (kernel programs) -> `signals` (typed kernel events)
 //! -> ... -> `cli` (what a user runs).
 
+mod api;
 mod breaker;
 mod cli;
 mod context;

@@ -190,10 +190,14 @@ impl AgentProxy {
     pub fn start_with_probes(args: &[&str]) -> AgentProxy {
         let mut process = JsonChild::spawn(
             "agent run",
-            Command::new(agent_bin()).arg("run").args(args).env(
-                "AGENT_LOG",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            ),
+            // The status API on a port of its own: agents of several tests may overlap.
+            Command::new(agent_bin())
+                .args(["run", "--api-listen", "127.0.0.1:0"])
+                .args(args)
+                .env(
+                    "AGENT_LOG",
+                    std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+                ),
         );
         let ready = process.wait_line(Duration::from_secs(30), |v| v["kind"] == "ready");
         let addr = ready["listeners"][0]["address"]

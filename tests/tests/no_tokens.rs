@@ -143,7 +143,13 @@ probes = ["tcp-reset"]
     let mut agent = JsonChild::spawn(
         "agent run",
         Command::new(agent_bin())
-            .args(["run", "--config", config.to_str().unwrap()])
+            .args([
+                "run",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--config",
+                config.to_str().unwrap(),
+            ])
             .args(["--print-outcomes", "--print-breakers"])
             .env("AGENT_LOG", "debug"),
     );

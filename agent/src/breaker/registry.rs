@@ -825,13 +825,6 @@ impl Breakers {
 
     /// An operator opens (`open`) or closes a breaker, named as in [`BreakerId`]'s display
     /// (`endpoint orders/10.0.0.7:50051`). None when there is no such breaker.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the status API trips and resets breakers (issue 7)"
-        )
-    )]
     pub fn force(&self, name: &str, open: bool, now: Instant) -> Option<Option<Transition>> {
         let cell = self
             .every_cell()

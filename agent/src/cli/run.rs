@@ -11,6 +11,7 @@ use tokio::{
 use tracing::info;
 
 use crate::{
+    api::{Api, Sources, StatusService},
     correlate::feed::KernelFeed,
     events::{
         journal::Journal,
@@ -59,6 +60,12 @@ pub struct Options {
     /// prometheus_listen`).
     #[arg(long, value_name = "ADDR")]
     prometheus_listen: Option<SocketAddr>,
+    /// Serve the status API on this address (as `[api] listen`; default 127.0.0.1:9470).
+    #[arg(long, value_name = "ADDR")]
+    api_listen: Option<SocketAddr>,
+    /// No status API (as `[api] enabled = false`).
+    #[arg(long)]
+    no_api: bool,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -86,6 +93,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         config.export.prometheus_listen = Some(addr);
     }
     let export = config.export.check().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(addr) = opts.api_listen {
+        config.api.listen = addr;
+    }
+    if opts.no_api {
+        config.api.enabled = false;
+    }
+    let admin_token = config.api.check()?;
+    let config_bytes = match &opts.config {
+        Some(path) => std::fs::read(path).unwrap_or_default(),
+        None => Vec::new(),
+    };
     if export.otlp_endpoint.is_some() && config.events.journal.is_none() {
         bail!(
             "export.otlp_endpoint (--otlp-endpoint) sends the journal's events, from a cursor kept \
@@ -106,6 +124,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         None => None,
     };
     let proxy = Proxy::bind(&config).await?;
+    // A taken API port stops the agent now, not later.
+    let api = match config.api.enabled {
+        true => Some(Api::bind(config.api.listen).await?),
+        false => None,
+    };
     let listeners: Vec<_> = proxy
         .local_addrs()
         .into_iter()
@@ -143,6 +166,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             journal_done_rx,
         ))
     });
+    let journal_dir_path = journal_dir
+        .as_ref()
+        .map(|(d, _): &(PathBuf, u64)| d.clone());
     let journal_dir = journal_dir.as_ref().map(|(d, last)| (d.as_path(), *last));
     let exporting = Exporting::start(
         &export,
@@ -155,6 +181,31 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut outcomes = opts.print_outcomes.then(|| proxy.outcomes().subscribe());
     let mut breakers = (opts.print_breakers && printed_journaled.is_none())
         .then(|| proxy.breaker_events().subscribe());
+    let (api_stop, api_stopped) = watch::channel(false);
+    let api_addr = api.as_ref().and_then(Api::local_addr);
+    let api_task = api.map(|api| {
+        let service = StatusService::new(Sources {
+            shared: proxy.shared(),
+            stats: proxy.stats(),
+            probes: kernel
+                .as_ref()
+                .map(|k| k.status.clone())
+                .unwrap_or_default(),
+            probe_counters: kernel.as_ref().map(KernelFeed::counters),
+            reader: kernel.as_ref().map(|k| k.reader.clone()),
+            journal_dir: journal_dir_path.clone(),
+            journal_stats: journal_stats.clone(),
+            journaled_seq: journal_stats.journaled.subscribe(),
+            config_bytes,
+            listeners: proxy
+                .local_addrs()
+                .into_iter()
+                .map(|(name, addr)| format!("{name} {addr}"))
+                .collect(),
+            admin_token,
+        });
+        tokio::spawn(api.serve(service, api_stopped))
+    });
     let (stop, shutdown) = watch::channel(false);
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -167,6 +218,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "probes": probes_line,
         "otlp": export.otlp_endpoint,
         "prometheus": exporting.prometheus_addr.map(|a| a.to_string()),
+        "api": api_addr.map(|a| a.to_string()),
     }));
     let (printed_all, mut served_all) = tokio::sync::oneshot::channel::<()>();
     let printer = tokio::spawn(async move {
@@ -225,6 +277,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     exporting.stop().await;
     let _ = printed_all.send(());
     let _ = printer.await;
+    // Last: watchers get every event journaled until the end.
+    let _ = api_stop.send(true);
+    if let Some(t) = api_task {
+        let _ = t.await;
+    }
     if left > 0 {
         bail!("{left} streams were still open when the drain timeout passed");
     }

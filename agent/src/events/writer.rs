@@ -29,6 +29,8 @@ pub struct JournalStats {
     pub last_seq: AtomicU64,
     /// Poked after each event written, for readers that follow the journal (the exporter).
     pub appended: tokio::sync::Notify,
+    /// The last sequence number journaled, for any number of followers (the API's watchers).
+    pub journaled: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -79,6 +81,9 @@ pub async fn write_transitions(
     stats
         .last_seq
         .store(journal.next_seq().saturating_sub(1), Ordering::Relaxed);
+    stats
+        .journaled
+        .send_replace(journal.next_seq().saturating_sub(1));
     let period = match fsync {
         Fsync::Every(d) => d,
         _ => Duration::from_secs(3600),
@@ -130,8 +135,11 @@ pub async fn write_transitions(
                 line: line.into(),
             });
         }
-        // A follower of the journal (the OTLP exporter) reads on.
+        // The followers of the journal (the OTLP exporter, the API's watchers) read on.
         stats.appended.notify_one();
+        stats
+            .journaled
+            .send_replace(stats.last_seq.load(Ordering::Relaxed));
     };
     loop {
         tokio::select! {

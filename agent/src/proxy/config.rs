@@ -9,6 +9,7 @@ use toml::Spanned;
 
 use super::retry::RetryConfig;
 use crate::{
+    api::ApiConfig,
     breaker::config::{BreakerConfig, RawBreakers},
     context::ContextConfig,
     correlate::config::SignalsConfig,
@@ -29,6 +30,7 @@ pub struct ProxyConfig {
     pub events: EventsConfig,
     pub signals: SignalsConfig,
     pub export: ExportConfig,
+    pub api: ApiConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -202,6 +204,8 @@ struct RawConfig {
     signals: SignalsConfig,
     #[serde(default)]
     export: ExportConfig,
+    #[serde(default)]
+    api: ApiConfig,
 }
 
 #[derive(Deserialize)]
@@ -557,6 +561,9 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
     if let Err(e) = raw.export.check() {
         p.keyed(e);
     }
+    if let Err(e) = raw.api.check() {
+        p.keyed(e.to_string());
+    }
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
         p.keyed(format!("context: {e}"));
@@ -572,6 +579,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> ProxyConfig {
         events: raw.events,
         signals: raw.signals,
         export: raw.export,
+        api: raw.api,
     }
 }
 
@@ -636,6 +644,7 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<ProxyConfig, St
         events: EventsConfig::default(),
         signals: SignalsConfig::default(),
         export: ExportConfig::default(),
+        api: ApiConfig::default(),
     })
 }
 
