@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments, sets up logging and the runtime, and maps errors to
 //! one readable line and a non-zero exit code.
 
+mod api_client;
 mod bench_breaker;
 mod bench_correlate;
 mod check_config;
@@ -31,6 +32,15 @@ enum Command {
     Run(run::Options),
     /// Check a configuration file; every problem is printed with its line.
     CheckConfig(check_config::Options),
+    /// A running agent's status: probes, kernel signals, journal, drops (status API).
+    Status(api_client::StatusOptions),
+    /// A running agent's breakers; `--watch` then prints each transition.
+    Breakers(api_client::BreakersOptions),
+    /// The breaker events a running agent journaled; `--follow` for new ones.
+    Events(api_client::EventsOptions),
+    /// Trip, reset or show one breaker of a running agent (trip and reset need the admin
+    /// token).
+    Breaker(api_client::BreakerOptions),
     /// What the breaker engine costs one stream (for `cargo xtask bench breaker`).
     #[command(hide = true)]
     BenchBreaker(bench_breaker::Options),
@@ -66,6 +76,10 @@ pub fn main() -> ExitCode {
             Command::Trace(opts) => trace::run(opts).await,
             Command::Run(opts) => run::run(opts).await,
             Command::CheckConfig(opts) => check_config::run(&opts),
+            Command::Status(opts) => api_client::status(&opts).await,
+            Command::Breakers(opts) => api_client::breakers(&opts).await,
+            Command::Events(opts) => api_client::events(&opts).await,
+            Command::Breaker(opts) => api_client::breaker(&opts).await,
             Command::BenchBreaker(opts) => bench_breaker::run(&opts),
             Command::BenchCorrelate(opts) => bench_correlate::run(&opts).await,
         }
@@ -74,7 +88,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<api_client::ExitWith>() {
+                Some(x) => ExitCode::from(x.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
