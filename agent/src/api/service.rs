@@ -53,6 +53,9 @@ pub struct Sources {
     pub config_bytes: Vec<u8>,
     pub listeners: Vec<String>,
     pub admin_token: Option<Vec<u8>>,
+    /// Turns true when the agent stops: watchers end (the server's graceful stop waits for
+    /// every stream).
+    pub stopping: watch::Receiver<bool>,
 }
 
 pub struct StatusService {
@@ -320,6 +323,7 @@ impl AgentStatus for StatusService {
             n => n,
         };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let mut stopping = self.src.stopping.clone();
         tokio::spawn(async move {
             let mut tail = Tail::new(&dir, from);
             let mut next = from;
@@ -338,11 +342,20 @@ impl AgentStatus for StatusService {
                     tokio::select! {
                         r = journaled.changed() => if r.is_err() { return },
                         _ = tx.closed() => return,
+                        _ = stopping.wait_for(|s| *s) => {
+                            let why = format!("the agent is stopping: resume from seq {next}");
+                            let _ = tx.try_send(Err(Status::unavailable(why)));
+                            return;
+                        }
                     }
                     continue;
                 }
                 for (seq, line) in batch {
-                    match tx.send_timeout(Ok(event_pb(seq, line)), STALL).await {
+                    let sent = tokio::select! {
+                        r = tx.send_timeout(Ok(event_pb(seq, line)), STALL) => r,
+                        _ = stopping.wait_for(|s| *s) => return,
+                    };
+                    match sent {
                         Ok(()) => next = seq + 1,
                         Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
                         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
@@ -352,7 +365,10 @@ impl AgentStatus for StatusService {
                                     resume_from_seq: next,
                                 })),
                             };
-                            let _ = tx.send_timeout(Ok(lagged), 12 * STALL).await;
+                            tokio::select! {
+                                _ = tx.send_timeout(Ok(lagged), 12 * STALL) => {}
+                                _ = stopping.wait_for(|s| *s) => {}
+                            }
                             return;
                         }
                     }

@@ -203,6 +203,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 .map(|(name, addr)| format!("{name} {addr}"))
                 .collect(),
             admin_token,
+            stopping: api_stopped.clone(),
         });
         tokio::spawn(api.serve(service, api_stopped))
     });
