@@ -154,7 +154,17 @@ impl Api {
         }
         let address = self.local_addr();
         info!(address = ?address, "status API listening");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        // TCP_NODELAY on every connection, as the proxy's listeners have: without it a watcher's
+        // small event messages wait for the peer's delayed ACK (Nagle), 40 ms at a time.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(self.listener),
+            |conn| {
+                if let Ok(tcp) = &conn {
+                    let _ = tcp.set_nodelay(true);
+                }
+                conn
+            },
+        );
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
