@@ -48,6 +48,7 @@ const PIP_PACKAGES: &[&str] = &[
     "grpcio",                 // Python gRPC client/server peers
     "grpcio-tools",           // compiles the tests' .proto files for those peers
     "grpcio-health-checking", // gRPC health-check service/client peer
+    "grpcio-reflection",      // server reflection client (tests/peers/api, the status API)
     "h2",                     // raw HTTP/2 peers with frame-level control
     "hyperframe",             // hand-built (including malformed) HTTP/2 frames
     "pyjwt",                  // requests that carry JWTs
