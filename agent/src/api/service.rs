@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt as _;
 use serde_json::Value;
 use sha2::Digest as _;
 use tokio::sync::{mpsc, watch};
@@ -323,6 +324,14 @@ impl AgentStatus for StatusService {
             n => n,
         };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        // The stream's last word when the agent stops, after what is buffered (the buffer may
+        // be full: a watcher that is behind must still learn where to resume).
+        let (last_word, last_word_rx) = tokio::sync::oneshot::channel::<Status>();
+        let stopped = move |next: u64| {
+            let _ = last_word.send(Status::unavailable(format!(
+                "the agent is stopping: resume from seq {next}"
+            )));
+        };
         let mut stopping = self.src.stopping.clone();
         tokio::spawn(async move {
             let mut tail = Tail::new(&dir, from);
@@ -342,18 +351,14 @@ impl AgentStatus for StatusService {
                     tokio::select! {
                         r = journaled.changed() => if r.is_err() { return },
                         _ = tx.closed() => return,
-                        _ = stopping.wait_for(|s| *s) => {
-                            let why = format!("the agent is stopping: resume from seq {next}");
-                            let _ = tx.try_send(Err(Status::unavailable(why)));
-                            return;
-                        }
+                        _ = stopping.wait_for(|s| *s) => return stopped(next),
                     }
                     continue;
                 }
                 for (seq, line) in batch {
                     let sent = tokio::select! {
                         r = tx.send_timeout(Ok(event_pb(seq, line)), STALL) => r,
-                        _ = stopping.wait_for(|s| *s) => return,
+                        _ = stopping.wait_for(|s| *s) => return stopped(next),
                     };
                     match sent {
                         Ok(()) => next = seq + 1,
@@ -367,7 +372,7 @@ impl AgentStatus for StatusService {
                             };
                             tokio::select! {
                                 _ = tx.send_timeout(Ok(lagged), 12 * STALL) => {}
-                                _ = stopping.wait_for(|s| *s) => {}
+                                _ = stopping.wait_for(|s| *s) => stopped(next),
                             }
                             return;
                         }
@@ -375,8 +380,10 @@ impl AgentStatus for StatusService {
                 }
             }
         });
+        let last = futures_util::stream::once(last_word_rx)
+            .filter_map(|r| std::future::ready(r.ok().map(Err)));
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx).chain(last),
         )))
     }
 
