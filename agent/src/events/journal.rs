@@ -105,6 +105,9 @@ struct SeqOnly {
     seq: u64,
 }
 
+/// How long `open` tries to take the directory's lock before it says another writer has it.
+const LOCK_WAIT: Duration = Duration::from_millis(500);
+
 fn file_name(first_seq: u64) -> String {
     format!("journal-{first_seq:020}.jsonl")
 }
@@ -150,9 +153,15 @@ impl Journal {
                 file: lock_path.clone(),
                 source,
             })?;
+        // Tried for a moment: a lock may still be held through a descriptor a child process
+        // inherited between its fork and its exec (the previous holder is gone a moment later).
+        let deadline = Instant::now() + LOCK_WAIT;
         // SAFETY: flock on a descriptor we own; non-blocking, so it cannot hang.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(JournalError::Locked { dir });
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if Instant::now() >= deadline {
+                return Err(JournalError::Locked { dir });
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         let existing = files(&dir)?;
         let mut recovery = Recovery {
