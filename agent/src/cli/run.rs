@@ -466,6 +466,7 @@ impl Exporting {
         let (recorded, task) = metrics.record(
             proxy.outcomes().subscribe(),
             proxy.breaker_events().subscribe(),
+            proxy.shared().joins.records.subscribe(),
             done_rx,
         );
         exporting.recorder = Some((done, task));

@@ -43,7 +43,7 @@ use crate::{
     breaker::{circuit::SignalAction, config::Scope, registry::Transition},
     proxy::{
         forward::Shared,
-        outcome::{BreakerEvent, StreamOutcome},
+        outcome::{BreakerEvent, Published, StreamOutcome},
     },
     signals::{
         GoStwPause, TcpReset,
@@ -53,11 +53,32 @@ use crate::{
     },
 };
 
+/// One kernel signal as the metrics count it: what, about which endpoint (when joined to the
+/// proxy's upstream traffic), and a detail (a reset's direction, a frame's error).
+#[derive(Clone, Debug)]
+pub struct SignalRecord {
+    /// `tcp_reset`, `rst_stream`, `goaway`, `go_stw`, `rapid_reset`.
+    pub kind: &'static str,
+    /// `cluster/address` of the upstream endpoint; None when not the proxy's upstream traffic.
+    pub endpoint: Option<Arc<str>>,
+    /// `sent`/`received` for a reset, the error name for a frame, `` otherwise.
+    pub detail: &'static str,
+    /// `upstream`, `agent`, `client`, or `` when not joined.
+    pub by: &'static str,
+    /// A Go process's name (go_stw).
+    pub process: Option<Arc<str>>,
+    /// A pause's length (go_stw).
+    pub seconds: f64,
+}
+
 /// What the proxy and the correlation stage share: the connection table, the evidence board
 /// and the processes found serving endpoints.
 pub struct Joins {
     pub tracked: Tracked,
     pub board: Board,
+    /// Every signal seen, for the metrics (a consumer that falls behind loses the oldest and
+    /// is told how many).
+    pub records: Published<SignalRecord>,
     /// By endpoint breaker name (`cluster/address`).
     owners: Mutex<HashMap<String, Owner>>,
     pub stats: SignalStats,
@@ -68,6 +89,7 @@ impl Joins {
         Self {
             tracked: Tracked::new(tracking),
             board: Board::default(),
+            records: Published::new(16 * 1024),
             owners: Mutex::default(),
             stats: SignalStats::default(),
         }
@@ -228,6 +250,30 @@ impl Correlator {
         &self.shared.joins
     }
 
+    fn record(
+        &self,
+        kind: &'static str,
+        endpoint: Option<String>,
+        detail: &'static str,
+        by: &'static str,
+    ) {
+        self.joins().records.publish(SignalRecord {
+            kind,
+            endpoint: endpoint.map(Into::into),
+            detail,
+            by,
+            process: None,
+            seconds: 0.0,
+        });
+    }
+
+    fn upstream_name(&self, conn: &TrackedConn) -> Option<String> {
+        match conn.side {
+            Side::Upstream { cluster, endpoint } => self.endpoint_name(cluster, endpoint),
+            Side::Downstream { .. } => None,
+        }
+    }
+
     /// The connection of ours a 4-tuple names, and whether the event was on our end of it.
     fn connection(
         &self,
@@ -254,7 +300,12 @@ impl Correlator {
     pub fn tcp_reset(&mut self, r: &TcpReset) {
         let stats = &self.joins().stats.tcp_resets;
         bump(&stats.seen);
+        let direction = match r.direction {
+            Direction::Sent => "sent",
+            Direction::Received => "received",
+        };
         let Some((conn, our_end)) = self.connection(r.local, r.remote, r.netns) else {
+            self.record("tcp_reset", None, direction, "");
             return;
         };
         bump(&stats.joined);
@@ -272,6 +323,7 @@ impl Correlator {
             (Side::Upstream { .. }, true) => "upstream",
             (Side::Downstream { .. }, true) => "client",
         };
+        self.record("tcp_reset", self.upstream_name(&conn), direction, by);
         let mut json = json!({
             "kind": "tcp_reset",
             "at": wall_time(r.ktime_ns),
@@ -336,13 +388,26 @@ impl Correlator {
             &self.joins().stats.goaways
         };
         bump(&stats.seen);
+        let (kind, error) = match &f.detail {
+            FrameDetail::RstStream { error, .. } => ("rst_stream", *error),
+            FrameDetail::GoAway { error, .. } => ("goaway", *error),
+            _ => return,
+        };
         // Only frames an upstream sent us: find our end as the receiver.
         let Some(conn) = self.joins().tracked.find(f.flow.dst, f.flow.src) else {
+            self.record(kind, None, error, "");
             return;
         };
         let Side::Upstream { cluster, endpoint } = conn.side else {
+            self.record(kind, None, error, "client");
             return;
         };
+        self.record(
+            kind,
+            self.endpoint_name(cluster, endpoint),
+            error,
+            "upstream",
+        );
         bump(&stats.joined);
         let (kind, used, json) = match &f.detail {
             FrameDetail::RstStream { error_code, error } => {
@@ -405,12 +470,20 @@ impl Correlator {
         let stats = &self.joins().stats.rapid_resets;
         bump(&stats.seen);
         // The client sent the resets: our end is the receiver.
-        let Some(conn) = self.joins().tracked.find(r.flow.dst, r.flow.src) else {
+        let conn = self
+            .joins()
+            .tracked
+            .find(r.flow.dst, r.flow.src)
+            .filter(|c| matches!(c.side, Side::Downstream { .. }));
+        self.record(
+            "rapid_reset",
+            None,
+            if conn.is_some() { "proxy" } else { "other" },
+            "client",
+        );
+        let Some(conn) = conn else {
             return;
         };
-        if !matches!(conn.side, Side::Downstream { .. }) {
-            return;
-        }
         bump(&stats.joined);
         let json = json!({
             "kind": "rapid_reset",
@@ -463,6 +536,15 @@ impl Correlator {
         let stats = &self.joins().stats.stw_pauses;
         bump(&stats.seen);
         let served = self.joins().endpoints_of(p.pid);
+        let view_for_metrics = p.view(go_minor);
+        self.joins().records.publish(SignalRecord {
+            kind: "go_stw",
+            endpoint: served.first().map(|(name, _)| name.as_str().into()),
+            detail: "",
+            by: "",
+            process: Some(p.comm.as_str().into()),
+            seconds: view_for_metrics.duration_ns as f64 / 1e9,
+        });
         if served.is_empty() {
             return;
         }

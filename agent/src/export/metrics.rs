@@ -13,6 +13,10 @@
 //! | `agent_events_dropped_total` | `stage` |
 //! | `agent_otlp_log_records_exported_total`, `agent_otlp_log_export_failures_total` | |
 //! | `agent_metric_label_values_folded_total` | `label` |
+//! | `agent_kernel_tcp_resets_total` | `direction` (of the socket that saw it), `by` (`upstream`, `agent`, `client`; empty: not the proxy's connection), `endpoint` |
+//! | `agent_kernel_h2_frames_total` | `type` (`RST_STREAM`, `GOAWAY`), `error`, `by`, `endpoint` |
+//! | `agent_kernel_rapid_resets_total` | `target` (`proxy`, `other`) |
+//! | `agent_go_stw_pause_seconds` (histogram) | `process`, `endpoint` (the upstream it serves; empty: none) |
 //! | `agent_kernel_signals_total` | `kind` (`tcp_reset`, `rst_stream`, `goaway`, `go_stw`, `rapid_reset`), `stage` (`seen`, `joined`, `acted`, `duplicate`) |
 //! | `agent_tracked` | `what` (`connections`, `streams`) |
 //! | `agent_probe_events_total` | `counter` (the kernel programs' counters; drops end in `_dropped`) |
@@ -48,6 +52,7 @@ use tracing::warn;
 use super::otlp_logs::LogStats;
 use crate::{
     breaker::{circuit::State, config::Scope},
+    correlate::SignalRecord,
     events::writer::JournalStats,
     proxy::{
         outcome::{BreakerEvent, StreamOutcome},
@@ -201,7 +206,7 @@ impl Metrics {
         let l = logs.clone();
         self.observe_counters(
             "agent_events_dropped",
-            "Events lost on the way, by stage: journal_lagged and journal_failed (not journaled), metrics_outcomes_lagged and metrics_transitions_lagged (not counted in these metrics), otlp_rejected (refused by the collector), otlp_retention (deleted from the journal before they were sent)",
+            "Events lost on the way, by stage: journal_lagged and journal_failed (not journaled), metrics_outcomes_lagged, metrics_transitions_lagged and metrics_signals_lagged (not counted in these metrics), otlp_rejected (refused by the collector), otlp_retention (deleted from the journal before they were sent)",
             Arc::new(move |observe| {
                 let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
                 let mut stage = |v, name: &str| observe(v, &[("stage", name.to_owned())]);
@@ -209,6 +214,7 @@ impl Metrics {
                 stage(load(&journal.failed), "journal_failed");
                 stage(load(&recorded.outcomes_lagged), "metrics_outcomes_lagged");
                 stage(load(&recorded.transitions_lagged), "metrics_transitions_lagged");
+                stage(load(&recorded.signals_lagged), "metrics_signals_lagged");
                 if let Some(l) = &l {
                     stage(load(&l.rejected), "otlp_rejected");
                     stage(load(&l.skipped), "otlp_retention");
@@ -235,6 +241,7 @@ impl Metrics {
         &self,
         outcomes: broadcast::Receiver<StreamOutcome>,
         transitions: broadcast::Receiver<BreakerEvent>,
+        signals: broadcast::Receiver<SignalRecord>,
         done: oneshot::Receiver<()>,
     ) -> (Arc<Recorded>, tokio::task::JoinHandle<()>) {
         let recorded = Arc::new(Recorded::default());
@@ -267,12 +274,35 @@ impl Metrics {
                 .u64_counter("agent_breaker_transitions")
                 .with_description("Circuit breaker state changes, by scope, new state and reason")
                 .build(),
+            tcp_resets: self
+                .meter
+                .u64_counter("agent_kernel_tcp_resets")
+                .with_description("TCP resets the kernel saw on this node, by direction (of the socket that saw it), who reset (upstream, agent, client; empty: not the proxy's connection) and upstream endpoint")
+                .build(),
+            h2_frames: self
+                .meter
+                .u64_counter("agent_kernel_h2_frames")
+                .with_description("RST_STREAM and GOAWAY frames on the wire, by type, error code, sender (upstream, client; empty: not the proxy's) and upstream endpoint")
+                .build(),
+            rapid_resets: self
+                .meter
+                .u64_counter("agent_kernel_rapid_resets")
+                .with_description("Client connections flagged for rapid reset (CVE-2023-44487), by target: the proxy's listeners or another server on this node")
+                .build(),
+            stw: self
+                .meter
+                .f64_histogram("agent_go_stw_pause")
+                .with_description("Go stop-the-world pauses, as the Go runtime accounts them, by process name and the upstream endpoint it serves (empty: none)")
+                .with_unit("s")
+                .with_boundaries(STW_BUCKETS.to_vec())
+                .build(),
         };
         let task = tokio::spawn(record(
             instruments,
             recorded.clone(),
             outcomes,
             transitions,
+            signals,
             done,
         ));
         (recorded, task)
@@ -303,15 +333,42 @@ struct Instruments {
     streams: Counter<u64>,
     duration: Histogram<f64>,
     transitions: Counter<u64>,
+    tcp_resets: Counter<u64>,
+    h2_frames: Counter<u64>,
+    rapid_resets: Counter<u64>,
+    stw: Histogram<f64>,
 }
 
+/// Stop-the-world pause buckets, in seconds: 10 µs to 1 s.
+const STW_BUCKETS: [f64; 15] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0,
+];
+
+/// Distinct Go process names kept as label values.
+const MAX_PROCESSES: usize = 64;
+
 /// What the recorder lost or folded.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Recorded {
     /// Outcomes and transitions the recorder fell too far behind to see.
     pub outcomes_lagged: AtomicU64,
     pub transitions_lagged: AtomicU64,
+    pub signals_lagged: AtomicU64,
     pub methods: LabelCap,
+    pub processes: LabelCap,
+}
+
+impl Default for Recorded {
+    fn default() -> Self {
+        Recorded {
+            outcomes_lagged: AtomicU64::new(0),
+            transitions_lagged: AtomicU64::new(0),
+            signals_lagged: AtomicU64::new(0),
+            methods: LabelCap::new(MAX_METHODS),
+            processes: LabelCap::new(MAX_PROCESSES),
+        }
+    }
 }
 
 async fn record(
@@ -319,8 +376,45 @@ async fn record(
     recorded: Arc<Recorded>,
     mut outcomes: broadcast::Receiver<StreamOutcome>,
     mut transitions: broadcast::Receiver<BreakerEvent>,
+    mut signals: broadcast::Receiver<SignalRecord>,
     mut done: oneshot::Receiver<()>,
 ) {
+    let signal = |r: &SignalRecord| {
+        let endpoint = KeyValue::new("endpoint", r.endpoint.as_deref().unwrap_or("").to_owned());
+        match r.kind {
+            "tcp_reset" => i.tcp_resets.add(
+                1,
+                &[
+                    KeyValue::new("direction", r.detail),
+                    KeyValue::new("by", r.by),
+                    endpoint,
+                ],
+            ),
+            "rst_stream" | "goaway" => i.h2_frames.add(
+                1,
+                &[
+                    KeyValue::new(
+                        "type",
+                        if r.kind == "goaway" {
+                            "GOAWAY"
+                        } else {
+                            "RST_STREAM"
+                        },
+                    ),
+                    KeyValue::new("error", r.detail),
+                    KeyValue::new("by", r.by),
+                    endpoint,
+                ],
+            ),
+            "rapid_reset" => i.rapid_resets.add(1, &[KeyValue::new("target", r.detail)]),
+            "go_stw" => {
+                let process = recorded.processes.value(r.process.as_deref().unwrap_or(""));
+                i.stw
+                    .record(r.seconds, &[KeyValue::new("process", process), endpoint]);
+            }
+            _ => {}
+        }
+    };
     let outcome = |o: &StreamOutcome| {
         let method = recorded.methods.value(&o.method);
         let status = o
@@ -360,6 +454,11 @@ async fn record(
                 Err(RecvError::Lagged(n)) => lagged(&recorded.transitions_lagged, n),
                 Err(RecvError::Closed) => break,
             },
+            r = signals.recv() => match r {
+                Ok(s) => signal(&s),
+                Err(RecvError::Lagged(n)) => lagged(&recorded.signals_lagged, n),
+                Err(RecvError::Closed) => break,
+            },
             r = outcomes.recv() => match r {
                 Ok(o) => outcome(&o),
                 Err(RecvError::Lagged(n)) => lagged(&recorded.outcomes_lagged, n),
@@ -371,6 +470,9 @@ async fn record(
                 }
                 while let Ok(o) = outcomes.try_recv() {
                     outcome(&o);
+                }
+                while let Ok(s) = signals.try_recv() {
+                    signal(&s);
                 }
                 break;
             }
