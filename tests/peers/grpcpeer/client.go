@@ -3,14 +3,23 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
+	"io/ioutil"
 	"net"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -52,7 +61,25 @@ func runClient(args []string) {
 	size := fs.Int("size", 32, "bytes per request message")
 	messages := fs.Int("messages", 3, "messages sent (and echoed) per stream call")
 	cancelAfter := fs.Duration("cancel-after", 0, "cancel each call after this long (the client sends RST_STREAM CANCEL); 0: never")
+	tokenSecret := fs.String("token-secret", "", "file with an HMAC secret: each call carries its own HS256 JWT, sub SUBJECT-<i % subjects>")
+	subject := fs.String("subject", "user", "with -token-secret: the tokens' sub prefix")
+	tokenExpired := fs.Bool("token-expired", false, "with -token-secret: the tokens' exp is an hour in the past")
+	session := fs.String("session", "", "each call carries x-session-id: PREFIX-<i % subjects>")
+	subjects := fs.Int("subjects", 1, "distinct token subjects and sessions")
+	traceparent := fs.Bool("traceparent", false, "each call carries a W3C traceparent with a trace id of its own")
+	pause := fs.Duration("pause", 0, "each worker waits this long between its calls")
+	duration := fs.Duration("duration", 0, "make calls for this long, however many (-calls is then ignored); 0: -calls calls")
 	fs.Parse(args)
+	var secret []byte
+	if *tokenSecret != "" {
+		var err error
+		if secret, err = ioutil.ReadFile(*tokenSecret); err != nil {
+			fatalf("token secret: %v", err)
+		}
+	}
+	if *subjects < 1 {
+		*subjects = 1
+	}
 
 	var call func(ctx context.Context, conn *grpc.ClientConn, req []byte) error
 	switch *method {
@@ -109,16 +136,32 @@ func runClient(args []string) {
 		go func() {
 			defer wg.Done()
 			for i := range jobs {
-				err := runCall(conn, call, req, *cancelAfter)
+				ctx := context.Background()
+				if secret != nil {
+					tok := signToken(secret, fmt.Sprintf("%s-%d", *subject, i%*subjects), *tokenExpired)
+					ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
+				}
+				if *session != "" {
+					ctx = metadata.AppendToOutgoingContext(ctx, "x-session-id", fmt.Sprintf("%s-%d", *session, i%*subjects))
+				}
+				if *traceparent {
+					ctx = metadata.AppendToOutgoingContext(ctx, "traceparent", "00-"+randomHex(16)+"-"+randomHex(8)+"-01")
+				}
+				err := runCall(ctx, conn, call, req, *cancelAfter)
 				code := status.Code(err).String()
 				if errors.Is(err, errMismatch) {
 					code = "EchoMismatch"
 				}
 				say("call %d %s", i, code)
+				time.Sleep(*pause)
 			}
 		}()
 	}
-	for i := 0; i < *calls; i++ {
+	end := time.Now().Add(*duration)
+	for i := 0; ; i++ {
+		if *duration > 0 && !time.Now().Before(end) || *duration == 0 && i >= *calls {
+			break
+		}
 		jobs <- i
 	}
 	close(jobs)
@@ -132,16 +175,37 @@ func runClient(args []string) {
 
 // runCall makes one call, cancelled after cancelAfter if that is not 0. A call that returns early
 // is cancelled too, so that its stream never lingers on the connection.
-func runCall(conn *grpc.ClientConn, call func(context.Context, *grpc.ClientConn, []byte) error, req []byte, cancelAfter time.Duration) error {
+func runCall(ctx context.Context, conn *grpc.ClientConn, call func(context.Context, *grpc.ClientConn, []byte) error, req []byte, cancelAfter time.Duration) error {
 	// Not context.WithTimeout: a deadline would go out as grpc-timeout and end the call with
 	// DEADLINE_EXCEEDED; cancelling is what makes grpc-go send RST_STREAM CANCEL.
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if cancelAfter > 0 {
 		t := time.AfterFunc(cancelAfter, cancel)
 		defer t.Stop()
 	}
 	return call(ctx, conn, req)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// signToken makes an HS256 JWT for sub, valid for an hour or expired an hour ago.
+func signToken(secret []byte, sub string, expired bool) string {
+	exp := time.Now().Add(time.Hour)
+	if expired {
+		exp = time.Now().Add(-time.Hour)
+	}
+	enc := base64.RawURLEncoding
+	header := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`))
+	claims, _ := json.Marshal(map[string]interface{}{"sub": sub, "scope": "echo", "exp": exp.Unix()})
+	signed := header + "." + enc.EncodeToString(claims)
+	mac := hmac.New(sha256.New, secret)
+	mac.Write([]byte(signed))
+	return signed + "." + enc.EncodeToString(mac.Sum(nil))
 }
 
 func callUnary(ctx context.Context, conn *grpc.ClientConn, method string, req []byte) error {

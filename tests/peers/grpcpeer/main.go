@@ -5,11 +5,15 @@
 // byte string carried by rawCodec, so the payload on the wire is exactly the bytes the client chose.
 //
 //	grpcpeer server -addr 127.0.0.1:0 [-max-streams N] [-slow DURATION] [-static-window]
+//	                [-gc-every DURATION [-gc-on-signal]] [-reject-expired]
 //	grpcpeer client -addr HOST:PORT -method unary|stream|slow|reset [-calls N] [-concurrency M]
 //	                [-size BYTES] [-messages K] [-cancel-after DURATION]
+//	                [-token-secret FILE [-token-expired] [-subject PREFIX]] [-session PREFIX] [-subjects K]
+//	                [-traceparent] [-pause DURATION] [-duration DURATION]
 //
 // Protocol on stdout: the server prints "listening HOST:PORT" once the socket is bound and
-// "stopped" after a graceful stop on SIGTERM/SIGINT (exit 0); the client prints
+// "stopped" after a graceful stop on SIGTERM/SIGINT (exit 0), and "gc on"/"gc off" when SIGUSR1
+// switches -gc-on-signal's collections; the client prints
 // "connected LOCAL REMOTE" once its single connection is up, "call I CODE" per finished call (CODE
 // being the grpc status code name, or EchoMismatch) and "done" (exit 0 whatever the codes).
 //

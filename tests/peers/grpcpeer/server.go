@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"flag"
 	"io"
 	"net"
 	"os"
 	"os/signal"
 	"runtime"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -17,6 +21,7 @@ import (
 	protocodec "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -41,7 +46,8 @@ func (c serverCodec) Unmarshal(data []byte, v interface{}) error {
 
 // echoServer implements test.Echo.
 type echoServer struct {
-	slow time.Duration // how long Slow holds a call
+	slow          time.Duration // how long Slow holds a call
+	rejectExpired bool          // Unary answers UNAUTHENTICATED to a bearer JWT whose exp has passed
 }
 
 // echoService describes test.Echo by hand, as protoc-gen-go-grpc would from:
@@ -65,6 +71,9 @@ var echoService = grpc.ServiceDesc{
 				if err := dec(&req); err != nil {
 					return nil, err
 				}
+				if srv.(*echoServer).rejectExpired && tokenExpired(ctx) {
+					return nil, status.Error(codes.Unauthenticated, "token expired")
+				}
 				return req, nil
 			},
 		},
@@ -83,6 +92,30 @@ var echoService = grpc.ServiceDesc{
 		{StreamName: "Stream", Handler: echoStream, ServerStreams: true, ClientStreams: true},
 		{StreamName: "Reset", Handler: resetStream, ServerStreams: true, ClientStreams: true},
 	},
+}
+
+// tokenExpired says whether the call's "authorization: Bearer" JWT has an exp in the past. The
+// signature is not checked: the agent in front verifies it, and only needs the upstream to answer
+// as an authenticating service would.
+func tokenExpired(ctx context.Context) bool {
+	md, _ := metadata.FromIncomingContext(ctx)
+	for _, v := range md.Get("authorization") {
+		parts := strings.Split(strings.TrimPrefix(v, "Bearer "), ".")
+		if len(parts) != 3 {
+			continue
+		}
+		payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+		if err != nil {
+			continue
+		}
+		var claims struct {
+			Exp *int64 `json:"exp"`
+		}
+		if json.Unmarshal(payload, &claims) == nil && claims.Exp != nil && *claims.Exp < time.Now().Unix() {
+			return true
+		}
+	}
+	return false
 }
 
 // holdSlow answers after s.slow, unless the call ends first (client RST_STREAM CANCEL, deadline).
@@ -143,11 +176,28 @@ func runServer(args []string) {
 	slow := fs.Duration("slow", 10*time.Second, "how long /test.Echo/Slow holds a call")
 	staticWindow := fs.Bool("static-window", false, "keep the 64 KiB flow-control windows: no BDP PINGs, no window growth")
 	gcEvery := fs.Duration("gc-every", 0, "force a garbage collection (with its stop-the-world pauses) this often; 0: never")
+	gcOnSignal := fs.Bool("gc-on-signal", false, "with -gc-every: collect only while switched on; each SIGUSR1 switches it on or off")
+	rejectExpired := fs.Bool("reject-expired", false, "Unary answers UNAUTHENTICATED when the call's bearer JWT has an exp in the past")
 	fs.Parse(args)
 	if *gcEvery > 0 {
+		var gcOn int32 = 1
+		if *gcOnSignal {
+			gcOn = 0
+			toggles := make(chan os.Signal, 1)
+			signal.Notify(toggles, syscall.SIGUSR1)
+			go func() {
+				for range toggles {
+					on := 1 - atomic.LoadInt32(&gcOn)
+					atomic.StoreInt32(&gcOn, on)
+					say("gc %s", map[int32]string{0: "off", 1: "on"}[on])
+				}
+			}()
+		}
 		go func() {
 			for range time.Tick(*gcEvery) {
-				runtime.GC()
+				if atomic.LoadInt32(&gcOn) == 1 {
+					runtime.GC()
+				}
 			}
 		}()
 	}
@@ -166,7 +216,7 @@ func runServer(args []string) {
 		opts = append(opts, grpc.MaxConcurrentStreams(uint32(*maxStreams)))
 	}
 	srv := grpc.NewServer(opts...)
-	srv.RegisterService(&echoService, &echoServer{slow: *slow})
+	srv.RegisterService(&echoService, &echoServer{slow: *slow, rejectExpired: *rejectExpired})
 	// grpc.health.v1.Health beside it (the proxy benchmark's call): SERVING for "", the server.
 	healthSrv := health.NewServer()
 	healthSrv.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
