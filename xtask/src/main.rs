@@ -1,6 +1,7 @@
 //! `cargo xtask`: orchestration only. Each subcommand is a module with a documented `Options`.
 
 mod bench;
+mod demo;
 mod run;
 mod setup;
 mod test;
@@ -27,6 +28,9 @@ enum Command {
     Test(test::Options),
     /// Benchmarks, measured side by side against real peers: `cargo xtask bench probes`.
     Bench(bench::Options),
+    /// The agent in front of two grpc-go upstreams under load, one fault after another (an
+    /// upstream killed, GC pressure, expired tokens, rapid reset), its trips shown live (root).
+    Demo(demo::Options),
     /// Internal to `bench probes`: make TCP resets in a network namespace of our own.
     #[command(hide = true)]
     ResetStorm(bench::reset_storm::Options),
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Bench(opts) => bench::run(opts),
+        Command::Demo(opts) => demo::run(opts),
         Command::ResetStorm(opts) => bench::reset_storm::run(opts),
     };
     match result {

@@ -2,6 +2,7 @@
 
 use std::{
     ffi::OsStr,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
@@ -82,10 +83,27 @@ fn tail(name: &str, bytes: &[u8]) -> String {
 }
 
 /// The workspace root: xtask's manifest dir is `<root>/xtask`.
-pub fn workspace_root() -> Result<std::path::PathBuf> {
-    let manifest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+pub fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest
         .parent()
-        .map(std::path::Path::to_path_buf)
+        .map(Path::to_path_buf)
         .ok_or_else(|| anyhow::anyhow!("xtask manifest dir has no parent"))
+}
+
+/// Builds the Go program `tests/peers/NAME` into `target/e2e-peers/NAME` (shared with the e2e
+/// tests' builds) with Debian's Go sources: no module proxy here.
+pub fn build_go_peer(root: &Path, name: &str) -> Result<PathBuf> {
+    let out = root.join("target/e2e-peers").join(name);
+    run_status(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(root.join("tests/peers").join(name))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", root.join("target/go-cache")),
+    )?;
+    Ok(out)
 }

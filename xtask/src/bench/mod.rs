@@ -13,13 +13,12 @@ pub mod reset_storm;
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{display, run_status};
+use crate::util::{build_go_peer, display};
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -99,23 +98,6 @@ fn ensure_no_agent_attached() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Builds the Go program `tests/peers/NAME` into `target/e2e-peers/NAME` (shared with the e2e
-/// tests' builds) with Debian's Go sources: no module proxy here.
-fn build_go_peer(root: &Path, name: &str) -> Result<PathBuf> {
-    let out = root.join("target/e2e-peers").join(name);
-    run_status(
-        Command::new("go")
-            .args(["build", "-o"])
-            .arg(&out)
-            .arg(".")
-            .current_dir(root.join("tests/peers").join(name))
-            .env("GO111MODULE", "off")
-            .env("GOPATH", "/usr/share/gocode")
-            .env("GOCACHE", root.join("target/go-cache")),
-    )?;
-    Ok(out)
 }
 
 /// The lowest and highest of `values` relative to their median, e.g. `-1.2%..+0.8%`: the
