@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the one command that runs every test, on a fresh machine too.
 //!
 //! Order: set up (idempotent), format and lint checks, unit tests, then the privileged
-//! end-to-end tests in `tests/`, which load the real probes and drive real peers. Those need
-//! root; run as another user they fail with a message instead of passing silently.
+//! end-to-end tests in `tests/`, which load the real probes and drive real peers, and last the
+//! demo with its dashboard check (`cargo xtask demo --check-dashboards`, about a minute). Those
+//! need root; run as another user they fail with a message instead of passing silently.
 
 use std::process::Command;
 
@@ -18,7 +19,7 @@ pub struct Options {
     /// Skip `cargo fmt --check` and `cargo clippy`.
     #[arg(long)]
     no_lint: bool,
-    /// Only run end-to-end tests whose name contains this.
+    /// Only run end-to-end tests whose name contains this (and the demo only if "demo" does).
     #[arg(long)]
     filter: Option<String>,
 }
@@ -75,6 +76,18 @@ pub fn run(opts: Options) -> Result<()> {
     }
     e2e.env("AGENT_BIN", root.join("target/debug/agent"));
     run_status(&mut e2e)?;
+
+    if opts
+        .filter
+        .as_ref()
+        .is_none_or(|f| "demo".contains(f.as_str()))
+    {
+        step("demo with the dashboard check (root, real peers, Prometheus)");
+        crate::demo::run(crate::demo::Options {
+            check_dashboards: true,
+            phase_secs: crate::demo::DEFAULT_PHASE_SECS,
+        })?;
+    }
     Ok(())
 }
 
