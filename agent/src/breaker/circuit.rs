@@ -136,6 +136,9 @@ pub struct Change {
     /// The window when it happened.
     pub counts: Counts,
     pub consecutive_failures: u32,
+    /// The breaker's generation after the change: its changes in order (two changes of one
+    /// breaker made on two threads at once can reach the journal in the other order).
+    pub generation: u64,
 }
 
 /// A call refused.
@@ -514,6 +517,7 @@ impl Breaker {
             open_for,
             counts: self.window.counts(t),
             consecutive_failures: self.consecutive,
+            generation: self.generation,
         }
     }
 

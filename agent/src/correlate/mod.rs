@@ -211,6 +211,7 @@ pub fn publish(
         stream,
         evidence,
         upstream_owner: owner,
+        at: std::time::SystemTime::now(),
     });
 }
 
@@ -411,13 +412,13 @@ impl Correlator {
         bump(&stats.joined);
         let (kind, used, json) = match &f.detail {
             FrameDetail::RstStream { error_code, error } => {
-                // An ordinary end, a cancellation, a refusal the proxy retries.
-                let benign = matches!(*error_code, 0 | 7 | 8);
-                let used = if benign {
-                    SignalUse::Annotate
-                } else {
-                    self.config.upstream_rst_stream
-                };
+                // An ordinary end, a cancellation, a refusal the proxy retries: counted, not
+                // evidence (grpc-go ends many streams with RST_STREAM NO_ERROR, which would
+                // crowd real evidence off the board).
+                if matches!(*error_code, 0 | 7 | 8) {
+                    return;
+                }
+                let used = self.config.upstream_rst_stream;
                 (
                     "rst_stream",
                     used,

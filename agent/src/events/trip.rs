@@ -6,13 +6,14 @@
 //! |---|---|
 //! | `schema` | `"breaker_trip/v1"` |
 //! | `seq` | the journal's sequence number (contiguous; added by the journal) |
-//! | `ts` | when the transition happened, RFC 3339 UTC with milliseconds |
+//! | `ts` | when the transition was published, RFC 3339 UTC with milliseconds |
 //! | `breaker.name` | `endpoint orders/10.0.0.7:50051`, `client sub:user-1`, ... (as the API names it) |
 //! | `breaker.scope` | `endpoint`, `subset`, `cluster`, `method` or `client` |
 //! | `breaker.class` | the priority class, when not the default one |
 //! | `breaker.from`, `breaker.to` | `closed`, `open`, `half_open` |
 //! | `breaker.reason` | `consecutive_failures`, `failure_ratio`, `slow_call_ratio`, `open_elapsed`, `probe_failed`, `probes_succeeded`, `admin`, or a signal (`tcp_reset`, ...) |
 //! | `breaker.open_for_ms` | when `to` is `open`: for how long |
+//! | `breaker.generation` | the breaker's count of changes: its events in order (the journal puts a batch's events of one breaker in this order; across batches, two changes made on two threads at once may be journaled the other way round) |
 //! | `window` | the breaker's window then: `calls`, `failures`, `slow` |
 //! | `consecutive_failures` | failures in a row then |
 //! | `upstream.cluster`, `upstream.endpoint` | what the breaker guards, or where the triggering call went |
@@ -56,6 +57,7 @@ pub fn breaker_trip(e: &BreakerEvent, at: SystemTime) -> Value {
         "from": c.from,
         "to": c.to,
         "reason": c.reason,
+        "generation": c.generation,
     });
     if let Some(class) = &id.class {
         breaker["class"] = class.as_str().into();

@@ -9,7 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -48,6 +48,28 @@ impl JournalStats {
             dropped: self.dropped.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             last_seq: self.last_seq.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Puts each breaker's events of a batch in the order of its changes (`breaker.generation`),
+/// in the places its events hold: two changes of one breaker made on two threads at once (the
+/// timer turning it half-open, a call's result) can be published the other way round.
+fn in_breaker_order(batch: &mut [serde_json::Value]) {
+    let mut by_breaker: std::collections::HashMap<String, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, v) in batch.iter().enumerate() {
+        let name = v["breaker"]["name"].as_str().unwrap_or_default().to_owned();
+        by_breaker.entry(name).or_default().push(i);
+    }
+    for places in by_breaker.values().filter(|p| p.len() > 1) {
+        let mut events: Vec<serde_json::Value> = places
+            .iter()
+            .map(|&i| std::mem::take(&mut batch[i]))
+            .collect();
+        events.sort_by_key(|v| v["breaker"]["generation"].as_u64().unwrap_or(0));
+        for (&i, e) in places.iter().zip(events) {
+            batch[i] = e;
         }
     }
 }
@@ -101,7 +123,7 @@ pub async fn write_transitions(
     let fill = |rx: &mut broadcast::Receiver<BreakerEvent>, batch: &mut Vec<serde_json::Value>| {
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(e) => batch.push(breaker_trip(&e, SystemTime::now())),
+                Ok(e) => batch.push(breaker_trip(&e, e.at)),
                 Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(n),
                 Err(broadcast::error::TryRecvError::Empty) => return true,
                 Err(broadcast::error::TryRecvError::Closed) => return false,
@@ -113,6 +135,7 @@ pub async fn write_transitions(
         if batch.is_empty() {
             return;
         }
+        in_breaker_order(batch);
         // The journal's write and fsync block: off the runtime's other tasks.
         let (written, error) = tokio::task::block_in_place(|| journal.append_batch(batch));
         let failed = batch.len() - written.len();
@@ -146,7 +169,7 @@ pub async fn write_transitions(
             biased;
             r = rx.recv() => match r {
                 Ok(e) => {
-                    batch.push(breaker_trip(&e, SystemTime::now()));
+                    batch.push(breaker_trip(&e, e.at));
                     let open = fill(&mut rx, &mut batch);
                     write(&mut journal, &mut batch);
                     if !open {
@@ -172,5 +195,30 @@ pub async fn write_transitions(
     }
     if let Err(error) = tokio::task::block_in_place(|| journal.sync()) {
         warn!(%error, "journal sync failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::in_breaker_order;
+
+    #[test]
+    fn a_breakers_events_are_put_in_generation_order_in_their_own_places() {
+        let e = |name: &str, g: u64| json!({"breaker": {"name": name, "generation": g}});
+        let mut batch = vec![e("a", 3), e("b", 7), e("a", 2), e("c", 1), e("a", 4)];
+        in_breaker_order(&mut batch);
+        let got: Vec<(String, u64)> = batch
+            .iter()
+            .map(|v| {
+                (
+                    v["breaker"]["name"].as_str().unwrap_or_default().to_owned(),
+                    v["breaker"]["generation"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let want = [("a", 2), ("b", 7), ("a", 3), ("c", 1), ("a", 4)];
+        assert_eq!(got, want.map(|(n, g)| (n.to_owned(), g)).to_vec());
     }
 }

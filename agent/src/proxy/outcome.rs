@@ -92,6 +92,8 @@ pub struct BreakerEvent {
     pub evidence: Vec<serde_json::Value>,
     /// The process serving the endpoint, when it runs on this host.
     pub upstream_owner: Option<Owner>,
+    /// When the change was published (the event's `ts`).
+    pub at: std::time::SystemTime,
 }
 
 mod opt_micros {

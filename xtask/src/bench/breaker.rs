@@ -511,8 +511,8 @@ impl Proxy {
                     }
                     Some("breaker")
                         if seen.a_out_at.is_none()
-                            && v["breaker"] == a_breaker
-                            && v["to"] == "open" =>
+                            && v["breaker"]["name"] == a_breaker
+                            && v["breaker"]["to"] == "open" =>
                     {
                         seen.a_out_at = Some(monotonic());
                     }

@@ -71,6 +71,7 @@ fn a_trip_carries_the_breaker_the_upstream_and_the_calls_context() {
             stream: None,
             evidence: Vec::new(),
             upstream_owner: None,
+            at: UNIX_EPOCH,
         },
         UNIX_EPOCH + Duration::from_millis(1_717_023_480_123),
     );
