@@ -341,3 +341,20 @@ pub fn config_file(dir: &std::path::Path, body: &str) -> PathBuf {
     .unwrap();
     path
 }
+
+/// The agent's journal files in `dir` (`*.jsonl`), oldest first, each with its text.
+pub fn journal_files(dir: &std::path::Path) -> Vec<(PathBuf, String)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).unwrap();
+            (f, text)
+        })
+        .collect()
+}

@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, python};
+use e2e::proxy::{
+    AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, journal_files, python,
+};
 use serde_json::Value;
 
 const ADMIN_TOKEN: &str = "api-e2e-admin-token-5f2c";
@@ -192,15 +194,8 @@ fn breaker(api: SocketAddr, name: &str) -> Value {
 /// The journal's lines by sequence number, raw (as journaled) and parsed; panics on a line
 /// that is not whole JSON or numbers that are not contiguous from 1.
 fn journal(dir: &Path) -> BTreeMap<u64, (String, Value)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
     let mut out = BTreeMap::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
+    for (f, text) in journal_files(dir) {
         assert!(
             text.is_empty() || text.ends_with('\n'),
             "{f:?} ends in a torn line"

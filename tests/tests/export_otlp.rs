@@ -15,7 +15,8 @@ use std::{
 };
 
 use e2e::proxy::{
-    AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, listening, python,
+    AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, journal_files, listening,
+    python,
 };
 use serde_json::Value;
 
@@ -58,18 +59,10 @@ fn logs(lines: &[Value]) -> Vec<&Value> {
 
 /// The sequence numbers of the journal in `dir`, from its files.
 fn journal_seqs(dir: &Path) -> Vec<u64> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    files
+    journal_files(dir)
         .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
+        .flat_map(|(_, text)| {
+            text.lines()
                 .map(|l| {
                     serde_json::from_str::<Value>(l).unwrap()["seq"]
                         .as_u64()

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use e2e::proxy::{AgentProxy, config_file, grpcio_client, grpcio_server};
+use e2e::proxy::{AgentProxy, config_file, grpcio_client, grpcio_server, journal_files};
 use serde_json::Value;
 
 const CALLS: usize = 10_000;
@@ -33,15 +33,8 @@ fn reported(lines: &[Value]) -> BTreeMap<u64, Value> {
 
 /// Every journal line, parsed; panics on a line that is not whole JSON.
 fn journal(dir: &std::path::Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
     let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
+    for (f, text) in journal_files(dir) {
         assert!(
             text.is_empty() || text.ends_with('\n'),
             "{f:?} ends in a torn line"

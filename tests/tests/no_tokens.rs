@@ -16,7 +16,7 @@ use std::{
 
 use e2e::{
     agent_bin,
-    proxy::{JsonChild, config_file, grpcio_client, grpcio_server, python},
+    proxy::{JsonChild, config_file, grpcio_client, grpcio_server, journal_files, python},
     require_root,
 };
 use serde_json::Value;
@@ -191,11 +191,9 @@ probes = ["tcp-reset"]
     // Everything journaled has reached the receiver, and metrics too.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let journaled = std::fs::read_dir(&journal)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-            .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+        let journaled = journal_files(&journal)
+            .iter()
+            .map(|(_, text)| text.lines().count())
             .sum::<usize>();
         let received = std::fs::read_to_string(&out).unwrap_or_default();
         let logs = received

@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use e2e::proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server};
+use e2e::proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, journal_files};
 use serde_json::Value;
 
 /// `agent run --config` with this configuration (listener and route added), printing
@@ -546,16 +546,7 @@ idempotent_methods = ["/proxytest.Test/Unary"]
 
 /// The journal's events, in file order.
 fn journal_events(dir: &std::path::Path) -> (Vec<Value>, String) {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    let text: String = files
-        .iter()
-        .map(|f| std::fs::read_to_string(f).unwrap())
-        .collect();
+    let text: String = journal_files(dir).into_iter().map(|(_, t)| t).collect();
     let events = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

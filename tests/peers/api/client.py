@@ -5,26 +5,25 @@ See README.md.
     client.py COMMAND ADDR [options]
 
 The stubs are generated at start-up from proto/agent/v1/status.proto (grpc_tools.protoc into a
-temporary directory, removed again). stdout: JSON lines, each flushed; the last one is
+temporary directory, removed again: tests/peers/grpcpy/stubs.py's generate). stdout: JSON lines, each flushed; the last one is
 {"event":"done","ok":true|false,"command":COMMAND,...}; exit status 0 iff ok (2: usage error).
 """
 
 import argparse
 import asyncio
 import hashlib
-import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime
 
 sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 
 import grpc  # noqa: E402
-from grpc_tools import protoc  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "grpcpy"))
+import stubs  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
 PROTO_DIR = os.path.join(ROOT, "proto")
@@ -38,33 +37,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def load_stubs():
-    """(status_pb2, status_pb2_grpc) generated from proto/agent/v1/status.proto."""
-    out = tempfile.mkdtemp(prefix="api-stubs-")
-    try:
-        well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-        rc = protoc.main([
-            "grpc_tools.protoc",
-            "-I" + os.path.abspath(PROTO_DIR),
-            "-I" + well_known,
-            "--python_out=" + out,
-            "--grpc_python_out=" + out,
-            PROTO_FILE,
-        ])
-        if rc != 0:
-            raise RuntimeError("protoc failed on %s (exit %d)" % (PROTO_FILE, rc))
-        sys.path.insert(0, out)
-        try:
-            pb2 = importlib.import_module("agent.v1.status_pb2")
-            pb2_grpc = importlib.import_module("agent.v1.status_pb2_grpc")
-        finally:
-            sys.path.remove(out)
-        return pb2, pb2_grpc
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-pb2, pb2_grpc = load_stubs()
+pb2, pb2_grpc = stubs.generate(PROTO_DIR, PROTO_FILE, "agent.v1.status")
 
 
 def emit(**fields):

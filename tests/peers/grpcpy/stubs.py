@@ -27,6 +27,13 @@ MESSAGE_OPTIONS = [
 
 def load():
     """Returns the (test_pb2, test_pb2_grpc) modules generated from test.proto."""
+    return generate(PROTO_DIR, PROTO_FILE, "test")
+
+
+def generate(proto_dir, proto_file, module):
+    """Compiles proto_file (relative to proto_dir) and returns the generated (module_pb2,
+    module_pb2_grpc), `module` being the file's path without .proto, dotted ("agent.v1.status").
+    Also used by tests/peers/api/client.py."""
     out = tempfile.mkdtemp(prefix="grpcpy-stubs-")
     try:
         # grpc_tools ships the well-known protos; protoc needs them on its include path only if the
@@ -34,18 +41,18 @@ def load():
         well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
         rc = protoc.main([
             "grpc_tools.protoc",
-            "-I" + os.path.abspath(PROTO_DIR),
+            "-I" + os.path.abspath(proto_dir),
             "-I" + well_known,
             "--python_out=" + out,
             "--grpc_python_out=" + out,
-            PROTO_FILE,
+            proto_file,
         ])
         if rc != 0:
-            raise RuntimeError("protoc failed on %s (exit %d)" % (PROTO_FILE, rc))
+            raise RuntimeError("protoc failed on %s (exit %d)" % (proto_file, rc))
         sys.path.insert(0, out)
         try:
-            pb2 = importlib.import_module("test_pb2")
-            pb2_grpc = importlib.import_module("test_pb2_grpc")
+            pb2 = importlib.import_module(module + "_pb2")
+            pb2_grpc = importlib.import_module(module + "_pb2_grpc")
         finally:
             sys.path.remove(out)
         return pb2, pb2_grpc
