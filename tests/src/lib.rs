@@ -354,13 +354,16 @@ pub fn nghttpd(ip: &str, docroot: &Path) -> (Peer, std::net::SocketAddr) {
 /// flags; returns once it says where it listens.
 pub fn grpc_server(ip: &str, extra: &[&str]) -> (Peer, std::net::SocketAddr) {
     let bin = go_peer("grpcpeer", false);
-    let mut peer = Peer::spawn(
-        "grpcpeer",
-        Command::new(bin)
-            .args(["server", "-addr", &format!("{}:0", bracket(ip))])
-            .args(extra)
-            .stdout(Stdio::piped()),
-    );
+    let mut cmd = Command::new(bin);
+    cmd.args(["server", "-addr", &format!("{}:0", bracket(ip))])
+        .args(extra);
+    grpc_server_from(cmd)
+}
+
+/// Starts a grpcpeer server `cmd` made (e.g. inside a network namespace, `Netns::command`) and
+/// returns once it says where it listens.
+pub fn grpc_server_from(mut cmd: Command) -> (Peer, std::net::SocketAddr) {
+    let mut peer = Peer::spawn("grpcpeer", cmd.stdout(Stdio::piped()));
     let mut line = String::new();
     BufReader::new(peer.child.stdout.take().unwrap())
         .read_line(&mut line)

@@ -7,14 +7,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use e2e::{
-    Netns, Peer, go_peer,
+    Netns, go_peer, grpc_server_from,
     proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server, python},
     require_root,
 };
@@ -228,31 +227,16 @@ fn a_go_upstreams_gc_pause_is_attributed_to_its_endpoint_across_namespaces() {
     require_root();
     let net = Netns::create("cor", "10.213.78");
     let bin = go_peer("grpcpeer", false);
-    let mut server = Peer::spawn(
-        "grpcpeer",
-        net.command(&bin)
-            .args([
-                "server",
-                "-addr",
-                &format!("{}:0", net.ns_ip),
-                "-gc-every",
-                "200ms",
-            ])
-            .stdout(Stdio::piped()),
-    );
+    let mut cmd = net.command(&bin);
+    cmd.args([
+        "server",
+        "-addr",
+        &format!("{}:0", net.ns_ip),
+        "-gc-every",
+        "200ms",
+    ]);
+    let (server, up) = grpc_server_from(cmd);
     let go_pid = server.child.id();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let up: SocketAddr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
     let dir = scratch("stw");
     let mut proxy = agent(
         &dir,

@@ -6,14 +6,10 @@
 //! upstream's GC pause (the uprobes are the probe that needs the most).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use e2e::{
-    Peer, agent_bin, go_peer,
+    agent_bin, go_peer, grpc_server,
     proxy::{AgentProxy, JsonChild, config_file},
     require_root, workspace_root,
 };
@@ -143,19 +139,7 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let bin = go_peer("grpcpeer", false);
-    let mut server = Peer::spawn(
-        "grpcpeer",
-        Command::new(&bin)
-            .args(["server", "-addr", "127.0.0.1:0", "-gc-every", "200ms"])
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let up = line.trim().strip_prefix("listening ").unwrap().to_owned();
+    let (server, up) = grpc_server("127.0.0.1", &["-gc-every", "200ms"]);
     let config = config_file(
         &dir,
         &format!(
