@@ -166,26 +166,21 @@ pub fn breaker_pb(s: &Snapshot) -> pb::Breaker {
 }
 
 fn signals(joins: &Joins) -> Vec<pb::SignalFigures> {
-    let s = &joins.stats;
-    [
-        ("tcp_reset", &s.tcp_resets),
-        ("rst_stream", &s.rst_streams),
-        ("goaway", &s.goaways),
-        ("go_stw", &s.stw_pauses),
-        ("rapid_reset", &s.rapid_resets),
-    ]
-    .into_iter()
-    .map(|(kind, k)| {
-        let f = k.figures();
-        pb::SignalFigures {
-            kind: kind.into(),
-            seen: f.seen,
-            joined: f.joined,
-            acted: f.acted,
-            duplicates: f.duplicates,
-        }
-    })
-    .collect()
+    joins
+        .stats
+        .by_kind()
+        .into_iter()
+        .map(|(kind, k)| {
+            let f = k.figures();
+            pb::SignalFigures {
+                kind: kind.into(),
+                seen: f.seen,
+                joined: f.joined,
+                acted: f.acted,
+                duplicates: f.duplicates,
+            }
+        })
+        .collect()
 }
 
 /// An event for the wire, from its journal line.

@@ -372,14 +372,7 @@ fn observe_kernel(
         "agent_kernel_signals",
         "Kernel signals by kind and stage: seen, joined to the proxy's connections, acted on (a breaker tripped or counted), duplicates (the other end of one reset)",
         Arc::new(move |observe| {
-            let s = &j.stats;
-            for (kind, k) in [
-                ("tcp_reset", &s.tcp_resets),
-                ("rst_stream", &s.rst_streams),
-                ("goaway", &s.goaways),
-                ("go_stw", &s.stw_pauses),
-                ("rapid_reset", &s.rapid_resets),
-            ] {
+            for (kind, k) in j.stats.by_kind() {
                 let f = k.figures();
                 for (stage, v) in [
                     ("seen", f.seen),

@@ -167,15 +167,28 @@ impl KindStats {
 }
 
 impl SignalStats {
+    /// Each kind's counters, by the name the stats line, the API and the metrics use.
+    pub fn by_kind(&self) -> [(&'static str, &KindStats); 5] {
+        [
+            ("tcp_reset", &self.tcp_resets),
+            ("rst_stream", &self.rst_streams),
+            ("goaway", &self.goaways),
+            ("go_stw", &self.stw_pauses),
+            ("rapid_reset", &self.rapid_resets),
+        ]
+    }
+
     pub fn figures(&self) -> Value {
-        json!({
-            "tcp_reset": self.tcp_resets.figures(),
-            "rst_stream": self.rst_streams.figures(),
-            "goaway": self.goaways.figures(),
-            "go_stw": self.stw_pauses.figures(),
-            "rapid_reset": self.rapid_resets.figures(),
-            "transitions": self.transitions.load(Ordering::Relaxed),
-        })
+        let mut v: serde_json::Map<String, Value> = self
+            .by_kind()
+            .into_iter()
+            .map(|(kind, k)| (kind.to_owned(), json!(k.figures())))
+            .collect();
+        v.insert(
+            "transitions".into(),
+            self.transitions.load(Ordering::Relaxed).into(),
+        );
+        Value::Object(v)
     }
 }
 
