@@ -391,22 +391,15 @@ impl Correlator {
         if let Some(signal) = self.rapid_reset.observe(f) {
             self.rapid_reset_seen(&signal);
         }
-        let is_rst = match f.detail {
-            FrameDetail::RstStream { .. } => true,
-            FrameDetail::GoAway { .. } => false,
+        let (kind, error, stats) = match &f.detail {
+            FrameDetail::RstStream { error, .. } => {
+                ("rst_stream", *error, &self.joins().stats.rst_streams)
+            }
+            FrameDetail::GoAway { error, .. } => ("goaway", *error, &self.joins().stats.goaways),
             _ => return,
         };
-        let stats = if is_rst {
-            &self.joins().stats.rst_streams
-        } else {
-            &self.joins().stats.goaways
-        };
+        let is_rst = kind == "rst_stream";
         bump(&stats.seen);
-        let (kind, error) = match &f.detail {
-            FrameDetail::RstStream { error, .. } => ("rst_stream", *error),
-            FrameDetail::GoAway { error, .. } => ("goaway", *error),
-            _ => return,
-        };
         // Only frames an upstream sent us: find our end as the receiver.
         let Some(conn) = self.joins().tracked.find(f.flow.dst, f.flow.src) else {
             self.record(kind, None, error, "");
@@ -550,20 +543,19 @@ impl Correlator {
         let stats = &self.joins().stats.stw_pauses;
         bump(&stats.seen);
         let served = self.joins().endpoints_of(p.pid);
-        let view_for_metrics = p.view(go_minor);
+        let view = p.view(go_minor);
         self.joins().records.publish(SignalRecord {
             kind: "go_stw",
             endpoint: served.first().map(|(name, _)| name.as_str().into()),
             detail: "",
             by: "",
             process: Some(p.comm.as_str().into()),
-            seconds: view_for_metrics.duration_ns as f64 / 1e9,
+            seconds: view.duration_ns as f64 / 1e9,
         });
         if served.is_empty() {
             return;
         }
         bump(&stats.joined);
-        let view = p.view(go_minor);
         let long = view.duration_ns
             >= u64::try_from(self.parsed.stw_threshold.as_nanos()).unwrap_or(u64::MAX);
         let used = if long {
