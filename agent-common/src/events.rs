@@ -106,10 +106,16 @@ pub struct GoStwEvent {
     /// First integer argument register at `startTheWorldWithSema`: `emitTraceEvent` (bool)
     /// in Go 1.17 to 1.20, true for mark termination.
     pub start_arg: u64,
+    /// The attach cookie of the binary's probes: who the agent attached them for (its binary
+    /// id and Go version, see `probes::go_processes::StwCookie`), so a pause is interpreted
+    /// even before the agent has registered the process that paused.
+    pub cookie: u64,
     pub comm: [u8; COMM_LEN],
 }
 
-/// A process called `execve`: the agent checks whether the new image is a Go binary.
+/// A process called `execve`: the agent checks whether the new image is a Go binary. Written,
+/// like [`ProcessExitEvent`], to the `PROCESS_EVENTS` ring, which only Go process discovery
+/// reads: nothing else the agent does (printing, correlating) can hold up a new process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessExecEvent {

@@ -16,14 +16,15 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{map, tracepoint, uprobe},
     maps::HashMap,
     programs::{ProbeContext, TracePointContext},
 };
 
-use crate::maps::{EVENTS, bump, header, layout, wakeup_flags};
+use crate::maps::{EVENTS, PROCESS_EVENTS, bump, header, layout, wakeup_flags};
 
 /// Pauses in progress, by tgid.
 #[map]
@@ -74,7 +75,7 @@ pub fn go_stw_start(ctx: ProbeContext) -> u32 {
 /// return instructions (probed one by one: a uretprobe would rewrite a return address on a
 /// stack Go may move). The first to fire emits the pause; later ones find no entry.
 #[uprobe]
-pub fn go_stw_start_return(_ctx: ProbeContext) -> u32 {
+pub fn go_stw_start_return(ctx: ProbeContext) -> u32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -93,6 +94,8 @@ pub fn go_stw_start_return(_ctx: ProbeContext) -> u32 {
         end_ns: now,
         stop_arg: start.stop_arg,
         start_arg: start.start_arg,
+        // SAFETY: the context of a uprobe program, as the helper expects.
+        cookie: unsafe { bpf_get_attach_cookie(ctx.as_ptr()) },
         comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
     };
     if EVENTS
@@ -130,7 +133,10 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     };
     // Woken at once (flags 0): the agent attaches to new Go processes, and every millisecond
     // before that is a pause it cannot see. An exec costs far more than the wake-up.
-    if EVENTS.output::<ProcessExecEvent>(&event, 0).is_err() {
+    if PROCESS_EVENTS
+        .output::<ProcessExecEvent>(&event, 0)
+        .is_err()
+    {
         bump(Counter::ProcessExecDropped);
     }
     0
@@ -164,8 +170,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         pid: tgid,
         _pad: 0,
     };
-    if EVENTS
-        .output::<ProcessExitEvent>(&event, wakeup_flags(size_of::<ProcessExitEvent>() as u64))
+    // Only processes the agent attached for: few, and each exit may release a binary's probes.
+    if PROCESS_EVENTS
+        .output::<ProcessExitEvent>(&event, 0)
         .is_err()
     {
         bump(Counter::ProcessExitDropped);

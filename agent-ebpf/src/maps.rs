@@ -18,6 +18,11 @@ const EVENTS_BYTES: u32 = 16 * 1024 * 1024;
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// Exec and exit of processes, for Go process discovery alone: a ring of its own so that a flood
+/// of other signals (or a slow consumer of them) never delays or drops a new process.
+#[map]
+pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 

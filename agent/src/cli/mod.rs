@@ -6,6 +6,7 @@ mod bench_breaker;
 mod bench_correlate;
 mod check_config;
 mod run;
+mod signal_print;
 mod trace;
 
 use std::process::ExitCode;

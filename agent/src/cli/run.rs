@@ -12,7 +12,7 @@ use tracing::info;
 
 use crate::{
     api::{Api, Sources, StatusService},
-    correlate::feed::KernelFeed,
+    correlate::feed::{KernelFeed, Tap, Tapped},
     events::{
         journal::Journal,
         writer::{JournalStats, JournaledEvents, write_transitions},
@@ -22,8 +22,12 @@ use crate::{
         otlp_logs::{LogExporter, LogStats},
         prometheus,
     },
+    probes::go_processes::BinaryNames,
     proxy::{config, server::Proxy},
+    signals::Signal,
 };
+
+use super::signal_print::{Output, PrintKind, Printed};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -42,6 +46,10 @@ pub struct Options {
     /// Print each breaker transition as a JSON line on stdout.
     #[arg(long)]
     print_breakers: bool,
+    /// Print every kernel signal and Go process event the correlator gets, as `agent trace
+    /// --json` prints them (a busy node's HTTP/2 frames are many lines).
+    #[arg(long)]
+    print_signals: bool,
     /// Turn every circuit breaker off (as `[breakers] enabled = false`).
     #[arg(long)]
     no_breakers: bool,
@@ -138,7 +146,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let kernel = if config.signals.probes.is_empty() {
         None
     } else {
-        Some(KernelFeed::start(&config.signals, signals, proxy.shared())?)
+        let tap = opts.print_signals.then(signal_tap);
+        Some(KernelFeed::start(
+            &config.signals,
+            signals,
+            proxy.shared(),
+            tap,
+        )?)
     };
     let probes_line = kernel
         .as_ref()
@@ -490,4 +504,21 @@ impl Exporting {
         }
         let _ = self.prometheus_stop.send(true);
     }
+}
+
+/// `--print-signals`: each signal as a JSON line, written whole (the other printers share
+/// stdout) and flushed when the correlator has caught up.
+fn signal_tap() -> Tap {
+    let all = Printed::from_kinds(&[PrintKind::All]);
+    let mut out = Output::new(true, all, Box::new(std::io::stdout()));
+    let mut names = BinaryNames::default();
+    Box::new(move |tapped| match tapped {
+        Tapped::Names(n) => names = n.clone(),
+        Tapped::Signal(Signal::TcpReset(r)) => out.tcp_reset(r),
+        Tapped::Signal(Signal::GoStw(p)) => out.gc_stw(p, &names),
+        Tapped::Signal(Signal::H2Frame(f)) => out.h2_frame(f),
+        Tapped::Signal(Signal::H2Flow(c)) => out.h2_flow(c),
+        Tapped::GoProcess(e) => out.go_process(e),
+        Tapped::Idle => out.flush(),
+    })
 }

@@ -52,6 +52,9 @@ pub struct SignalsConfig {
     pub cgroup: Option<PathBuf>,
     /// h2-frames: attach with TC to these interfaces instead.
     pub tc_interfaces: Vec<String>,
+    /// go-gc: how long a Go binary's probes stay attached after its last process exits, so a
+    /// restarted process has them at exec ("0s": release at once).
+    pub go_linger: String,
 }
 
 impl Default for SignalsConfig {
@@ -69,6 +72,7 @@ impl Default for SignalsConfig {
             ring_poll_interval: "5ms".into(),
             cgroup: None,
             tc_interfaces: Vec::new(),
+            go_linger: "60s".into(),
         }
     }
 }
@@ -78,6 +82,7 @@ impl Default for SignalsConfig {
 pub struct Parsed {
     pub stw_threshold: Duration,
     pub ring_poll_interval: Duration,
+    pub go_linger: Duration,
 }
 
 impl SignalsConfig {
@@ -100,9 +105,12 @@ impl SignalsConfig {
         if self.rapid_reset_rate == 0 {
             return Err("signals.rapid_reset_rate must be at least 1".into());
         }
+        let go_linger = humantime::parse_duration(&self.go_linger)
+            .map_err(|e| format!("signals.go_linger {:?}: {e}", self.go_linger))?;
         Ok(Parsed {
             stw_threshold,
             ring_poll_interval,
+            go_linger,
         })
     }
 }

@@ -110,16 +110,7 @@ impl Board {
     }
 }
 
-/// CLOCK_MONOTONIC now, in the kernel's `bpf_ktime_get_ns` terms.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
+pub use crate::signals::monotonic_ns;
 
 /// The wall-clock time of a kernel CLOCK_MONOTONIC timestamp, RFC 3339 with microseconds.
 pub fn wall_time(ktime_ns: u64) -> String {

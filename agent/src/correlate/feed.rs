@@ -12,7 +12,7 @@ use super::{Correlator, config::Parsed, config::SignalsConfig};
 use crate::{
     probes::{
         LoadOptions, ProbeName, ProbeStatus, Probes,
-        go_processes::GoTracker,
+        go_processes::{self, BinaryNames, DiscoveryOptions, GoDiscovery, GoProcessEvent},
         h2_hooks::H2Options,
         ring::{self, ReaderStats},
     },
@@ -20,7 +20,7 @@ use crate::{
     signals::Signal,
 };
 
-/// How often closed connections, old evidence and Go processes are swept, and new upstream
+/// How often closed connections and old evidence are swept, and new upstream
 /// connections' serving processes looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -40,6 +40,19 @@ impl ProbeCounters {
     }
 }
 
+/// What `agent run --print-signals` sees: every kernel signal and Go process event, as the
+/// correlator gets them.
+pub enum Tapped<'a> {
+    /// Once, first: the names of the Go binaries whose pauses follow.
+    Names(&'a BinaryNames),
+    Signal(&'a Signal),
+    GoProcess(&'a GoProcessEvent),
+    /// The correlator has taken every signal queued so far.
+    Idle,
+}
+
+pub type Tap = Box<dyn FnMut(Tapped<'_>) + Send>;
+
 /// The running kernel side.
 pub struct KernelFeed {
     pub status: Vec<ProbeStatus>,
@@ -55,8 +68,9 @@ impl KernelFeed {
         config: &SignalsConfig,
         parsed: Parsed,
         shared: Arc<Shared>,
+        mut tap: Option<Tap>,
     ) -> anyhow::Result<Self> {
-        let (mut probes, ring, decoder) = Probes::load(&LoadOptions {
+        let (probes, ring, decoder) = Probes::load(&LoadOptions {
             probes: config.probes.clone(),
             ring_buffer_bytes: config.ring_buffer_bytes,
             h2: H2Options {
@@ -73,14 +87,27 @@ impl KernelFeed {
             task: reader,
         } = ring::start(ring, decoder, parsed.ring_poll_interval)
             .context("cannot poll the ring buffer")?;
-        let mut tracker = if probes.is_attached(ProbeName::GoGc) {
-            let mut t = GoTracker::new(&mut probes.ebpf)?;
-            let found = t.scan_running(&mut probes.ebpf);
-            debug!(processes = found.len(), "Go processes at start");
-            Some(t)
+        let mut discovery = if probes.is_attached(ProbeName::GoGc) {
+            let d = tokio::task::block_in_place(|| {
+                GoDiscovery::start(
+                    probes.ebpf.clone(),
+                    DiscoveryOptions {
+                        linger: parsed.go_linger,
+                    },
+                )
+            })?;
+            debug!(stats = ?d.stats(), "Go processes at start");
+            Some(d)
         } else {
             None
         };
+        if let Some(tap) = tap.as_mut() {
+            let names = discovery
+                .as_ref()
+                .map(|d| d.names.clone())
+                .unwrap_or_default();
+            tap(Tapped::Names(&names));
+        }
         let status = probes.status.clone();
         let counters = ProbeCounters::default();
         let counters_out = counters.clone();
@@ -94,31 +121,27 @@ impl KernelFeed {
                     batch = rx.recv() => {
                         let Some(batch) = batch else { break };
                         for signal in batch {
+                            if let Some(tap) = tap.as_mut() {
+                                tap(Tapped::Signal(&signal));
+                            }
                             match signal {
                                 Signal::TcpReset(r) => correlator.tcp_reset(&r),
                                 Signal::H2Frame(f) => correlator.h2_frame(&f),
-                                Signal::GoStw(p) => {
-                                    let minor = tracker.as_ref().and_then(|t| t.go_minor(p.pid));
-                                    correlator.go_stw(&p, minor);
-                                }
-                                Signal::ProcessExec { pid } => {
-                                    if let Some(t) = tracker.as_mut() {
-                                        tokio::task::block_in_place(|| t.process_started(&mut probes.ebpf, pid));
-                                    }
-                                }
-                                Signal::ProcessExit { pid } => {
-                                    if let Some(t) = tracker.as_mut() {
-                                        t.process_exited(&mut probes.ebpf, pid);
-                                    }
-                                }
+                                Signal::GoStw(p) => correlator.go_stw(&p, p.cookie.go_minor),
                                 Signal::H2Flow(_) => {}
                             }
                         }
+                        if rx.is_empty() && let Some(tap) = tap.as_mut() {
+                            tap(Tapped::Idle);
+                        }
+                    }
+                    Some(event) = go_processes::next_event(discovery.as_mut()) => {
+                        if let Some(tap) = tap.as_mut() {
+                            tap(Tapped::GoProcess(&event));
+                            tap(Tapped::Idle);
+                        }
                     }
                     _ = sweep.tick() => {
-                        if let Some(t) = tracker.as_mut() {
-                            tokio::task::block_in_place(|| t.sweep(&mut probes.ebpf));
-                        }
                         correlator.sweep().await;
                         counters_out.set(probes.counters().into_iter().map(|(k, v)| (k.to_owned(), v)));
                     }
@@ -127,8 +150,8 @@ impl KernelFeed {
                 }
             }
             let _ = reader.await;
-            if let Some(t) = tracker.as_mut() {
-                t.release_all(&mut probes.ebpf);
+            if let Some(d) = discovery {
+                tokio::task::block_in_place(|| d.stop());
             }
         });
         Ok(Self {

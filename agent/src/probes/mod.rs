@@ -11,7 +11,10 @@ pub mod kernel_layout;
 pub mod ring;
 pub mod tracefs;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use agent_common::{
     counters::{COUNTER_SLOTS, Counter},
@@ -154,8 +157,8 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot start the uprobe reaper thread")]
-    Reaper(#[source] std::io::Error),
+    #[error("cannot start Go process discovery")]
+    Discovery(#[source] std::io::Error),
     #[error("no probe could be attached: {0}")]
     NothingAttached(String),
 }
@@ -178,7 +181,8 @@ pub struct LoadOptions {
 
 /// The loaded programs and the handles the agent reads from.
 pub struct Probes {
-    pub ebpf: Ebpf,
+    /// Shared with Go process discovery, which attaches uprobes from its own threads.
+    pub ebpf: Arc<Mutex<Ebpf>>,
     pub status: Vec<ProbeStatus>,
     /// Where the HTTP/2 tracker attached, when it did.
     pub h2_attachment: Option<h2_hooks::H2Attachment>,
@@ -279,7 +283,7 @@ impl Probes {
         })?;
         Ok((
             Self {
-                ebpf,
+                ebpf: Arc::new(Mutex::new(ebpf)),
                 status,
                 h2_attachment,
                 counters,
@@ -295,7 +299,10 @@ impl Probes {
 
     /// The HTTP/2 tracker's flows and their per-type frame counts (at most `limit`).
     pub fn h2_flows(&self, limit: usize) -> Vec<(FlowKey, FlowState)> {
-        let Some(map) = self.ebpf.map("H2_FLOWS") else {
+        let Ok(ebpf) = self.ebpf.lock() else {
+            return Vec::new();
+        };
+        let Some(map) = ebpf.map("H2_FLOWS") else {
             return Vec::new();
         };
         let Ok(flows) = aya::maps::HashMap::<_, FlowKey, FlowState>::try_from(map) else {

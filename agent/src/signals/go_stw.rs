@@ -22,6 +22,38 @@ pub struct GoStwPause {
     pub end_ns: u64,
     pub stop_arg: u64,
     pub start_arg: u64,
+    /// Who the probes that saw the pause were attached for.
+    pub cookie: StwCookie,
+}
+
+/// The attach cookie of a binary's STW probes: the agent's id for the binary and its Go minor
+/// version. The kernel hands it back with every pause, so a pause is interpreted with the Go
+/// version of the binary that made it, even before the agent has registered the process (a
+/// binary's probes serve every process that runs it from the moment they are attached).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StwCookie {
+    /// 0: no cookie (not attached by this agent, or a kernel without attach cookies).
+    pub binary: u32,
+    pub go_minor: Option<u32>,
+}
+
+impl StwCookie {
+    /// Binary id in the high half; the low half is the Go minor version plus one (0: unknown).
+    pub const fn encode(self) -> u64 {
+        let minor = match self.go_minor {
+            Some(m) if m < u32::MAX => m + 1,
+            _ => 0,
+        };
+        ((self.binary as u64) << 32) | minor as u64
+    }
+
+    pub const fn decode(cookie: u64) -> Self {
+        let minor = cookie as u32;
+        Self {
+            binary: (cookie >> 32) as u32,
+            go_minor: if minor == 0 { None } else { Some(minor - 1) },
+        }
+    }
 }
 
 /// A pause interpreted with the Go version of its process.
@@ -50,6 +82,7 @@ pub fn decode(bytes: &[u8]) -> Result<GoStwPause, DecodeError> {
         end_ns: ev.end_ns,
         stop_arg: ev.stop_arg,
         start_arg: ev.start_arg,
+        cookie: StwCookie::decode(ev.cookie),
     })
 }
 
@@ -114,7 +147,29 @@ mod tests {
             end_ns: 101_000,
             stop_arg,
             start_arg,
+            cookie: StwCookie::default(),
         }
+    }
+
+    #[test]
+    fn cookie_round_trip() {
+        for c in [
+            StwCookie {
+                binary: 1,
+                go_minor: Some(19),
+            },
+            StwCookie {
+                binary: u32::MAX,
+                go_minor: Some(0),
+            },
+            StwCookie {
+                binary: 7,
+                go_minor: None,
+            },
+        ] {
+            assert_eq!(StwCookie::decode(c.encode()), c);
+        }
+        assert_eq!(StwCookie::decode(0), StwCookie::default());
     }
 
     #[test]

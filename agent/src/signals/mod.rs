@@ -8,7 +8,7 @@ pub mod h2_frame;
 pub mod rapid_reset;
 pub mod tcp_reset;
 
-use agent_common::events::{EventHeader, EventKind, ProcessExecEvent, ProcessExitEvent};
+use agent_common::events::{EventHeader, EventKind};
 
 pub use go_stw::GoStwPause;
 pub use tcp_reset::{TcpReset, TcpResetDecoder};
@@ -17,8 +17,6 @@ pub use tcp_reset::{TcpReset, TcpResetDecoder};
 pub enum Signal {
     TcpReset(TcpReset),
     GoStw(GoStwPause),
-    ProcessExec { pid: u32 },
-    ProcessExit { pid: u32 },
     H2Frame(h2_frame::H2Frame),
     H2Flow(h2_frame::H2FlowChange),
 }
@@ -51,13 +49,9 @@ impl Decoder {
         let signal = match EventKind::from_u32(header.kind) {
             Some(EventKind::TcpReset) => Signal::TcpReset(self.tcp_reset.decode(bytes)?),
             Some(EventKind::GoStw) => Signal::GoStw(go_stw::decode(bytes)?),
-            Some(EventKind::ProcessExec) => {
-                let ev: ProcessExecEvent = read_record(bytes, "process exec")?;
-                Signal::ProcessExec { pid: ev.pid }
-            }
-            Some(EventKind::ProcessExit) => {
-                let ev: ProcessExitEvent = read_record(bytes, "process exit")?;
-                Signal::ProcessExit { pid: ev.pid }
+            // Written to PROCESS_EVENTS, which Go process discovery reads; never to this ring.
+            Some(EventKind::ProcessExec | EventKind::ProcessExit) => {
+                return Err(DecodeError::UnknownKind(header.kind));
             }
             Some(EventKind::H2Frame) => Signal::H2Frame(h2_frame::decode_frame(bytes)?),
             Some(EventKind::H2Flow) => Signal::H2Flow(h2_frame::decode_flow(bytes)?),
@@ -69,6 +63,17 @@ impl Decoder {
         out.push(signal);
         Ok(())
     }
+}
+
+/// CLOCK_MONOTONIC now, in the kernel's `bpf_ktime_get_ns` terms.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// Copies a `repr(C)` record out of possibly unaligned ring-buffer bytes.
