@@ -15,6 +15,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod gc;
 pub mod proxy;
 
 pub fn workspace_root() -> PathBuf {
@@ -242,17 +243,55 @@ static GO_BUILD: Mutex<()> = Mutex::new(());
 /// Builds `tests/peers/NAME` with Debian's Go (once per variant) and returns the binary.
 /// `stripped` links with `-ldflags=-s -w` (no .symtab: the agent must use .gopclntab).
 pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
+    go_peer_built_by(None, name, stripped)
+}
+
+/// The Go releases of `tests/peers/go-releases.txt`, which `cargo xtask setup` installs.
+pub fn go_releases() -> Vec<String> {
+    let path = workspace_root().join("tests/peers/go-releases.txt");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `go` command of a release (None: Debian's, on PATH).
+pub fn go_command(release: Option<&str>) -> PathBuf {
+    let Some(version) = release else {
+        return PathBuf::from("go");
+    };
+    let home = std::env::var_os("HOME").expect("HOME");
+    let go = PathBuf::from(home)
+        .join(".cache/agent-test-go")
+        .join(version)
+        .join("go/bin/go");
+    assert!(
+        go.exists(),
+        "Go {version} is not installed at {} (cargo xtask setup installs it)",
+        go.display()
+    );
+    go
+}
+
+/// Builds `tests/peers/NAME` with Go `release` (None: Debian's) once per variant.
+pub fn go_peer_built_by(release: Option<&str>, name: &str, stripped: bool) -> PathBuf {
     let _guard = GO_BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let root = workspace_root();
     let out_dir = root.join("target/e2e-peers");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(if stripped {
-        format!("{name}-stripped")
-    } else {
-        name.to_owned()
-    });
+    let mut file = name.to_owned();
+    if let Some(v) = release {
+        file.push_str(&format!("-go{v}"));
+    }
+    if stripped {
+        file.push_str("-stripped");
+    }
+    let out = out_dir.join(file);
     let src = root.join("tests/peers").join(name);
-    let mut cmd = Command::new("go");
+    let mut cmd = Command::new(go_command(release));
     cmd.arg("build").arg("-o").arg(&out);
     if stripped {
         cmd.arg("-ldflags=-s -w");
@@ -262,13 +301,16 @@ pub fn go_peer(name: &str, stripped: bool) -> PathBuf {
         .env("GO111MODULE", "off")
         // Debian's Go sources (grpc-go and its dependencies); no module proxy here.
         .env("GOPATH", "/usr/share/gocode")
+        // A release never fetches another toolchain (go.mod or GOTOOLCHAIN would ask it to).
+        .env("GOTOOLCHAIN", "local")
         .env("GOCACHE", root.join("target/go-cache"));
     let output = cmd.output().unwrap_or_else(|e| {
         panic!("cannot run go (install golang-go; cargo xtask setup does): {e}")
     });
     assert!(
         output.status.success(),
-        "go build {name} failed:\n{}",
+        "go build {name} ({}) failed:\n{}",
+        release.unwrap_or("Debian's Go"),
         String::from_utf8_lossy(&output.stderr)
     );
     out

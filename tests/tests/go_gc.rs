@@ -11,7 +11,11 @@ use std::{
     time::Duration,
 };
 
-use e2e::{Trace, go_peer};
+use e2e::{
+    Trace,
+    gc::{Agreement, agent_cycles, gctrace_stw_figures},
+    go_peer,
+};
 use serde_json::Value;
 
 const CYCLES: usize = 60;
@@ -81,86 +85,15 @@ impl GcStress {
     }
 }
 
-/// `gc 3 @0.046s 2%: 0.13+0.33+0.073 ms clock, ...` -> (130.0, 73.0): the first and third clock
-/// figures are the two stop-the-world phases.
-fn gctrace_stw_figures(line: &str) -> (f64, f64) {
-    let clock = line
-        .split(": ")
-        .nth(1)
-        .and_then(|r| r.split(" ms clock").next())
-        .unwrap();
-    let parts: Vec<f64> = clock
-        .split('+')
-        .map(|p| p.parse::<f64>().unwrap() * 1000.0)
-        .collect();
-    (parts[0], parts[2])
-}
-
-/// Groups the agent's pauses for `pid` into GC cycles: a cycle starts with a pause that is not
-/// mark termination (sweep termination) and ends with its last mark-termination pause (the
-/// runtime may restart mark once, with an extra pause gctrace does not print).
-fn agent_cycles(events: &[Value], pid: u32) -> Vec<(f64, f64)> {
-    let mut pauses: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["kind"] == "gc_stw" && e["pid"] == pid)
-        .collect();
-    pauses.sort_by_key(|e| e["start_ns"].as_u64().unwrap());
-    let us = |e: &Value| e["duration_ns"].as_f64().unwrap() / 1000.0;
-    let mut cycles: Vec<(f64, Option<f64>)> = Vec::new();
-    for p in pauses {
-        if p["reason"] == "GC mark termination" {
-            let last = cycles
-                .last_mut()
-                .unwrap_or_else(|| panic!("mark termination without a sweep termination: {p}"));
-            last.1 = Some(us(p));
-        } else {
-            cycles.push((us(p), None));
-        }
-    }
-    cycles
-        .into_iter()
-        .map(|(sweep, mark)| {
-            (
-                sweep,
-                mark.unwrap_or_else(|| panic!("cycle without mark termination")),
-            )
-        })
-        .collect()
-}
-
-/// Checks the acceptance bound and prints the figures; returns the share within tolerance.
+/// Checks the acceptance bound and prints the figures.
 fn compare(label: &str, gctrace: &[(f64, f64)], agent: &[(f64, f64)]) {
     assert_eq!(gctrace.len(), CYCLES, "{label}: gctrace cycles");
-    assert_eq!(
-        agent.len(),
-        gctrace.len(),
-        "{label}: the agent must report both pauses of every cycle"
-    );
-    let mut within = 0;
-    let mut diffs = Vec::new();
-    for ((gs, gm), (a_s, a_m)) in gctrace.iter().zip(agent) {
-        for (g, a) in [(gs, a_s), (gm, a_m)] {
-            let d = (a - g).abs();
-            diffs.push(d);
-            if d <= (0.1 * g).max(50.0) {
-                within += 1;
-            }
-        }
-    }
-    diffs.sort_by(f64::total_cmp);
-    let n = diffs.len();
-    let share = within as f64 / n as f64;
-    eprintln!(
-        "{label}: {within}/{n} pauses within max(10%, 50us) of gctrace ({:.1}%); |diff| median {:.1}us p95 {:.1}us max {:.1}us",
-        share * 100.0,
-        diffs[n / 2],
-        diffs[n * 95 / 100],
-        diffs[n - 1]
-    );
+    let a = Agreement::of(label, gctrace, agent);
+    eprintln!("{label}: {a}");
     assert!(
-        share >= 0.95,
+        a.share() >= 0.95,
         "{label}: only {:.1}% of pauses within tolerance",
-        share * 100.0
+        a.share() * 100.0
     );
 }
 
@@ -304,7 +237,8 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 #[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn short_lived_go_processes_leave_nothing_behind() {
-    let mut trace = Trace::start(&["--probes", "go-gc"]);
+    // The binary's probes stay attached for the linger after its last process, then go.
+    let mut trace = Trace::start(&["--probes", "go-gc", "--go-linger", "1s"]);
     let agent = trace.pid();
     let before = (
         kernel_uprobes(),
@@ -345,6 +279,14 @@ fn short_lived_go_processes_leave_nothing_behind() {
     assert!(
         trace.wait_for(Duration::from_secs(10), detached),
         "not every short-lived process was released"
+    );
+    let released = |ev: &[Value]| {
+        ev.iter()
+            .any(|e| e["kind"] == "go_process" && e["state"] == "released")
+    };
+    assert!(
+        trace.wait_for(Duration::from_secs(10), released),
+        "the binary's probes were not released after the linger"
     );
     let attached_count = pids
         .iter()

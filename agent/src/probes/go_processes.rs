@@ -11,8 +11,12 @@
 //!   binary it already knows (attached, being inspected, or not Go) needs nothing more.
 //! - A binary it has not seen goes to a worker, which maps it, finds the runtime's functions
 //!   and attaches the probes; workers run side by side, so a big binary does not delay others.
-//! - Released links go to a reaper thread: each unregistration waits for SRCU grace periods
-//!   (60-80 ms measured here).
+//! - Released links go to a reaper thread: each unregistration waits for grace periods
+//!   (60-100 ms measured here) while holding the kernel's `event_mutex`, which every new uprobe
+//!   perf event needs too: an attach that meets an unregistration waits for it (a new binary
+//!   took 90-130 ms instead of 10-20 ms). So nothing is released while binaries are being
+//!   attached: a binary past its linger goes only after `QUIET` without an attach, and the
+//!   reaper closes one link at a time, each only after `QUIET`.
 //!
 //! Uprobes attach to a file, not a process: one set of links serves every process running the
 //! binary, from the moment it is attached, even a process the agent has not registered yet. The
@@ -71,6 +75,11 @@ const MAX_WORKERS: usize = 4;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a released binary's name stays known, for pauses already on their way.
 const RETIRED_NAMES_FOR: Duration = Duration::from_secs(30);
+/// How long discovery must have attached nothing before probes are released (see above).
+const QUIET: Duration = Duration::from_secs(1);
+/// Released anyway after waiting this long for a quiet moment, so a node that never stops
+/// starting new binaries does not keep every old one attached.
+const MAX_RELEASE_DELAY: Duration = Duration::from_secs(30);
 /// Events for the consumer (printing, logging) that may wait; more are counted as dropped.
 const EVENT_QUEUE: usize = 4096;
 
@@ -215,11 +224,9 @@ impl GoDiscovery {
             (ring, pids)
         };
         let (reaper, released) = mpsc::channel::<Vec<UProbeLink>>();
-        spawn_thread("uprobe-reaper", move || {
-            for links in released {
-                drop(links);
-            }
-        })?;
+        let activity = Arc::new(Activity::default());
+        let reaper_activity = activity.clone();
+        spawn_thread("uprobe-reaper", move || reap(&released, &reaper_activity))?;
         let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared {
@@ -237,6 +244,7 @@ impl GoDiscovery {
             figures: Arc::new(DiscoveryFigures::default()),
             events: events_tx,
             reaper,
+            activity,
             linger: opts.linger,
             own_pid: std::process::id(),
         });
@@ -321,6 +329,7 @@ struct Shared {
     events: tokio::sync::mpsc::Sender<GoProcessEvent>,
     /// Released links go here to be dropped off every other path.
     reaper: mpsc::Sender<Vec<UProbeLink>>,
+    activity: Arc<Activity>,
     linger: Duration,
     own_pid: u32,
 }
@@ -495,6 +504,7 @@ impl Shared {
                     },
                 );
                 let exe = std::fs::read_link(&exe).unwrap_or(exe);
+                self.activity.attaching();
                 if jobs.send(Job { key, id, file, exe }).is_err() {
                     tracker.binaries.remove(&key);
                 }
@@ -565,6 +575,7 @@ impl Shared {
             }
         }
         let now = Instant::now();
+        let quiet = self.activity.quiet_for() >= QUIET;
         let expired: Vec<(BinaryKey, Duration)> = tracker
             .binaries
             .iter()
@@ -572,10 +583,13 @@ impl Shared {
                 Binary::Attached(AttachedBinary {
                     idle_since: Some(since),
                     ..
-                }) if now.duration_since(*since) >= self.linger => {
-                    Some((*key, now.duration_since(*since)))
+                }) => {
+                    let idle = now.duration_since(*since);
+                    let due =
+                        idle >= self.linger && (quiet || idle >= self.linger + MAX_RELEASE_DELAY);
+                    due.then_some((*key, idle))
                 }
-                _ => None,
+                Binary::Attached(_) | Binary::Inspecting { .. } => None,
             })
             .collect();
         for (key, idle) in expired {
@@ -821,6 +835,52 @@ fn decode_lifecycle(bytes: &[u8]) -> Option<Lifecycle> {
     }
 }
 
+/// When discovery last queued or finished an attach, to keep unregistrations out of its way.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Monotonic nanoseconds of the last attach activity.
+    last_ns: AtomicU64,
+}
+
+impl Activity {
+    fn attaching(&self) {
+        self.last_ns.store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.last_ns.load(Ordering::Relaxed)))
+    }
+}
+
+/// Drops released links one at a time, each after `QUIET` without an attach (or once it has
+/// waited `MAX_RELEASE_DELAY`), until the channel closes; what is left then goes at once.
+fn reap(released: &mpsc::Receiver<Vec<UProbeLink>>, activity: &Activity) {
+    let mut queue: std::collections::VecDeque<(UProbeLink, Instant)> = Default::default();
+    loop {
+        let wait = if queue.is_empty() {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(50)
+        };
+        match released.recv_timeout(wait) {
+            Ok(links) => {
+                let now = Instant::now();
+                queue.extend(links.into_iter().map(|l| (l, now)));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let overdue = queue
+            .front()
+            .is_some_and(|(_, at)| at.elapsed() >= MAX_RELEASE_DELAY);
+        if (activity.quiet_for() >= QUIET || overdue)
+            && let Some((link, _)) = queue.pop_front()
+        {
+            drop(link);
+        }
+    }
+}
+
 /// Takes jobs until the queue closes.
 fn worker(shared: &Shared, jobs: &Mutex<mpsc::Receiver<Job>>) {
     loop {
@@ -830,6 +890,7 @@ fn worker(shared: &Shared, jobs: &Mutex<mpsc::Receiver<Job>>) {
         };
         let Ok(job) = job else { return };
         let result = attach_binary(shared, &job);
+        shared.activity.attaching();
         shared.inspected(&job, result);
     }
 }
@@ -845,6 +906,7 @@ fn failed(e: impl std::fmt::Display) -> AttachError {
 }
 
 fn attach_binary(shared: &Shared, job: &Job) -> Result<AttachedBinary, AttachError> {
+    let began = Instant::now();
     // SAFETY: a file being executed cannot be written (the kernel refuses with ETXTBSY), so
     // the mapping does not change under us; only the pages we read are faulted in, which for a
     // large binary is a small part of it.
@@ -893,6 +955,7 @@ fn attach_binary(shared: &Shared, job: &Job) -> Result<AttachedBinary, AttachErr
     // The kernel resolves this magic link to our open file: the same inode whatever the
     // process does now, and reachable even when it lives in another mount namespace.
     let exe = PathBuf::from(format!("/proc/self/fd/{}", job.file.as_raw_fd()));
+    let inspected = began.elapsed();
     let mut links = Vec::with_capacity(points.len());
     let mut ebpf = lock(&shared.ebpf);
     for (program, offset) in points {
@@ -907,6 +970,8 @@ fn attach_binary(shared: &Shared, job: &Job) -> Result<AttachedBinary, AttachErr
         }
     }
     drop(ebpf);
+    debug!(exe = %job.exe.display(), inspect_us = inspected.as_micros() as u64,
+        attach_us = (began.elapsed() - inspected).as_micros() as u64, "Go binary inspected and attached");
     Ok(AttachedBinary {
         id: job.id,
         name: Arc::new(BinaryName {

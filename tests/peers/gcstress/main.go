@@ -19,6 +19,7 @@ func main() {
 	interval := flag.Duration("interval", 20*time.Millisecond, "pause between cycles")
 	wait := flag.Bool("wait", false, "wait for a line on stdin before the work (forcing cycles or allocating)")
 	sleep := flag.Duration("sleep", 0, "only sleep this long and exit (short-lived process)")
+	delay := flag.Duration("delay", 0, "sleep this long before the work (a process that gives the agent this long to attach)")
 	alloc := flag.Int("alloc-mb", 0, "allocate this many MiB of garbage without forcing GC, then exit (benchmark load)")
 	flag.Parse()
 
@@ -33,6 +34,7 @@ func main() {
 			os.Exit(1)
 		}
 	}
+	time.Sleep(*delay)
 	if *alloc > 0 {
 		allocate(*alloc)
 		return
