@@ -93,6 +93,7 @@ impl KernelFeed {
                     probes.ebpf.clone(),
                     DiscoveryOptions {
                         linger: parsed.go_linger,
+                        expedite_rcu: config.go_attach_expedited,
                     },
                 )
             })?;

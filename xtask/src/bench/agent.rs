@@ -25,6 +25,8 @@ pub struct Tally {
     pub pauses: HashMap<u32, u64>,
     /// When the bench read each pid's `go_process` attached line.
     pub attached: HashMap<u32, Instant>,
+    /// The agent's own exec-to-attach figure (kernel exec time to probes live), microseconds.
+    pub exec_to_attach_us: HashMap<u32, u64>,
     pub summary: Option<Value>,
     /// Lines that were not JSON (a bug in the agent's JSON mode).
     pub bad_lines: u64,
@@ -202,6 +204,7 @@ struct Line<'a> {
     direction: Option<&'a str>,
     pid: Option<u32>,
     state: Option<&'a str>,
+    exec_to_attach_us: Option<u64>,
 }
 
 fn count(t: &mut Tally, e: &Line<'_>) {
@@ -220,6 +223,9 @@ fn count(t: &mut Tally, e: &Line<'_>) {
                 && let Some(pid) = e.pid
             {
                 t.attached.entry(pid).or_insert_with(Instant::now);
+                if let Some(us) = e.exec_to_attach_us {
+                    t.exec_to_attach_us.insert(pid, us);
+                }
             }
         }
         _ => {}
