@@ -45,8 +45,8 @@ pub struct SignalsConfig {
     pub rapid_reset_rate: u32,
     /// Size of the kernel ring buffer (a power of two of at least 4096).
     pub ring_buffer_bytes: u32,
-    /// The most a signal waits in the ring before the agent reads it (TCP resets and
-    /// process starts wake it at once).
+    /// The most a signal waits in the ring before the agent reads it (TCP resets wake it at
+    /// once; process starts and exits have a ring of their own, read at once).
     pub ring_poll_interval: String,
     /// h2-frames: the cgroup v2 directory to attach to (default: the root, every socket).
     pub cgroup: Option<PathBuf>,

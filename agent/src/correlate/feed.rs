@@ -144,7 +144,10 @@ impl KernelFeed {
                     }
                     _ = sweep.tick() => {
                         correlator.sweep().await;
-                        counters_out.set(probes.counters().into_iter().map(|(k, v)| (k.to_owned(), v)));
+                        let discovered = discovery.as_ref().map(|d| d.figures.named()).into_iter().flatten();
+                        counters_out.set(
+                            probes.counters().into_iter().chain(discovered).map(|(k, v)| (k.to_owned(), v)),
+                        );
                     }
                     _ = joins.tracked.upstream_opened.notified() => correlator.look_up_owners().await,
                     _ = stopped.changed() => { let _ = stop_reader.send(true); }

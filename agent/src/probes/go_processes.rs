@@ -178,6 +178,22 @@ pub struct DiscoveryFigures {
 }
 
 impl DiscoveryFigures {
+    /// As named counters beside the kernel programs' (status API, `agent_probe_events_total`);
+    /// losses end in `_dropped`, as theirs do.
+    pub fn named(&self) -> [(&'static str, u64); 5] {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("go_discovery_execs", load(&self.execs)),
+            ("go_discovery_exits", load(&self.exits)),
+            ("go_discovery_undecodable_dropped", load(&self.undecodable)),
+            (
+                "go_discovery_inspect_queue_full_dropped",
+                load(&self.inspect_queue_full),
+            ),
+            ("go_discovery_events_dropped", load(&self.events_dropped)),
+        ]
+    }
+
     pub fn figures(&self) -> serde_json::Value {
         serde_json::json!({
             "execs": self.execs.load(Ordering::Relaxed),
