@@ -218,24 +218,56 @@ pub struct DiscoveryOptions {
 /// while the agent attaches (about a millisecond per new binary), and only when asked for.
 const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
 
+/// Present while the agent has `rcu_expedited` switched on: an agent killed in that millisecond
+/// leaves it behind, and the next one to start puts the switch back.
+const RCU_EXPEDITED_MARK: &str = "/run/agent-rcu-expedited";
+
 /// Sets `rcu_expedited` for its lifetime when it was 0; puts 0 back when dropped.
 struct ExpeditedRcu(bool);
 
 impl ExpeditedRcu {
     fn on(wanted: bool) -> Self {
-        let was_off = wanted
-            && std::fs::read_to_string(RCU_EXPEDITED).is_ok_and(|v| v.trim() == "0")
-            && std::fs::write(RCU_EXPEDITED, "1").is_ok();
-        Self(was_off)
+        if !wanted || !std::fs::read_to_string(RCU_EXPEDITED).is_ok_and(|v| v.trim() == "0") {
+            return Self(false);
+        }
+        // The mark first: no switch left on without it.
+        if let Err(e) = std::fs::write(RCU_EXPEDITED_MARK, b"") {
+            warn!(path = RCU_EXPEDITED_MARK, error = %e, "cannot mark rcu_expedited; attaching without it");
+            return Self(false);
+        }
+        match std::fs::write(RCU_EXPEDITED, "1") {
+            Ok(()) => Self(true),
+            Err(e) => {
+                warn!(path = RCU_EXPEDITED, error = %e, "cannot expedite RCU; attaching without it");
+                let _ = std::fs::remove_file(RCU_EXPEDITED_MARK);
+                Self(false)
+            }
+        }
+    }
+
+    /// At start: a mark left by an agent that died with the switch on puts it back to 0.
+    fn recover() {
+        if std::fs::metadata(RCU_EXPEDITED_MARK).is_err() {
+            return;
+        }
+        match std::fs::write(RCU_EXPEDITED, "0") {
+            Ok(()) => warn!("an earlier agent left rcu_expedited on; put back to 0"),
+            Err(e) => warn!(error = %e, "cannot put rcu_expedited back to 0"),
+        }
+        let _ = std::fs::remove_file(RCU_EXPEDITED_MARK);
     }
 }
 
 impl Drop for ExpeditedRcu {
     fn drop(&mut self) {
-        if self.0
-            && let Err(e) = std::fs::write(RCU_EXPEDITED, "0")
-        {
-            warn!(error = %e, "cannot put rcu_expedited back to 0");
+        if !self.0 {
+            return;
+        }
+        match std::fs::write(RCU_EXPEDITED, "0") {
+            Ok(()) => {
+                let _ = std::fs::remove_file(RCU_EXPEDITED_MARK);
+            }
+            Err(e) => warn!(error = %e, "cannot put rcu_expedited back to 0"),
         }
     }
 }
@@ -269,6 +301,9 @@ impl GoDiscovery {
             })?;
             (ring, pids)
         };
+        if opts.expedite_rcu {
+            ExpeditedRcu::recover();
+        }
         let (reaper, released) = mpsc::channel::<Vec<UProbeLink>>();
         let activity = Arc::new(Activity::default());
         let reaper_activity = activity.clone();
