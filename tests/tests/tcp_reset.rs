@@ -73,19 +73,26 @@ fn abortive_close(listener: &TcpListener, out: &mut Expectations) {
 /// A connect to a port nobody listens on: the kernel sends RST for the port (sent, no socket),
 /// the connecting socket receives it (received).
 fn closed_port(closed: SocketAddr, out: &mut Expectations) {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(closed),
-        socket2::Type::STREAM,
-        None,
-    )
-    .unwrap();
     let any: SocketAddr = if closed.is_ipv4() {
         "127.0.0.1:0".parse().unwrap()
     } else {
         "[::1]:0".parse().unwrap()
     };
-    socket.bind(&any.into()).unwrap();
-    let local = socket.local_addr().unwrap().as_socket().unwrap();
+    // A socket whose ephemeral port is the closed port itself would connect to itself (TCP
+    // simultaneous open) instead of being refused: take another one then.
+    let (socket, local) = loop {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(closed),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        socket.bind(&any.into()).unwrap();
+        let local = socket.local_addr().unwrap().as_socket().unwrap();
+        if local.port() != closed.port() {
+            break (socket, local);
+        }
+    };
     let err = socket
         .connect(&closed.into())
         .expect_err("connect to a closed port must fail");
