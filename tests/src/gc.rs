@@ -59,6 +59,11 @@ pub fn gctrace_cycles(stderr: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The acceptance bound: the agent's figure within max(10 %, 50 us) of gctrace's.
+pub fn within_tolerance(gctrace_us: f64, agent_us: f64) -> bool {
+    (agent_us - gctrace_us).abs() <= (0.1 * gctrace_us).max(50.0)
+}
+
 /// How many of the agent's pauses are within max(10 %, 50 us) of gctrace's, and the spread.
 pub struct Agreement {
     pub within: usize,
@@ -81,7 +86,7 @@ impl Agreement {
             for (g, a) in [(gs, a_s), (gm, a_m)] {
                 let d = (a - g).abs();
                 diffs.push(d);
-                if d <= (0.1 * g).max(50.0) {
+                if within_tolerance(*g, *a) {
                     within += 1;
                 }
             }

@@ -13,7 +13,7 @@ use std::{
 
 use e2e::{
     Trace,
-    gc::{Agreement, agent_cycles, gctrace_stw_figures},
+    gc::{Agreement, agent_cycles, gctrace_cycles},
     go_peer,
 };
 use serde_json::Value;
@@ -77,11 +77,7 @@ impl GcStress {
         assert!(status.success());
         std::thread::sleep(Duration::from_millis(50));
         let stderr = self.stderr.lock().unwrap().clone();
-        stderr
-            .lines()
-            .filter(|l| l.starts_with("gc "))
-            .map(gctrace_stw_figures)
-            .collect()
+        gctrace_cycles(&stderr)
     }
 }
 

@@ -20,7 +20,7 @@ use std::{
 
 use e2e::{
     Trace, agent_bin, collect_lines,
-    gc::{Agreement, agent_cycles, gctrace_cycles},
+    gc::{Agreement, agent_cycles, gctrace_cycles, within_tolerance},
     go_peer_built_by, go_releases,
     proxy::{AgentProxy, config_file},
     require_root,
@@ -160,7 +160,7 @@ fn check(session: &str, events: &[Value], finished: &[Finished]) {
         );
         for ((gs, gm), (a_s, a_m)) in f.gctrace.iter().zip(&agent) {
             for (g, a) in [(gs, a_s), (gm, a_m)] {
-                if (a - g).abs() > (0.1 * g).max(50.0) {
+                if !within_tolerance(*g, *a) {
                     eprintln!(
                         "{session}: {} (pid {}): gctrace {g:.1}us, agent {a:.1}us",
                         f.label, f.pid

@@ -128,7 +128,7 @@ impl KernelFeed {
                             match signal {
                                 Signal::TcpReset(r) => correlator.tcp_reset(&r),
                                 Signal::H2Frame(f) => correlator.h2_frame(&f),
-                                Signal::GoStw(p) => correlator.go_stw(&p, p.cookie.go_minor),
+                                Signal::GoStw(p) => correlator.go_stw(&p),
                                 Signal::H2Flow(_) => {}
                             }
                         }

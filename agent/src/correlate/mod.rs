@@ -539,11 +539,11 @@ impl Correlator {
         self.publish_all(out, stream);
     }
 
-    pub fn go_stw(&mut self, p: &GoStwPause, go_minor: Option<u32>) {
+    pub fn go_stw(&mut self, p: &GoStwPause) {
         let stats = &self.joins().stats.stw_pauses;
         bump(&stats.seen);
         let served = self.joins().endpoints_of(p.pid);
-        let view = p.view(go_minor);
+        let view = p.view(p.cookie.go_minor);
         self.joins().records.publish(SignalRecord {
             kind: "go_stw",
             endpoint: served.first().map(|(name, _)| name.as_str().into()),
