@@ -162,6 +162,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     }
     let _ = reader.task.await;
+    // The loop ends with the ring; Go process events still queued (the loop may have been
+    // held up by a stdout nobody read) are printed, not lost.
+    if let Some(d) = discovery.as_mut() {
+        while let Ok(event) = d.events.try_recv() {
+            out.go_process(&event);
+        }
+    }
     let discovery_figures = discovery.as_ref().map(|d| d.figures.figures());
     let (go_before_release, go_after_release) = discovery
         .map(|d| tokio::task::block_in_place(|| d.stop()))

@@ -154,6 +154,13 @@ impl KernelFeed {
                 }
             }
             let _ = reader.await;
+            // Go process events still queued when the ring closed are tapped, not lost.
+            if let (Some(d), Some(tap)) = (discovery.as_mut(), tap.as_mut()) {
+                while let Ok(event) = d.events.try_recv() {
+                    tap(Tapped::GoProcess(&event));
+                }
+                tap(Tapped::Idle);
+            }
             if let Some(d) = discovery {
                 tokio::task::block_in_place(|| d.stop());
             }
