@@ -40,3 +40,25 @@ pub fn build_release_agent(root: &std::path::Path) -> Result<std::path::PathBuf>
     ]))?;
     Ok(root.join("target/release/agent"))
 }
+
+/// Builds one of the agent's benchmarks of internals (`agent/benches/NAME.rs`, bench profile:
+/// optimised) and returns its executable.
+pub fn build_agent_bench(root: &std::path::Path, name: &str) -> Result<std::path::PathBuf> {
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args(["bench", "--package", "agent", "--bench", name, "--no-run"])
+        .args(["--message-format", "json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo bench --no-run")?;
+    if !out.status.success() {
+        anyhow::bail!("cargo bench --package agent --bench {name} --no-run failed");
+    }
+    // The compiler-artifact message of the bench target names its executable.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
+        .find_map(|v| v["executable"].as_str().map(std::path::PathBuf::from))
+        .with_context(|| format!("cargo named no executable for the {name} bench"))
+}

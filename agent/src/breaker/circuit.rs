@@ -261,7 +261,7 @@ impl Breaker {
         self.generation
     }
 
-    #[cfg_attr(not(test), expect(dead_code, reason = "read by tests"))]
+    #[cfg(test)]
     pub fn policy(&self) -> &Policy {
         &self.policy
     }

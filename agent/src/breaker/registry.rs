@@ -367,7 +367,7 @@ impl<'a> CallPermits<'a> {
     }
 
     /// Whether any of the permits is a half-open probe.
-    #[cfg_attr(not(test), expect(dead_code, reason = "read by tests"))]
+    #[cfg(test)]
     pub fn probing(&self) -> bool {
         [
             &self.client,

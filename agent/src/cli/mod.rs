@@ -2,8 +2,6 @@
 //! one readable line and a non-zero exit code.
 
 mod api_client;
-mod bench_breaker;
-mod bench_correlate;
 mod check_config;
 mod run;
 mod signal_print;
@@ -42,13 +40,6 @@ enum Command {
     /// Trip, reset or show one breaker of a running agent (trip and reset need the admin
     /// token).
     Breaker(api_client::BreakerOptions),
-    /// What the breaker engine costs one stream (for `cargo xtask bench breaker`).
-    #[command(hide = true)]
-    BenchBreaker(bench_breaker::Options),
-    /// What the correlation stage costs per kernel signal and per tracked stream (for `cargo
-    /// xtask bench correlate`).
-    #[command(hide = true)]
-    BenchCorrelate(bench_correlate::Options),
 }
 
 pub fn main() -> ExitCode {
@@ -81,8 +72,6 @@ pub fn main() -> ExitCode {
             Command::Breakers(opts) => api_client::breakers(&opts).await,
             Command::Events(opts) => api_client::events(&opts).await,
             Command::Breaker(opts) => api_client::breaker(&opts).await,
-            Command::BenchBreaker(opts) => bench_breaker::run(&opts),
-            Command::BenchCorrelate(opts) => bench_correlate::run(&opts).await,
         }
     });
     match result {

@@ -422,47 +422,5 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Every event with a sequence number at or above `from`, in order, as raw JSON lines (for
-/// an exporter's cursor and a watcher's resume). Errors stop the iteration.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the OTLP exporter's cursor (issue 6) and the API's watch resume (issue 7)"
-    )
-)]
-pub fn read_from(dir: &Path, from: u64) -> Result<Vec<(u64, String)>, JournalError> {
-    let all = files(dir)?;
-    // Skip files that end before `from`: a file ends where the next begins.
-    let first_needed = all
-        .iter()
-        .rposition(|(first, _)| *first <= from)
-        .unwrap_or(0);
-    let mut out = Vec::new();
-    for (_, path) in &all[first_needed..] {
-        let file = File::open(path).map_err(|source| JournalError::File {
-            file: path.clone(),
-            source,
-        })?;
-        for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|source| JournalError::File {
-                file: path.clone(),
-                source,
-            })?;
-            let seq = serde_json::from_str::<SeqOnly>(&line)
-                .map_err(|e| JournalError::Corrupt {
-                    file: path.clone(),
-                    line: i + 1,
-                    why: e.to_string(),
-                })?
-                .seq;
-            if seq >= from {
-                out.push((seq, line));
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests;

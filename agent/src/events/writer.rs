@@ -75,12 +75,10 @@ fn in_breaker_order(batch: &mut [serde_json::Value]) {
 }
 
 /// An event as journaled, for what reports events after the journal (the printer, the
-/// exporters): its sequence number and its line. Reported means durable (with the default
+/// exporters): its line. Reported means durable (with the default
 /// fsync policy).
 #[derive(Clone, Debug)]
 pub struct Journaled {
-    #[expect(dead_code, reason = "the status API's watch resumes by it (issue 7)")]
-    pub seq: u64,
     pub line: Arc<str>,
 }
 
@@ -154,7 +152,6 @@ pub async fn write_transitions(
         for (seq, line) in written {
             stats.last_seq.store(seq, Ordering::Relaxed);
             journaled.publish(Journaled {
-                seq,
                 line: line.into(),
             });
         }

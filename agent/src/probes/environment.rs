@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use tracing::{debug, info, warn};
 
-use super::tracefs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvironmentError {
@@ -57,7 +56,7 @@ pub fn check_capabilities() -> Result<(), EnvironmentError> {
 
 /// Returns where tracefs is mounted, mounting it at /sys/kernel/tracing when it is not.
 pub fn ensure_tracefs() -> Result<PathBuf, EnvironmentError> {
-    if let Some(path) = tracefs::find_mount() {
+    if let Some(path) = find_tracefs() {
         return Ok(path);
     }
     let target = c"/sys/kernel/tracing";
@@ -130,4 +129,22 @@ mod tests {
         assert!(!kernel_at_least("", (5, 11)));
         assert!(!kernel_at_least("garbage", (5, 11)));
     }
+}
+
+/// Where tracefs is mounted, from /proc/self/mounts: its own mount, or debugfs' `tracing`.
+pub fn find_tracefs() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mut debugfs = None;
+    for line in mounts.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(_dev), Some(dir), Some(fstype)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        match fstype {
+            "tracefs" => return Some(PathBuf::from(dir)),
+            "debugfs" => debugfs = Some(PathBuf::from(dir).join("tracing")),
+            _ => {}
+        }
+    }
+    debugfs.filter(|p| p.join("events").is_dir())
 }

@@ -8,7 +8,7 @@ use agent_common::layout::{KernelLayout, UNKNOWN_OFFSET};
 use btf_rs::{Btf, Type};
 use tracing::warn;
 
-use super::tracefs::TracepointFormat;
+use crate::signals::tracepoint::TracepointFormat;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 

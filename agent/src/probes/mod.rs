@@ -9,7 +9,6 @@ pub mod go_processes;
 pub mod h2_hooks;
 pub mod kernel_layout;
 pub mod ring;
-pub mod tracefs;
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +27,7 @@ use aya::{
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::signals::{Decoder, TcpResetDecoder, tcp_reset::RecordLayout};
+use crate::signals::{Decoder, TcpResetDecoder, tcp_reset::RecordLayout, tracepoint::TracepointFormat};
 
 /// The kernel object built by `build.rs` from `agent-ebpf`.
 static PROBES_OBJECT: &[u8] =
@@ -196,7 +195,7 @@ impl Probes {
         environment::raise_memlock_limit();
 
         let wants = |p: ProbeName| opts.probes.contains(&p);
-        let read_format = |category: &str, name: &str| match tracefs::TracepointFormat::read(
+        let read_format = |category: &str, name: &str| match TracepointFormat::read(
             &tracefs, category, name,
         ) {
             Ok(f) => Some(f),

@@ -7,6 +7,7 @@ pub mod go_stw;
 pub mod h2_frame;
 pub mod rapid_reset;
 pub mod tcp_reset;
+pub mod tracepoint;
 
 use agent_common::events::{EventHeader, EventKind};
 

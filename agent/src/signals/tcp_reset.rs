@@ -9,7 +9,7 @@ use agent_common::events::{ResetDirection, TcpResetEvent};
 use serde::Serialize;
 
 use super::{DecodeError, comm_str, read_record};
-use crate::probes::tracefs::{Field, TracepointFormat};
+use super::tracepoint::{Field, TracepointFormat};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -44,7 +44,7 @@
 //! `--haproxy-redispatch` adds `option redispatch 1` (every retry on another server, what
 //! the agent does with a call that could not connect).
 //!
-//! Engine. `agent bench-breaker` (hidden; release build) admits and records `--engine-calls`
+//! Engine. `agent/benches/breaker.rs` (hidden; release build) admits and records `--engine-calls`
 //! streams through the breakers as the proxy does per stream, without any I/O, on one thread
 //! and on two at once over the same breakers; `--engine-runs` runs of each, interleaved, and
 //! the median ns per call against the target of 200 ns.
@@ -88,10 +88,10 @@ pub struct Options {
     /// HAProxy: `option redispatch 1` (retry a refused connection on another server).
     #[arg(long)]
     haproxy_redispatch: bool,
-    /// Runs of `agent bench-breaker` with one thread, and as many with two.
+    /// Runs of `agent/benches/breaker.rs` with one thread, and as many with two.
     #[arg(long, default_value_t = 5)]
     engine_runs: usize,
-    /// Streams per thread and run of `agent bench-breaker`.
+    /// Streams per thread and run of `agent/benches/breaker.rs`.
     #[arg(long, default_value_t = 1_000_000)]
     engine_calls: u64,
 }
@@ -156,6 +156,8 @@ impl Fault {
 /// Paths and binaries every run needs.
 struct Setup {
     agent_bin: PathBuf,
+    /// `agent/benches/breaker.rs`: the engine alone.
+    engine_bin: PathBuf,
     bench_dir: PathBuf,
     server_py: PathBuf,
     client_py: PathBuf,
@@ -169,11 +171,13 @@ pub fn run(opts: Options) -> Result<()> {
     let root = workspace_root()?;
     eprintln!("bench breaker: building the agent (release)");
     let agent_bin = crate::run::build_release_agent(&root)?;
+    let engine_bin = crate::run::build_agent_bench(&root, "breaker")?;
     let bench_dir = root.join("target/bench");
     std::fs::create_dir_all(&bench_dir)?;
     let peers = root.join("tests/peers/grpcpy");
     let setup = Setup {
         agent_bin,
+        engine_bin,
         bench_dir,
         server_py: peers.join("server.py"),
         client_py: peers.join("client.py"),
@@ -1035,12 +1039,12 @@ fn print_fault(fault: Fault, sums: &[Summary]) {
     }
 }
 
-/// `agent bench-breaker` `--engine-runs` times with one thread and as many with two,
+/// `agent/benches/breaker.rs` `--engine-runs` times with one thread and as many with two,
 /// interleaved.
 fn engine(setup: &Setup) -> Result<Value> {
     let opts = &setup.opts;
     println!(
-        "\n== engine: admission + record per stream (agent bench-breaker, {} calls per thread, {} runs) ==",
+        "\n== engine: admission + record per stream (agent/benches/breaker.rs, {} calls per thread, {} runs) ==",
         opts.engine_calls, opts.engine_runs
     );
     let mut by_threads = Vec::new();
@@ -1050,15 +1054,15 @@ fn engine(setup: &Setup) -> Result<Value> {
     let mut ns: [Vec<f64>; 3] = Default::default();
     for _ in 0..opts.engine_runs {
         for (k, (threads, tracked)) in VARIANTS.into_iter().enumerate() {
-            let v = engine_run(&setup.agent_bin, opts.engine_calls, threads, tracked)?;
+            let v = engine_run(&setup.engine_bin, opts.engine_calls, threads, tracked)?;
             // Every call is admitted and succeeds: a refusal or a transition would mean the
             // loop measured something else than the path of a healthy stream.
             if v["rejected"] != 0 || v["transitions"] != 0 {
-                println!("  (agent bench-breaker refused calls or changed a breaker: {v})");
+                println!("  (agent/benches/breaker.rs refused calls or changed a breaker: {v})");
             }
             let x = v["ns_per_call"]
                 .as_f64()
-                .with_context(|| format!("agent bench-breaker printed {v}"))?;
+                .with_context(|| format!("agent/benches/breaker.rs printed {v}"))?;
             ns[k].push(x);
         }
     }
@@ -1093,10 +1097,10 @@ fn engine(setup: &Setup) -> Result<Value> {
     Ok(json!({"calls_per_thread": opts.engine_calls, "runs": by_threads}))
 }
 
-fn engine_run(agent_bin: &Path, calls: u64, threads: usize, tracked: bool) -> Result<Value> {
+fn engine_run(bench_bin: &Path, calls: u64, threads: usize, tracked: bool) -> Result<Value> {
     let text = output(
-        Command::new(agent_bin)
-            .args(["bench-breaker", "--calls", &calls.to_string()])
+        Command::new(bench_bin)
+            .args(["--calls", &calls.to_string()])
             .args(["--threads", &threads.to_string()])
             .args(tracked.then_some("--clients-with-breakers"))
             .env("AGENT_LOG", "warn"),
@@ -1104,7 +1108,7 @@ fn engine_run(agent_bin: &Path, calls: u64, threads: usize, tracked: bool) -> Re
     text.lines()
         .rev()
         .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .with_context(|| format!("agent bench-breaker printed no JSON line:\n{text}"))
+        .with_context(|| format!("the breaker bench printed no JSON line:\n{text}"))
 }
 
 #[cfg(test)]

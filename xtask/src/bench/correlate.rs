@@ -1,6 +1,6 @@
 //! `cargo xtask bench correlate`: what joining kernel signals to the proxy's streams costs.
 //!
-//! `agent bench-correlate` (hidden; release build) registers live streams as the proxy does
+//! `agent/benches/correlate.rs` (optimised) registers live streams as the proxy does
 //! (each with a trace, a session id and JWT claims) and feeds decoded kernel signals through
 //! the real correlation stage in a busy node's proportions (DATA of the proxy's own flows,
 //! RST_STREAM on its live streams, frames and resets of connections that are not its own).
@@ -40,8 +40,8 @@ pub fn run(opts: Options) -> Result<()> {
         bail!("--runs, --signals and --streams must be at least 1");
     }
     let root = workspace_root()?;
-    eprintln!("bench correlate: building the agent (release)");
-    let agent_bin = crate::run::build_release_agent(&root)?;
+    eprintln!("bench correlate: building agent/benches/correlate.rs (optimised)");
+    let bench_bin = crate::run::build_agent_bench(&root, "correlate")?;
     let bench_dir = root.join("target/bench");
     std::fs::create_dir_all(&bench_dir)?;
     let sizes = [opts.streams, FEW_STREAMS];
@@ -49,8 +49,8 @@ pub fn run(opts: Options) -> Result<()> {
     for _ in 0..opts.runs {
         for (k, streams) in sizes.into_iter().enumerate() {
             let text = output(
-                std::process::Command::new(&agent_bin)
-                    .args(["bench-correlate", "--streams", &streams.to_string()])
+                std::process::Command::new(&bench_bin)
+                    .args(["--streams", &streams.to_string()])
                     .args(["--signals", &opts.signals.to_string()])
                     .env("AGENT_LOG", "warn"),
             )?;
@@ -58,7 +58,7 @@ pub fn run(opts: Options) -> Result<()> {
                 .lines()
                 .rev()
                 .find_map(|l| serde_json::from_str::<Value>(l).ok())
-                .with_context(|| format!("agent bench-correlate printed no JSON line:\n{text}"))?;
+                .with_context(|| format!("the correlate bench printed no JSON line:\n{text}"))?;
             runs[k].push(v);
         }
     }

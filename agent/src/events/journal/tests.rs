@@ -16,6 +16,40 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
+/// Every event with a sequence number at or above `from`, in order, as raw JSON lines.
+fn read_from(dir: &Path, from: u64) -> Result<Vec<(u64, String)>, JournalError> {
+    let all = files(dir)?;
+    // Skip files that end before `from`: a file ends where the next begins.
+    let first_needed = all
+        .iter()
+        .rposition(|(first, _)| *first <= from)
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    for (_, path) in &all[first_needed..] {
+        let file = File::open(path).map_err(|source| JournalError::File {
+            file: path.clone(),
+            source,
+        })?;
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|source| JournalError::File {
+                file: path.clone(),
+                source,
+            })?;
+            let seq = serde_json::from_str::<SeqOnly>(&line)
+                .map_err(|e| JournalError::Corrupt {
+                    file: path.clone(),
+                    line: i + 1,
+                    why: e.to_string(),
+                })?
+                .seq;
+            if seq >= from {
+                out.push((seq, line));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn seqs(dir: &Path) -> Vec<u64> {
     read_from(dir, 0)
         .unwrap()

@@ -1,4 +1,4 @@
-//! `agent bench-correlate` (hidden): what the correlation stage costs, for `cargo xtask bench
+//! `cargo bench -p agent --bench correlate -- [OPTIONS]`: what the correlation stage costs, for `cargo xtask bench
 //! correlate`.
 //!
 //! It builds the proxy's shared state from a quick configuration (no traffic), registers
@@ -24,7 +24,7 @@ use anyhow::bail;
 use http::HeaderMap;
 use serde_json::json;
 
-use crate::{
+use agent::{
     correlate::{
         Correlator,
         table::{Side, StreamGuard, StreamTag},
@@ -37,8 +37,17 @@ use crate::{
     },
 };
 
-#[derive(Debug, clap::Args)]
-pub struct Options {
+
+fn main() -> anyhow::Result<()> {
+    let opts = <Options as clap::Parser>::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(&opts))
+}
+
+#[derive(Debug, clap::Parser)]
+struct Options {
     /// Live streams tracked while the signals are joined.
     #[arg(long, default_value_t = 10_000)]
     streams: u32,
@@ -66,7 +75,7 @@ fn rss_bytes() -> u64 {
     pages * u64::try_from(page).unwrap_or(4096)
 }
 
-pub async fn run(opts: &Options) -> anyhow::Result<()> {
+async fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.streams == 0 || opts.signals == 0 {
         bail!("--streams and --signals must be at least 1");
     }
@@ -74,13 +83,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     let mut cfg =
         config::quick("127.0.0.1:0".parse()?, &upstreams).map_err(|e| anyhow::anyhow!(e))?;
     // Only annotations: the figures are the join's, not breaker transitions'.
-    cfg.signals.upstream_tcp_reset = crate::correlate::config::SignalUse::Annotate;
-    cfg.signals.upstream_rst_stream = crate::correlate::config::SignalUse::Annotate;
+    cfg.signals.upstream_tcp_reset = agent::correlate::config::SignalUse::Annotate;
+    cfg.signals.upstream_rst_stream = agent::correlate::config::SignalUse::Annotate;
     let parsed = cfg.signals.check().map_err(|e| anyhow::anyhow!(e))?;
     let proxy = Proxy::bind(&cfg).await?;
     let shared = proxy.shared();
     let joins = shared.joins.clone();
-    let extractor = crate::context::Extractor::new(&cfg.context)?;
+    let extractor = agent::context::Extractor::new(&cfg.context)?;
 
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -1,4 +1,4 @@
-//! `agent bench-breaker` (hidden): what the breaker engine costs one stream, for `cargo xtask
+//! `cargo bench -p agent --bench breaker -- [OPTIONS]`: what the breaker engine costs one stream, for `cargo xtask
 //! bench breaker`.
 //!
 //! It drives [`Breakers`] exactly as the proxy does per stream, without the network: one
@@ -21,14 +21,19 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use crate::breaker::{
+use agent::breaker::{
     classify::{Ended, Facts, classify},
     config::BreakerConfig,
     registry::{Breakers, ClusterShape, Transition},
 };
 
-#[derive(Debug, clap::Args)]
-pub struct Options {
+
+fn main() -> anyhow::Result<()> {
+    run(&<Options as clap::Parser>::parse())
+}
+
+#[derive(Debug, clap::Parser)]
+struct Options {
     /// Calls per thread.
     #[arg(long, default_value_t = 1_000_000)]
     calls: u64,
@@ -54,7 +59,7 @@ struct Loop {
     transitions: u64,
 }
 
-pub fn run(opts: &Options) -> anyhow::Result<()> {
+fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.calls == 0 || opts.threads == 0 {
         bail!("--calls and --threads must be at least 1");
     }

@@ -1,4 +1,4 @@
-//! tracefs: where it is mounted, and the record layout of a tracepoint (its `format` file).
+//! The record layout of a tracepoint: its `format` file in tracefs.
 //!
 //! Tracepoint records change between kernels (`tcp_send_reset` was reshaped in 6.10), so the
 //! agent reads offsets and symbol tables from the running kernel instead of hard-coding them.
@@ -147,24 +147,6 @@ fn parse_symbol_tables(fmt: &str) -> HashMap<String, HashMap<u64, String>> {
         rest = body;
     }
     tables
-}
-
-/// Where tracefs is mounted, from /proc/self/mounts: its own mount, or debugfs' `tracing`.
-pub fn find_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    let mut debugfs = None;
-    for line in mounts.lines() {
-        let mut cols = line.split_whitespace();
-        let (Some(_dev), Some(dir), Some(fstype)) = (cols.next(), cols.next(), cols.next()) else {
-            continue;
-        };
-        match fstype {
-            "tracefs" => return Some(PathBuf::from(dir)),
-            "debugfs" => debugfs = Some(PathBuf::from(dir).join("tracing")),
-            _ => {}
-        }
-    }
-    debugfs.filter(|p| p.join("events").is_dir())
 }
 
 #[cfg(test)]
