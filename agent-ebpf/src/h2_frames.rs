@@ -10,6 +10,12 @@
 //! Nothing is guessed: a gap, an oversized frame or an exhausted budget marks the flow lost
 //! (counted, with an event), and it is picked up again only at a segment that starts with a
 //! plausible frame header.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "H2_FLOWS' keys and values go to the map helpers by reference: aya-ebpf takes \
+              `impl Borrow<K>`, and one passed by value is first copied onto the 512-byte BPF \
+              stack (a FlowState lives in H2_SCRATCH because it does not fit there)"
+)]
 
 use agent_common::{
     counters::Counter,
@@ -472,7 +478,9 @@ fn plausible_header(skb: *mut __sk_buff, off: u32, max_frame: u32) -> bool {
         ft::HEADERS => stream != 0 && flags & !0x2d == 0,
         ft::PRIORITY => stream != 0 && flags == 0 && len == 5,
         ft::RST_STREAM => stream != 0 && flags == 0 && len == 4,
-        ft::SETTINGS => stream == 0 && (flags == 0 && len % 6 == 0 || flags == 1 && len == 0),
+        ft::SETTINGS => {
+            stream == 0 && (flags == 0 && len.is_multiple_of(6) || flags == 1 && len == 0)
+        }
         ft::PUSH_PROMISE => stream != 0 && flags & !0x0c == 0 && len >= 4,
         ft::PING => stream == 0 && flags & !0x01 == 0 && len == 8,
         ft::GOAWAY => stream == 0 && flags == 0 && len >= 8,

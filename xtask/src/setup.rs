@@ -114,6 +114,10 @@ impl Report {
 
 // ---------------------------------------------------------------------------------------------
 // 1. nightly toolchain + rust-src (the eBPF crate builds core from source for bpfel-unknown-none)
+//    + clippy (`cargo xtask test` lints the eBPF crate with that nightly, for its target)
+
+/// Components the nightly needs beside the minimal profile.
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 
 /// Returns whether a nightly toolchain is there (after installing it unless --check).
 fn nightly(report: &mut Report) -> Result<bool> {
@@ -124,20 +128,18 @@ fn nightly(report: &mut Report) -> Result<bool> {
         .filter_map(|line| line.split_whitespace().next())
         .filter_map(|name| name.strip_prefix("nightly-"))
         .any(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()));
+    let with = NIGHTLY_COMPONENTS.join(", ");
     if !has_nightly {
-        if !report.missing("nightly toolchain (with rust-src)") {
+        if !report.missing(format!("nightly toolchain (with {with})")) {
             return Ok(false);
         }
-        eprintln!("setup: installing nightly toolchain (minimal profile, with rust-src)");
-        run_status(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+        eprintln!("setup: installing nightly toolchain (minimal profile, with {with})");
+        let mut cmd = Command::new("rustup");
+        cmd.args(["toolchain", "install", "nightly", "--profile", "minimal"]);
+        for component in NIGHTLY_COMPONENTS {
+            cmd.args(["--component", component]);
+        }
+        run_status(&mut cmd)?;
         return Ok(true);
     }
 
@@ -145,21 +147,28 @@ fn nightly(report: &mut Report) -> Result<bool> {
         "rustup",
         &["component", "list", "--toolchain", "nightly", "--installed"],
     )?;
-    let has_rust_src = components
-        .lines()
-        .map(str::trim)
-        .any(|c| c == "rust-src" || c.starts_with("rust-src-"));
-    if has_rust_src {
-        eprintln!("setup: nightly toolchain with rust-src already installed");
-    } else if report.missing("rust-src component for nightly") {
-        eprintln!("setup: installing rust-src for nightly");
-        run_status(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    // Listed as `rust-src`, or with the host: `clippy-x86_64-unknown-linux-gnu`.
+    let installed = |name: &str| {
+        components.lines().map(str::trim).any(|c| {
+            c == name
+                || c.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('-'))
+        })
+    };
+    let missing: Vec<&str> = NIGHTLY_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|c| !installed(c))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: nightly toolchain with {with} already installed");
+    } else if report.missing(format!("nightly components: {}", missing.join(", "))) {
+        eprintln!("setup: installing {} for nightly", missing.join(", "));
+        run_status(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", "nightly"])
+                .args(&missing),
+        )?;
     }
     Ok(true)
 }

@@ -5,7 +5,7 @@
 //! demo with its dashboard check (`cargo xtask demo --check-dashboards`, about a minute). Those
 //! need root; run as another user they fail with a message instead of passing silently.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{Result, bail};
 
@@ -50,6 +50,8 @@ pub fn run(opts: Options) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        step("clippy (agent-ebpf for the BPF target, nightly)");
+        run_status(&mut clippy_ebpf(&root))?;
     }
     step("unit tests");
     run_status(&mut cargo(&[
@@ -89,6 +91,40 @@ pub fn run(opts: Options) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Clippy on the kernel programs as aya-build compiles them (see `agent/build.rs`): the nightly
+/// toolchain, the BPF target of this host's endianness, `-Z build-std=core`, the release
+/// profile (so `cfg(debug_assertions)` code is the same) and this host's `bpf_target_arch`
+/// cfg. `agent-common` is linted too, as compiled for BPF. Only checked, never linked, so
+/// bpf-linker is not needed.
+fn clippy_ebpf(root: &Path) -> Command {
+    let target = if cfg!(target_endian = "big") {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    };
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root)
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "agent-ebpf",
+        ])
+        .args(["--release", "--target", target, "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        // As aya-build does: its flags replace any RUSTFLAGS, and RUSTC would pick another
+        // toolchain's compiler.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    cmd
 }
 
 fn step(name: &str) {
