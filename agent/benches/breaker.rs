@@ -27,13 +27,15 @@ use agent::breaker::{
     registry::{Breakers, ClusterShape, Transition},
 };
 
-
 fn main() -> anyhow::Result<()> {
     run(&<Options as clap::Parser>::parse())
 }
 
 #[derive(Debug, clap::Parser)]
 struct Options {
+    /// Passed by `cargo bench`; nothing to do with the options here.
+    #[arg(long, hide = true)]
+    bench: bool,
     /// Calls per thread.
     #[arg(long, default_value_t = 1_000_000)]
     calls: u64,

@@ -37,7 +37,6 @@ use agent::{
     },
 };
 
-
 fn main() -> anyhow::Result<()> {
     let opts = <Options as clap::Parser>::parse();
     tokio::runtime::Builder::new_multi_thread()
@@ -48,6 +47,9 @@ fn main() -> anyhow::Result<()> {
 
 #[derive(Debug, clap::Parser)]
 struct Options {
+    /// Passed by `cargo bench`; nothing to do with the options here.
+    #[arg(long, hide = true)]
+    bench: bool,
     /// Live streams tracked while the signals are joined.
     #[arg(long, default_value_t = 10_000)]
     streams: u32,
@@ -253,7 +255,7 @@ async fn run(opts: &Options) -> anyhow::Result<()> {
             }),
         });
     }
-    let mut correlator = Correlator::new(shared.clone(), cfg.signals.clone(), parsed);
+    let mut correlator = Correlator::new(shared.correlation_targets(), cfg.signals.clone(), parsed);
     let started = Instant::now();
     for i in 0..opts.signals {
         match &signals[(i % signals.len() as u64) as usize] {

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use super::pb::{self, agent_status_server::AgentStatus, watch_event};
 use crate::{
     breaker::registry::Snapshot,
-    correlate::{Joins, feed::ProbeCounters, publish},
+    correlate::{Joins, feed::ProbeCounters},
     events::{tail::Tail, writer::JournalStats},
     probes::{ProbeStatus, ring::ReaderStats},
     proxy::{forward::Shared, server::StatsSource},
@@ -126,7 +126,7 @@ impl StatusService {
         let changed = change.is_some();
         if let Some(t) = change {
             tracing::info!(breaker = %t.breaker, to = t.change.to.as_str(), "breaker changed by an admin call");
-            publish(shared, t, None, None);
+            shared.publish_transition(t, None, None);
         }
         let breaker = self.find(&name).map(|s| breaker_pb(&s));
         Ok(Response::new(pb::BreakerAdminResponse { changed, breaker }))

@@ -150,7 +150,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(KernelFeed::start(
             &config.signals,
             signals,
-            proxy.shared(),
+            proxy.shared().correlation_targets(),
             tap,
         )?)
     };
@@ -362,13 +362,13 @@ fn print_journaled(j: &crate::events::writer::Journaled) {
 }
 
 /// The `breaker_trip/v1` event (as journaled, without `seq`), tagged `"kind": "breaker"`.
-fn print_breaker_event(e: &crate::proxy::outcome::BreakerEvent) {
+fn print_breaker_event(e: &crate::events::BreakerEvent) {
     let mut line = crate::events::trip::breaker_trip(e, std::time::SystemTime::now());
     line["kind"] = "breaker".into();
     print_line(&line);
 }
 
-fn print_outcome(o: &crate::proxy::outcome::StreamOutcome) {
+fn print_outcome(o: &crate::events::outcome::StreamOutcome) {
     let mut line = serde_json::to_value(o).unwrap_or_default();
     line["kind"] = "stream".into();
     print_line(&line);
@@ -473,7 +473,7 @@ impl Exporting {
         let (recorded, task) = metrics.record(
             proxy.outcomes().subscribe(),
             proxy.breaker_events().subscribe(),
-            proxy.shared().joins.records.subscribe(),
+            proxy.shared().bus.signals.subscribe(),
             done_rx,
         );
         exporting.recorder = Some((done, task));

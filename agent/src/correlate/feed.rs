@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, warn};
 
-use super::{Correlator, config::Parsed, config::SignalsConfig};
+use super::{Correlator, Targets, config::Parsed, config::SignalsConfig};
 use crate::{
     probes::{
         LoadOptions, ProbeName, ProbeStatus, Probes,
@@ -16,7 +16,6 @@ use crate::{
         h2_hooks::H2Options,
         ring::{self, ReaderStats},
     },
-    proxy::forward::Shared,
     signals::Signal,
 };
 
@@ -67,7 +66,7 @@ impl KernelFeed {
     pub fn start(
         config: &SignalsConfig,
         parsed: Parsed,
-        shared: Arc<Shared>,
+        targets: Targets,
         mut tap: Option<Tap>,
     ) -> anyhow::Result<Self> {
         let (probes, ring, decoder) = Probes::load(&LoadOptions {
@@ -113,8 +112,8 @@ impl KernelFeed {
         let counters = ProbeCounters::default();
         let counters_out = counters.clone();
         let (stop, mut stopped) = watch::channel(false);
-        let joins = shared.joins.clone();
-        let mut correlator = Correlator::new(shared, config.clone(), parsed);
+        let joins = targets.joins.clone();
+        let mut correlator = Correlator::new(targets, config.clone(), parsed);
         let task = tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
             loop {

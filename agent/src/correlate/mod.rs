@@ -40,10 +40,10 @@ use self::{
     table::{Side, StreamTag, Tracked, TrackedConn},
 };
 use crate::{
-    breaker::{circuit::SignalAction, config::Scope, registry::Transition},
-    proxy::{
-        forward::Shared,
-        outcome::{BreakerEvent, Published, StreamOutcome},
+    breaker::{
+        circuit::SignalAction,
+        config::Scope,
+        registry::{Breakers, Transition},
     },
     signals::{
         GoStwPause, TcpReset,
@@ -76,9 +76,6 @@ pub struct SignalRecord {
 pub struct Joins {
     pub tracked: Tracked,
     pub board: Board,
-    /// Every signal seen, for the metrics (a consumer that falls behind loses the oldest and
-    /// is told how many).
-    pub records: Published<SignalRecord>,
     /// By endpoint breaker name (`cluster/address`).
     owners: Mutex<HashMap<String, Owner>>,
     pub stats: SignalStats,
@@ -89,7 +86,6 @@ impl Joins {
         Self {
             tracked: Tracked::new(tracking),
             board: Board::default(),
-            records: Published::new(16 * 1024),
             owners: Mutex::default(),
             stats: SignalStats::default(),
         }
@@ -192,45 +188,90 @@ impl SignalStats {
     }
 }
 
-/// Publishes breaker transitions with the evidence the board holds for them (the path every
-/// transition takes, from calls, the timer and signals alike).
-pub fn publish(
-    shared: &Shared,
-    transition: Transition,
-    trigger: Option<Arc<StreamOutcome>>,
-    stream: Option<Arc<StreamTag>>,
-) {
-    let now = Instant::now();
-    let joins = &shared.joins;
-    let at = evidence::monotonic_ns();
-    let evidence: Vec<Value> = joins
-        .board
-        .recent(&transition.breaker, now)
-        .iter()
-        .map(|e| e.for_transition(at))
-        .collect();
-    let owner = (transition.breaker.scope == Scope::Endpoint)
-        .then(|| joins.owner(&transition.breaker.name))
-        .flatten()
-        .or_else(|| {
-            trigger
-                .as_ref()
-                .and_then(|t| Some(format!("{}/{}", t.cluster.as_ref()?, t.endpoint.as_ref()?)))
-                .and_then(|name| joins.owner(&name))
-        });
-    shared.breaker_events.publish(BreakerEvent {
-        transition,
-        trigger,
-        stream,
-        evidence,
-        upstream_owner: owner,
-        at: std::time::SystemTime::now(),
-    });
+/// A breaker transition joined to what the correlation stage knows about it: the stream a
+/// signal hit, the evidence the board holds for the breaker, and the process serving its
+/// endpoint. The events stage makes it a [`crate::events::BreakerEvent`].
+#[derive(Clone, Debug)]
+pub struct Joined {
+    pub transition: Transition,
+    pub stream: Option<Arc<StreamTag>>,
+    /// `breaker_trip/v1` evidence objects, oldest first.
+    pub evidence: Vec<Value>,
+    pub upstream_owner: Option<Owner>,
+}
+
+impl Joins {
+    /// Joins `transition` (of a call, the timer or a signal alike) to its evidence; the owner
+    /// is the endpoint breaker's, else that of `endpoint` (`cluster/address`, the call's).
+    pub fn join(
+        &self,
+        transition: Transition,
+        stream: Option<Arc<StreamTag>>,
+        endpoint: Option<&str>,
+    ) -> Joined {
+        let at = evidence::monotonic_ns();
+        let evidence: Vec<Value> = self
+            .board
+            .recent(&transition.breaker, Instant::now())
+            .iter()
+            .map(|e| e.for_transition(at))
+            .collect();
+        let upstream_owner = (transition.breaker.scope == Scope::Endpoint)
+            .then(|| self.owner(&transition.breaker.name))
+            .flatten()
+            .or_else(|| endpoint.and_then(|name| self.owner(name)));
+        Joined {
+            transition,
+            stream,
+            evidence,
+            upstream_owner,
+        }
+    }
+}
+
+/// Where the correlation stage sends what it found: the publish bus
+/// ([`crate::events::bus::Bus`]) in the agent.
+pub trait Outlet: Send + Sync {
+    /// A breaker changed state because of a kernel signal.
+    fn transition(&self, joined: Joined);
+    /// A kernel signal, for the metrics.
+    fn signal(&self, record: SignalRecord);
+}
+
+/// The upstream endpoints by their indexes in the breakers and the connection table, as
+/// `cluster/address` names.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointNames {
+    /// Each cluster's name and its endpoints' addresses.
+    pub clusters: Vec<(String, Vec<String>)>,
+}
+
+impl EndpointNames {
+    pub fn name(&self, cluster: usize, endpoint: usize) -> Option<String> {
+        let (name, addresses) = self.clusters.get(cluster)?;
+        Some(format!("{name}/{}", addresses.get(endpoint)?))
+    }
+
+    pub fn index(&self, endpoint: &str) -> Option<(usize, usize)> {
+        let (cluster, address) = endpoint.split_once('/')?;
+        let ci = self.clusters.iter().position(|(c, _)| c == cluster)?;
+        let ei = self.clusters[ci].1.iter().position(|a| a == address)?;
+        Some((ci, ei))
+    }
+}
+
+/// What the correlation stage acts on and reports to.
+#[derive(Clone)]
+pub struct Targets {
+    pub breakers: Arc<Breakers>,
+    pub endpoints: EndpointNames,
+    pub joins: Arc<Joins>,
+    pub outlet: Arc<dyn Outlet>,
 }
 
 /// The correlation task's state.
 pub struct Correlator {
-    shared: Arc<Shared>,
+    targets: Targets,
     config: SignalsConfig,
     parsed: Parsed,
     rapid_reset: RapidResetDetector,
@@ -239,7 +280,7 @@ pub struct Correlator {
 }
 
 impl Correlator {
-    pub fn new(shared: Arc<Shared>, config: SignalsConfig, parsed: Parsed) -> Self {
+    pub fn new(targets: Targets, config: SignalsConfig, parsed: Parsed) -> Self {
         let rapid_reset = RapidResetDetector::new(RapidResetPolicy {
             max_resets_per_sec: config.rapid_reset_rate,
             cooldown_ns: 10_000_000_000,
@@ -252,7 +293,7 @@ impl Correlator {
                 .ok()
         });
         Self {
-            shared,
+            targets,
             config,
             parsed,
             rapid_reset,
@@ -261,7 +302,7 @@ impl Correlator {
     }
 
     fn joins(&self) -> &Joins {
-        &self.shared.joins
+        &self.targets.joins
     }
 
     fn record(
@@ -271,7 +312,7 @@ impl Correlator {
         detail: &'static str,
         by: &'static str,
     ) {
-        self.joins().records.publish(SignalRecord {
+        self.targets.outlet.signal(SignalRecord {
             kind,
             endpoint: endpoint.map(Into::into),
             detail,
@@ -531,7 +572,7 @@ impl Correlator {
             now,
         );
         let mut out = Vec::new();
-        self.shared
+        self.targets
             .breakers
             .signal_client(&key, "rapid_reset", action, now, &mut out);
         bump(&stats.acted);
@@ -544,7 +585,7 @@ impl Correlator {
         bump(&stats.seen);
         let served = self.joins().endpoints_of(p.pid);
         let view = p.view(p.cookie.go_minor);
-        self.joins().records.publish(SignalRecord {
+        self.targets.outlet.signal(SignalRecord {
             kind: "go_stw",
             endpoint: served.first().map(|(name, _)| name.as_str().into()),
             detail: "",
@@ -594,20 +635,11 @@ impl Correlator {
     }
 
     fn endpoint_name(&self, cluster: usize, endpoint: usize) -> Option<String> {
-        let c = self.shared.clusters.get(cluster)?;
-        let e = c.endpoint(endpoint)?;
-        Some(format!("{}/{}", c.name, e.address))
+        self.targets.endpoints.name(cluster, endpoint)
     }
 
     fn endpoint_index(&self, name: &str) -> Option<(usize, usize)> {
-        let (cluster, address) = name.split_once('/')?;
-        let ci = self
-            .shared
-            .clusters
-            .iter()
-            .position(|c| c.name == cluster)?;
-        let ei = self.shared.clusters[ci].endpoint_index(address)?;
-        Some((ci, ei))
+        self.targets.endpoints.index(name)
     }
 
     fn annotate(&self, scope: Scope, name: String, ev: Evidence) {
@@ -645,7 +677,7 @@ impl Correlator {
             SignalUse::Annotate | SignalUse::Off => return false,
         };
         let mut out = Vec::new();
-        self.shared
+        self.targets
             .breakers
             .signal_endpoint(cluster, endpoint, kind, action, now, &mut out);
         self.publish_all(out, stream);
@@ -659,7 +691,8 @@ impl Correlator {
                 .stats
                 .transitions
                 .fetch_add(1, Ordering::Relaxed);
-            publish(&self.shared, t, None, stream.clone());
+            let joined = self.joins().join(t, stream.clone(), None);
+            self.targets.outlet.transition(joined);
         }
     }
 

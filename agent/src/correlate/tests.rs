@@ -1,13 +1,13 @@
-//! The correlator with the proxy's real shared state (a quick configuration, nothing served)
-//! and decoded signals made by hand: which signal acts on which breaker, and how.
+//! The correlator with real breakers and a real connection table (no proxy: the stage needs
+//! none) and decoded signals made by hand: which signal acts on which breaker, and how.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::{collections::VecDeque, net::SocketAddr};
 
 use super::*;
 use crate::{
+    breaker::{config::BreakerConfig, registry::ClusterShape},
     context::RequestContext,
-    proxy::{config, server::Proxy},
     signals::h2_frame::Flow,
 };
 
@@ -17,18 +17,51 @@ fn a(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-async fn setup(signals: SignalsConfig) -> (Arc<Shared>, Correlator) {
-    let mut cfg = config::quick(
-        a("127.0.0.1:0"),
-        &[UP.to_owned(), "10.9.0.2:50051".to_owned()],
-    )
-    .unwrap();
-    cfg.signals = signals;
-    let parsed = cfg.signals.check().unwrap();
-    let proxy = Proxy::bind(&cfg).await.unwrap();
-    let shared = proxy.shared();
-    let c = Correlator::new(shared.clone(), cfg.signals.clone(), parsed);
-    (shared, c)
+/// What the correlator published, oldest first.
+#[derive(Default)]
+struct Recorder {
+    transitions: Mutex<VecDeque<Joined>>,
+}
+
+impl Outlet for Recorder {
+    fn transition(&self, joined: Joined) {
+        self.transitions.lock().unwrap().push_back(joined);
+    }
+
+    fn signal(&self, _: SignalRecord) {}
+}
+
+impl Recorder {
+    fn try_recv(&self) -> Result<Joined, ()> {
+        self.transitions.lock().unwrap().pop_front().ok_or(())
+    }
+}
+
+/// One cluster, `upstream`, of two endpoints (the first is `UP`), as `--upstream` makes it.
+fn setup(signals: SignalsConfig) -> (Targets, Arc<Recorder>, Correlator) {
+    let parsed = signals.check().unwrap();
+    let endpoints = vec![UP.to_owned(), "10.9.0.2:50051".to_owned()];
+    let breakers = Breakers::new(
+        BreakerConfig::default(),
+        &[ClusterShape {
+            name: "upstream",
+            endpoints: &endpoints,
+            endpoint_subset: &[0, 0],
+            subsets: &[],
+        }],
+        Instant::now(),
+    );
+    let recorder = Arc::new(Recorder::default());
+    let targets = Targets {
+        breakers: Arc::new(breakers),
+        endpoints: EndpointNames {
+            clusters: vec![("upstream".to_owned(), endpoints)],
+        },
+        joins: Arc::new(Joins::new(true)),
+        outlet: recorder.clone(),
+    };
+    let c = Correlator::new(targets.clone(), signals, parsed);
+    (targets, recorder, c)
 }
 
 fn reset(direction: Direction, local: &str, remote: &str) -> TcpReset {
@@ -71,7 +104,7 @@ fn frame(src: &str, dst: &str, stream_id: u32, detail: FrameDetail) -> H2Frame {
     }
 }
 
-fn state(shared: &Shared, endpoint: &str) -> String {
+fn state(shared: &Targets, endpoint: &str) -> String {
     let s = shared.breakers.snapshot(Instant::now());
     let b = s
         .iter()
@@ -85,8 +118,7 @@ fn state(shared: &Shared, endpoint: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn both_ends_of_one_upstream_reset_trip_its_endpoint_once_with_the_stream() {
-    let (shared, mut c) = setup(SignalsConfig::default()).await;
-    let mut events = shared.breaker_events.subscribe();
+    let (shared, events, mut c) = setup(SignalsConfig::default());
     let conn = shared
         .joins
         .tracked
@@ -135,7 +167,7 @@ async fn both_ends_of_one_upstream_reset_trip_its_endpoint_once_with_the_stream(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reset_the_agent_sent_is_evidence_only() {
-    let (shared, mut c) = setup(SignalsConfig::default()).await;
+    let (shared, _, mut c) = setup(SignalsConfig::default());
     let _conn = shared.joins.tracked.connection(
         Side::Upstream {
             cluster: 0,
@@ -155,7 +187,7 @@ async fn goaway_with_an_error_counts_and_rst_stream_annotates_as_configured() {
         upstream_goaway: SignalUse::Trip,
         ..SignalsConfig::default()
     };
-    let (shared, mut c) = setup(signals).await;
+    let (shared, _, mut c) = setup(signals);
     let _conn = shared.joins.tracked.connection(
         Side::Upstream {
             cluster: 0,

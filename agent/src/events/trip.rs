@@ -42,7 +42,8 @@ use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
-use crate::{breaker::config::Scope, proxy::outcome::BreakerEvent};
+use super::BreakerEvent;
+use crate::breaker::config::Scope;
 
 pub const SCHEMA: &str = "breaker_trip/v1";
 

@@ -15,11 +15,11 @@ use std::{
 use tokio::sync::broadcast::{self, error::RecvError};
 use tracing::warn;
 
+use super::{BreakerEvent, bus::Published};
 use super::{
     journal::{Fsync, Journal},
     trip::breaker_trip,
 };
-use crate::proxy::outcome::{BreakerEvent, Published};
 
 #[derive(Debug, Default)]
 pub struct JournalStats {
@@ -151,9 +151,7 @@ pub async fn write_transitions(
             .fetch_add(written.len() as u64, Ordering::Relaxed);
         for (seq, line) in written {
             stats.last_seq.store(seq, Ordering::Relaxed);
-            journaled.publish(Journaled {
-                line: line.into(),
-            });
+            journaled.publish(Journaled { line: line.into() });
         }
         // The followers of the journal (the OTLP exporter, the API's watchers) read on.
         stats.appended.notify_one();

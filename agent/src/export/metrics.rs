@@ -53,11 +53,8 @@ use super::otlp_logs::LogStats;
 use crate::{
     breaker::{circuit::State, config::Scope},
     correlate::SignalRecord,
-    events::writer::JournalStats,
-    proxy::{
-        outcome::{BreakerEvent, StreamOutcome},
-        server::StatsSource,
-    },
+    events::{BreakerEvent, outcome::StreamOutcome, writer::JournalStats},
+    proxy::server::StatsSource,
 };
 
 /// Distinct `method` label values at most; the rest are `other`.

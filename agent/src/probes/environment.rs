@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use tracing::{debug, info, warn};
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum EnvironmentError {
     #[error(
@@ -116,21 +115,6 @@ fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::kernel_at_least;
-
-    #[test]
-    fn kernel_release_comparison() {
-        assert!(kernel_at_least("6.18.0-cloud-amd64\n", (5, 11)));
-        assert!(kernel_at_least("5.11.0", (5, 11)));
-        assert!(!kernel_at_least("5.10.209-1", (5, 11)));
-        assert!(!kernel_at_least("4.19.0", (5, 11)));
-        assert!(!kernel_at_least("", (5, 11)));
-        assert!(!kernel_at_least("garbage", (5, 11)));
-    }
-}
-
 /// Where tracefs is mounted, from /proc/self/mounts: its own mount, or debugfs' `tracing`.
 pub fn find_tracefs() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
@@ -147,4 +131,19 @@ pub fn find_tracefs() -> Option<PathBuf> {
         }
     }
     debugfs.filter(|p| p.join("events").is_dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_at_least;
+
+    #[test]
+    fn kernel_release_comparison() {
+        assert!(kernel_at_least("6.18.0-cloud-amd64\n", (5, 11)));
+        assert!(kernel_at_least("5.11.0", (5, 11)));
+        assert!(!kernel_at_least("5.10.209-1", (5, 11)));
+        assert!(!kernel_at_least("4.19.0", (5, 11)));
+        assert!(!kernel_at_least("", (5, 11)));
+        assert!(!kernel_at_least("garbage", (5, 11)));
+    }
 }

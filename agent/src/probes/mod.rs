@@ -27,7 +27,9 @@ use aya::{
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::signals::{Decoder, TcpResetDecoder, tcp_reset::RecordLayout, tracepoint::TracepointFormat};
+use crate::signals::{
+    Decoder, TcpResetDecoder, tcp_reset::RecordLayout, tracepoint::TracepointFormat,
+};
 
 /// The kernel object built by `build.rs` from `agent-ebpf`.
 static PROBES_OBJECT: &[u8] =
@@ -195,15 +197,14 @@ impl Probes {
         environment::raise_memlock_limit();
 
         let wants = |p: ProbeName| opts.probes.contains(&p);
-        let read_format = |category: &str, name: &str| match TracepointFormat::read(
-            &tracefs, category, name,
-        ) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                warn!(error = %e, "tracepoint format unavailable");
-                None
-            }
-        };
+        let read_format =
+            |category: &str, name: &str| match TracepointFormat::read(&tracefs, category, name) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    warn!(error = %e, "tracepoint format unavailable");
+                    None
+                }
+            };
         let (send_fmt, recv_fmt) = if wants(ProbeName::TcpReset) {
             (
                 read_format("tcp", "tcp_send_reset"),

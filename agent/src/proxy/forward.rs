@@ -27,7 +27,6 @@ use tracing::{debug, info};
 use super::{
     config::Route,
     grpc::{self, Code},
-    outcome::{BreakerEvents, Ending, Outcomes, StreamOutcome},
     retry::{RetryBudget, RetryConfig, RetryGuard},
     upstream::{ClusterPool, Lease, UpstreamError},
 };
@@ -43,14 +42,18 @@ use crate::{
         Joins,
         table::{ConnGuard, StreamGuard, StreamTag},
     },
+    events::{
+        bus::Bus,
+        outcome::{Ending, StreamOutcome},
+    },
 };
 
 /// What every stream of the proxy shares.
 pub struct Shared {
     pub clusters: Vec<ClusterPool>,
-    pub outcomes: Outcomes,
-    pub breaker_events: BreakerEvents,
-    pub breakers: Breakers,
+    /// Where stream outcomes and breaker events are published.
+    pub bus: Arc<Bus>,
+    pub breakers: Arc<Breakers>,
     pub context: Extractor,
     pub retries: RetryConfig,
     pub budget: RetryBudget,
@@ -868,9 +871,11 @@ impl Call<'_> {
         let out = Arc::new(out);
         for transition in self.transitions.drain(..) {
             info!(breaker = %transition.breaker, from = transition.change.from.as_str(), to = transition.change.to.as_str(), reason = %transition.change.reason, "breaker");
-            crate::correlate::publish(self.shared, transition, Some(out.clone()), None);
+            self.shared
+                .publish_transition(transition, Some(out.clone()), None);
         }
         self.shared
+            .bus
             .outcomes
             .publish(Arc::try_unwrap(out).unwrap_or_else(|o| (*o).clone()));
     }

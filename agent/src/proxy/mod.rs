@@ -5,7 +5,7 @@ pub mod config;
 pub mod forward;
 mod goaway_watch;
 pub mod grpc;
-pub mod outcome;
+mod publish;
 pub mod retry;
 pub mod server;
 pub mod tls;

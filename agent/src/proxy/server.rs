@@ -27,13 +27,13 @@ use crate::{
     breaker::registry::{Breakers, ClusterShape, Snapshot},
     context::{ContextStats, Extractor},
     correlate::{Joins, table::Side},
+    events::bus::{BreakerEvents, Bus, Outcomes},
 };
 
 use super::{
     coalesce::Coalesce,
     config::{Limits, Listener, ProxyConfig, Timeouts},
     forward::{self, ConnInfo, Shared},
-    outcome::{BreakerEvents, Outcomes},
     retry::RetryBudget,
     tls::{self, TlsError},
     upstream::ClusterPool,
@@ -137,7 +137,7 @@ impl StatsSource {
         ProxyStats {
             client_connections: self.connections.count.load(Ordering::SeqCst),
             client_streams: self.streams.count.load(Ordering::SeqCst),
-            outcomes_published: self.shared.outcomes.published(),
+            outcomes_published: self.shared.bus.outcomes.published(),
             upstreams: self
                 .shared
                 .clusters
@@ -145,7 +145,7 @@ impl StatsSource {
                 .flat_map(|c| c.stats())
                 .collect(),
             breakers: self.shared.breakers.snapshot(std::time::Instant::now()),
-            breaker_events_published: self.shared.breaker_events.published(),
+            breaker_events_published: self.shared.bus.breaker_events.published(),
             retries_in_flight: self.shared.budget.retrying(),
             retries_refused_by_budget: self.shared.budget.exhausted.load(Ordering::Relaxed),
             untracked_clients: self
@@ -205,9 +205,12 @@ impl Proxy {
                 .enumerate()
                 .map(|(i, c)| ClusterPool::new(i, c, config.limits, joins.clone()))
                 .collect(),
-            outcomes: Outcomes::new(16 * 1024),
-            breaker_events: BreakerEvents::new(4 * 1024),
-            breakers: Breakers::new(config.breakers.clone(), &shapes, std::time::Instant::now()),
+            bus: Arc::new(Bus::default()),
+            breakers: Arc::new(Breakers::new(
+                config.breakers.clone(),
+                &shapes,
+                std::time::Instant::now(),
+            )),
             context: Extractor::new(&config.context)?,
             retries: config.retries.clone(),
             budget: RetryBudget::default(),
@@ -233,7 +236,7 @@ impl Proxy {
     }
 
     pub fn outcomes(&self) -> &Outcomes {
-        &self.shared.outcomes
+        &self.shared.bus.outcomes
     }
 
     /// What the correlation stage needs of the proxy.
@@ -242,7 +245,7 @@ impl Proxy {
     }
 
     pub fn breaker_events(&self) -> &BreakerEvents {
-        &self.shared.breaker_events
+        &self.shared.bus.breaker_events
     }
 
     pub fn stats(&self) -> StatsSource {
@@ -287,7 +290,7 @@ impl Proxy {
                     .breakers
                     .tick(std::time::Instant::now(), &mut changes);
                 for transition in changes {
-                    crate::correlate::publish(&shared, transition, None, None);
+                    shared.publish_transition(transition, None, None);
                 }
             }
         }));

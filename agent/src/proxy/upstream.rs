@@ -203,6 +203,11 @@ impl ClusterPool {
         self.endpoints.get(index).cloned()
     }
 
+    /// Every endpoint's address, in index order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.endpoints.iter().map(|e| e.address.clone()).collect()
+    }
+
     /// The index of the endpoint at `address`, as configured.
     pub fn endpoint_index(&self, address: &str) -> Option<usize> {
         self.endpoints.iter().position(|e| e.address == address)

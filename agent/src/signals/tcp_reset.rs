@@ -8,8 +8,8 @@ use std::{
 use agent_common::events::{ResetDirection, TcpResetEvent};
 use serde::Serialize;
 
-use super::{DecodeError, comm_str, read_record};
 use super::tracepoint::{Field, TracepointFormat};
+use super::{DecodeError, comm_str, read_record};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

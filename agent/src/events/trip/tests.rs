@@ -12,7 +12,7 @@ use crate::{
         registry::{Breakers, ClusterShape},
     },
     context::{ContextConfig, Extractor},
-    proxy::outcome::{Ending, StreamOutcome},
+    events::outcome::{Ending, StreamOutcome},
 };
 
 #[test]

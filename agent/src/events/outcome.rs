@@ -1,24 +1,11 @@
-//! What happened to each stream, published inside the agent for the breaker and correlation
-//! stages. A broadcast channel: a consumer that falls behind loses the oldest records and
-//! learns how many (and the proxy counts them), the proxy never waits for it.
+//! What happened to each stream: the proxy's record of a call, published on the bus
+//! ([`super::bus`]) for the metrics, the trip events and `agent run --print-outcomes`.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Serialize;
-use tokio::sync::broadcast;
 
-use crate::{
-    breaker::registry::Transition,
-    context::RequestContext,
-    correlate::{process::Owner, table::StreamTag},
-};
+use crate::context::RequestContext;
 
 /// How a stream ended, from the proxy's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -80,22 +67,6 @@ pub struct StreamOutcome {
     pub first_byte: Option<Duration>,
 }
 
-/// A breaker changed state; with the call whose result made it change, if one did, or the
-/// stream a kernel signal hit, and the kernel evidence about what the breaker guards.
-#[derive(Clone, Debug)]
-pub struct BreakerEvent {
-    pub transition: Transition,
-    pub trigger: Option<Arc<StreamOutcome>>,
-    /// A stream still in flight (or just ended) that the signal behind the change hit.
-    pub stream: Option<Arc<StreamTag>>,
-    /// `breaker_trip/v1` evidence objects, oldest first.
-    pub evidence: Vec<serde_json::Value>,
-    /// The process serving the endpoint, when it runs on this host.
-    pub upstream_owner: Option<Owner>,
-    /// When the change was published (the event's `ts`).
-    pub at: std::time::SystemTime,
-}
-
 mod opt_micros {
     pub fn serialize<S: serde::Serializer>(
         d: &Option<std::time::Duration>,
@@ -114,40 +85,5 @@ mod as_micros {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-    }
-}
-
-/// The publishing end, shared by every stream.
-pub type Outcomes = Published<StreamOutcome>;
-
-/// Breaker transitions, as they happen.
-pub type BreakerEvents = Published<BreakerEvent>;
-
-pub struct Published<T> {
-    tx: broadcast::Sender<T>,
-    published: AtomicU64,
-}
-
-impl<T: Clone> Published<T> {
-    pub fn new(capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
-        Self {
-            tx,
-            published: AtomicU64::new(0),
-        }
-    }
-
-    pub fn publish(&self, o: T) {
-        self.published.fetch_add(1, Ordering::Relaxed);
-        // No subscriber is fine: nobody asked.
-        let _ = self.tx.send(o);
-    }
-
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<T> {
-        self.tx.subscribe()
     }
 }
