@@ -173,7 +173,7 @@ fn signals(joins: &Joins) -> Vec<pb::SignalFigures> {
         .map(|(kind, k)| {
             let f = k.figures();
             pb::SignalFigures {
-                kind: kind.into(),
+                kind: kind.as_str().into(),
                 seen: f.seen,
                 joined: f.joined,
                 acted: f.acted,

@@ -256,7 +256,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: draining"); break }
             _ = sigint.recv() => { info!("SIGINT: draining"); break }
-            // What the proxy holds right now, as a JSON line (until the status API comes).
+            // What the proxy holds right now, as a JSON line on stdout (`agent status` asks the API).
             _ = sigusr1.recv() => {
                 let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
                 line["kind"] = "stats".into();
@@ -394,7 +394,7 @@ fn observe_kernel(
                     ("acted", f.acted),
                     ("duplicate", f.duplicates),
                 ] {
-                    observe(v, &[("kind", kind.into()), ("stage", stage.into())]);
+                    observe(v, &[("kind", kind.as_str().into()), ("stage", stage.into())]);
                 }
             }
         }),

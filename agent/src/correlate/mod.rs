@@ -46,7 +46,7 @@ use crate::{
         registry::{Breakers, Transition},
     },
     signals::{
-        GoStwPause, TcpReset,
+        GoStwPause, SignalKind, TcpReset,
         h2_frame::{FrameDetail, H2Frame},
         rapid_reset::{RapidReset, RapidResetDetector, RapidResetPolicy},
         tcp_reset::Direction,
@@ -57,8 +57,7 @@ use crate::{
 /// proxy's upstream traffic), and a detail (a reset's direction, a frame's error).
 #[derive(Clone, Debug)]
 pub struct SignalRecord {
-    /// `tcp_reset`, `rst_stream`, `goaway`, `go_stw`, `rapid_reset`.
-    pub kind: &'static str,
+    pub kind: SignalKind,
     /// `cluster/address` of the upstream endpoint; None when not the proxy's upstream traffic.
     pub endpoint: Option<Arc<str>>,
     /// `sent`/`received` for a reset, the error name for a frame, `` otherwise.
@@ -163,22 +162,26 @@ impl KindStats {
 }
 
 impl SignalStats {
-    /// Each kind's counters, by the name the stats line, the API and the metrics use.
-    pub fn by_kind(&self) -> [(&'static str, &KindStats); 5] {
-        [
-            ("tcp_reset", &self.tcp_resets),
-            ("rst_stream", &self.rst_streams),
-            ("goaway", &self.goaways),
-            ("go_stw", &self.stw_pauses),
-            ("rapid_reset", &self.rapid_resets),
-        ]
+    /// Each kind's counters, in [`SignalKind::ALL`] order.
+    pub fn by_kind(&self) -> [(SignalKind, &KindStats); SignalKind::ALL.len()] {
+        SignalKind::ALL.map(|kind| (kind, self.of(kind)))
+    }
+
+    pub fn of(&self, kind: SignalKind) -> &KindStats {
+        match kind {
+            SignalKind::TcpReset => &self.tcp_resets,
+            SignalKind::RstStream => &self.rst_streams,
+            SignalKind::Goaway => &self.goaways,
+            SignalKind::GoStw => &self.stw_pauses,
+            SignalKind::RapidReset => &self.rapid_resets,
+        }
     }
 
     pub fn figures(&self) -> Value {
         let mut v: serde_json::Map<String, Value> = self
             .by_kind()
             .into_iter()
-            .map(|(kind, k)| (kind.to_owned(), json!(k.figures())))
+            .map(|(kind, k)| (kind.as_str().to_owned(), json!(k.figures())))
             .collect();
         v.insert(
             "transitions".into(),
@@ -307,7 +310,7 @@ impl Correlator {
 
     fn record(
         &self,
-        kind: &'static str,
+        kind: SignalKind,
         endpoint: Option<String>,
         detail: &'static str,
         by: &'static str,
@@ -360,7 +363,7 @@ impl Correlator {
             Direction::Received => "received",
         };
         let Some((conn, our_end)) = self.connection(r.local, r.remote, r.netns) else {
-            self.record("tcp_reset", None, direction, "");
+            self.record(SignalKind::TcpReset, None, direction, "");
             return;
         };
         bump(&stats.joined);
@@ -378,7 +381,12 @@ impl Correlator {
             (Side::Upstream { .. }, true) => "upstream",
             (Side::Downstream { .. }, true) => "client",
         };
-        self.record("tcp_reset", self.upstream_name(&conn), direction, by);
+        self.record(
+            SignalKind::TcpReset,
+            self.upstream_name(&conn),
+            direction,
+            by,
+        );
         let mut json = json!({
             "kind": "tcp_reset",
             "at": wall_time(r.ktime_ns),
@@ -409,7 +417,8 @@ impl Correlator {
         match conn.side {
             Side::Upstream { cluster, endpoint } if by_peer => {
                 let used = self.config.upstream_tcp_reset;
-                if self.endpoint_signal(cluster, endpoint, "tcp_reset", used, ev, affected) {
+                if self.endpoint_signal(cluster, endpoint, SignalKind::TcpReset, used, ev, affected)
+                {
                     bump(&stats.acted);
                 }
             }
@@ -432,14 +441,13 @@ impl Correlator {
         if let Some(signal) = self.rapid_reset.observe(f) {
             self.rapid_reset_seen(&signal);
         }
-        let (kind, error, stats) = match &f.detail {
-            FrameDetail::RstStream { error, .. } => {
-                ("rst_stream", *error, &self.joins().stats.rst_streams)
-            }
-            FrameDetail::GoAway { error, .. } => ("goaway", *error, &self.joins().stats.goaways),
+        let (kind, error) = match &f.detail {
+            FrameDetail::RstStream { error, .. } => (SignalKind::RstStream, *error),
+            FrameDetail::GoAway { error, .. } => (SignalKind::Goaway, *error),
             _ => return,
         };
-        let is_rst = kind == "rst_stream";
+        let stats = self.joins().stats.of(kind);
+        let is_rst = kind == SignalKind::RstStream;
         bump(&stats.seen);
         // Only frames an upstream sent us: find our end as the receiver.
         let Some(conn) = self.joins().tracked.find(f.flow.dst, f.flow.src) else {
@@ -467,7 +475,7 @@ impl Correlator {
                 }
                 let used = self.config.upstream_rst_stream;
                 (
-                    "rst_stream",
+                    SignalKind::RstStream,
                     used,
                     json!({"stream_id": f.stream_id, "error_code": error_code, "error": error}),
                 )
@@ -483,7 +491,7 @@ impl Correlator {
                     self.config.upstream_goaway
                 };
                 (
-                    "goaway",
+                    SignalKind::Goaway,
                     used,
                     json!({"last_stream_id": last_stream_id, "error_code": error_code, "error": error}),
                 )
@@ -491,7 +499,7 @@ impl Correlator {
             _ => return,
         };
         let mut json = json;
-        json["kind"] = kind.into();
+        json["kind"] = kind.as_str().into();
         json["at"] = wall_time(f.ktime_ns).into();
         json["ktime_ns"] = f.ktime_ns.into();
         json["by"] = "upstream".into();
@@ -524,7 +532,7 @@ impl Correlator {
             .find(r.flow.dst, r.flow.src)
             .filter(|c| matches!(c.side, Side::Downstream { .. }));
         self.record(
-            "rapid_reset",
+            SignalKind::RapidReset,
             None,
             if conn.is_some() { "proxy" } else { "other" },
             "client",
@@ -572,9 +580,13 @@ impl Correlator {
             now,
         );
         let mut out = Vec::new();
-        self.targets
-            .breakers
-            .signal_client(&key, "rapid_reset", action, now, &mut out);
+        self.targets.breakers.signal_client(
+            &key,
+            SignalKind::RapidReset.as_str(),
+            action,
+            now,
+            &mut out,
+        );
         bump(&stats.acted);
         let stream = conn.affected_stream();
         self.publish_all(out, stream);
@@ -586,7 +598,7 @@ impl Correlator {
         let served = self.joins().endpoints_of(p.pid);
         let view = p.view(p.cookie.go_minor);
         self.targets.outlet.signal(SignalRecord {
-            kind: "go_stw",
+            kind: SignalKind::GoStw,
             endpoint: served.first().map(|(name, _)| name.as_str().into()),
             detail: "",
             by: "",
@@ -628,7 +640,7 @@ impl Correlator {
             let Some((cluster, endpoint)) = self.endpoint_index(&name) else {
                 continue;
             };
-            if self.endpoint_signal(cluster, endpoint, "go_stw", used, ev, None) {
+            if self.endpoint_signal(cluster, endpoint, SignalKind::GoStw, used, ev, None) {
                 bump(&stats.acted);
             }
         }
@@ -654,7 +666,7 @@ impl Correlator {
         &self,
         cluster: usize,
         endpoint: usize,
-        kind: &str,
+        kind: SignalKind,
         used: SignalUse,
         ev: Evidence,
         stream: Option<Arc<StreamTag>>,
@@ -677,9 +689,14 @@ impl Correlator {
             SignalUse::Annotate | SignalUse::Off => return false,
         };
         let mut out = Vec::new();
-        self.targets
-            .breakers
-            .signal_endpoint(cluster, endpoint, kind, action, now, &mut out);
+        self.targets.breakers.signal_endpoint(
+            cluster,
+            endpoint,
+            kind.as_str(),
+            action,
+            now,
+            &mut out,
+        );
         self.publish_all(out, stream);
         true
     }

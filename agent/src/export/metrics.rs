@@ -55,6 +55,7 @@ use crate::{
     correlate::SignalRecord,
     events::{BreakerEvent, outcome::StreamOutcome, writer::JournalStats},
     proxy::server::StatsSource,
+    signals::SignalKind,
 };
 
 /// Distinct `method` label values at most; the rest are `other`.
@@ -379,7 +380,7 @@ async fn record(
     let signal = |r: &SignalRecord| {
         let endpoint = KeyValue::new("endpoint", r.endpoint.as_deref().unwrap_or("").to_owned());
         match r.kind {
-            "tcp_reset" => i.tcp_resets.add(
+            SignalKind::TcpReset => i.tcp_resets.add(
                 1,
                 &[
                     KeyValue::new("direction", r.detail),
@@ -387,12 +388,12 @@ async fn record(
                     endpoint,
                 ],
             ),
-            "rst_stream" | "goaway" => i.h2_frames.add(
+            SignalKind::RstStream | SignalKind::Goaway => i.h2_frames.add(
                 1,
                 &[
                     KeyValue::new(
                         "type",
-                        if r.kind == "goaway" {
+                        if r.kind == SignalKind::Goaway {
                             "GOAWAY"
                         } else {
                             "RST_STREAM"
@@ -403,13 +404,12 @@ async fn record(
                     endpoint,
                 ],
             ),
-            "rapid_reset" => i.rapid_resets.add(1, &[KeyValue::new("target", r.detail)]),
-            "go_stw" => {
+            SignalKind::RapidReset => i.rapid_resets.add(1, &[KeyValue::new("target", r.detail)]),
+            SignalKind::GoStw => {
                 let process = recorded.processes.value(r.process.as_deref().unwrap_or(""));
                 i.stw
                     .record(r.seconds, &[KeyValue::new("process", process), endpoint]);
             }
-            _ => {}
         }
     };
     let outcome = |o: &StreamOutcome| {

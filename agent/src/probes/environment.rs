@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use tracing::{debug, info, warn};
 
+use super::ProbeName;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnvironmentError {
     #[error(
@@ -25,21 +27,15 @@ pub enum EnvironmentError {
     },
 }
 
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Loading programs needs CAP_BPF, attaching tracepoints and uprobes CAP_PERFMON; CAP_SYS_ADMIN
-/// covers both on every kernel.
+/// Loading programs needs CAP_BPF, attaching tracepoints CAP_PERFMON; CAP_SYS_ADMIN covers
+/// both on every kernel. What single probes need beyond that (`probe_gaps`) only degrades them.
 pub fn check_capabilities() -> Result<(), EnvironmentError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(EnvironmentError::UnreadableCapabilities)?;
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    let has = effective_capabilities()?;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         return Ok(());
     }
@@ -51,6 +47,36 @@ pub fn check_capabilities() -> Result<(), EnvironmentError> {
     Err(EnvironmentError::MissingCapabilities {
         missing: missing.join(" and "),
     })
+}
+
+/// Probes among `wanted` that will not attach for want of a capability, with the one they
+/// need: the Go uprobes need CAP_SYS_ADMIN (`perf_event_open` refuses uprobes to CAP_PERFMON
+/// alone), the HTTP/2 programs CAP_NET_ADMIN (cgroup_skb and TC attachment).
+pub fn probe_gaps(wanted: &[ProbeName]) -> Vec<(ProbeName, &'static str)> {
+    let Ok(has) = effective_capabilities() else {
+        return Vec::new();
+    };
+    wanted
+        .iter()
+        .filter_map(|probe| match probe {
+            ProbeName::GoGc if !has(CAP_SYS_ADMIN) => Some((*probe, "CAP_SYS_ADMIN")),
+            ProbeName::H2Frames if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) => {
+                Some((*probe, "CAP_NET_ADMIN"))
+            }
+            ProbeName::GoGc | ProbeName::H2Frames | ProbeName::TcpReset => None,
+        })
+        .collect()
+}
+
+fn effective_capabilities() -> Result<impl Fn(u32) -> bool, EnvironmentError> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(EnvironmentError::UnreadableCapabilities)?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    Ok(move |cap: u32| effective & (1u64 << cap) != 0)
 }
 
 /// Returns where tracefs is mounted, mounting it at /sys/kernel/tracing when it is not.

@@ -193,6 +193,13 @@ pub struct Probes {
 impl Probes {
     pub fn load(opts: &LoadOptions) -> Result<(Self, RingBuf<MapData>, Decoder), ProbeError> {
         environment::check_capabilities()?;
+        for (probe, capability) in environment::probe_gaps(&opts.probes) {
+            let probe = probe.as_str();
+            warn!(
+                probe,
+                capability, "{probe} needs {capability}: it will be reported not attached"
+            );
+        }
         let tracefs = environment::ensure_tracefs()?;
         environment::raise_memlock_limit();
 

@@ -208,11 +208,6 @@ impl ClusterPool {
         self.endpoints.iter().map(|e| e.address.clone()).collect()
     }
 
-    /// The index of the endpoint at `address`, as configured.
-    pub fn endpoint_index(&self, address: &str) -> Option<usize> {
-        self.endpoints.iter().position(|e| e.address == address)
-    }
-
     /// Picks an endpoint among those `allowed` (their breakers closed, say): the one with
     /// fewer calls in flight of two picked at random. Returns its index.
     pub fn pick(&self, allowed: impl Fn(usize) -> bool) -> Option<usize> {

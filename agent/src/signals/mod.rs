@@ -14,6 +14,44 @@ use agent_common::events::{EventHeader, EventKind};
 pub use go_stw::GoStwPause;
 pub use tcp_reset::{TcpReset, TcpResetDecoder};
 
+/// The kinds of signal the correlator acts on, by the name the stats, metrics, API and trip
+/// events use. Matches over it are exhaustive: a new kind must be given its counters and metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    TcpReset,
+    RstStream,
+    Goaway,
+    GoStw,
+    RapidReset,
+}
+
+impl SignalKind {
+    pub const ALL: [SignalKind; 5] = [
+        SignalKind::TcpReset,
+        SignalKind::RstStream,
+        SignalKind::Goaway,
+        SignalKind::GoStw,
+        SignalKind::RapidReset,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SignalKind::TcpReset => "tcp_reset",
+            SignalKind::RstStream => "rst_stream",
+            SignalKind::Goaway => "goaway",
+            SignalKind::GoStw => "go_stw",
+            SignalKind::RapidReset => "rapid_reset",
+        }
+    }
+}
+
+impl std::fmt::Display for SignalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Signal {
     TcpReset(TcpReset),
