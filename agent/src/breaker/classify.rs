@@ -4,6 +4,7 @@
 //! healthy servers for their clients' bad arguments; this is the table that prevents it.
 
 use serde::Deserialize;
+use tonic::Code;
 
 use super::circuit::Mark;
 
@@ -53,15 +54,12 @@ pub struct Verdict {
     pub client: Mark,
 }
 
-const OK: u32 = 0;
-const CANCELLED: u32 = 1;
-const UNKNOWN: u32 = 2;
-const DEADLINE_EXCEEDED: u32 = 4;
-const RESOURCE_EXHAUSTED: u32 = 8;
-const INTERNAL: u32 = 13;
-const UNAVAILABLE: u32 = 14;
-const DATA_LOSS: u32 = 15;
-const UNAUTHENTICATED: u32 = 16;
+/// The status a `grpc-status` value names; None for a value outside the 17 codes (tonic maps
+/// those to UNKNOWN, which would make a server's odd but answered status a failure).
+fn known_code(status: u32) -> Option<Code> {
+    let code = Code::from(i32::try_from(status).ok()?);
+    (code as u32 == status).then_some(code)
+}
 
 pub fn classify(f: &Facts, resource_exhausted: Attribution) -> Verdict {
     use Mark::{Failure, Neutral, Success};
@@ -78,21 +76,25 @@ pub fn classify(f: &Facts, resource_exhausted: Attribution) -> Verdict {
             Some(_) => v(Success, Success),
             None => v(Failure, Success),
         },
-        Ended::Answered => match f.grpc_status {
-            Some(OK) => v(Success, Success),
+        Ended::Answered => match f.grpc_status.map(known_code) {
+            Some(Some(Code::Ok)) => v(Success, Success),
             // The server's view of the client's cancel.
-            Some(CANCELLED) => v(Neutral, Neutral),
-            Some(UNKNOWN | INTERNAL | UNAVAILABLE | DATA_LOSS | DEADLINE_EXCEEDED) => {
-                v(Failure, Success)
-            }
-            Some(RESOURCE_EXHAUSTED) => match resource_exhausted {
+            Some(Some(Code::Cancelled)) => v(Neutral, Neutral),
+            Some(Some(
+                Code::Unknown
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+                | Code::DeadlineExceeded,
+            )) => v(Failure, Success),
+            Some(Some(Code::ResourceExhausted)) => match resource_exhausted {
                 Attribution::Upstream => v(Failure, Success),
                 Attribution::Client => v(Success, Failure),
                 Attribution::Ignore => v(Neutral, Neutral),
             },
             // An expired token is the client's fault alone: the server that refused it is
             // healthy, the client that keeps sending it is not.
-            Some(UNAUTHENTICATED) if f.token_expired => v(Success, Failure),
+            Some(Some(Code::Unauthenticated)) if f.token_expired => v(Success, Failure),
             // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED,
             // FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, UNAUTHENTICATED:
             // the server answered, correctly, about the request.

@@ -5,14 +5,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-/// gRPC status codes the proxy produces itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Code {
-    Cancelled = 1,
-    DeadlineExceeded = 4,
-    Unavailable = 14,
-    Unimplemented = 12,
-}
+/// gRPC status codes: tonic's, the one definition the proxy, the breakers and the API share.
+pub use tonic::Code;
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto|...]`).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
@@ -94,7 +88,7 @@ pub fn encode_message(msg: &str) -> HeaderValue {
 /// Trailers carrying a status.
 pub fn status_trailers(code: Code, message: &str) -> HeaderMap {
     let mut t = HeaderMap::new();
-    t.insert("grpc-status", HeaderValue::from(code as u32));
+    t.insert("grpc-status", HeaderValue::from(code as i32));
     if !message.is_empty() {
         t.insert("grpc-message", encode_message(message));
     }

@@ -31,6 +31,10 @@ fn every_grpc_status_has_an_owner() {
     }
     assert_eq!(verdict(answered(1)), (Neutral, Neutral));
     assert_eq!(verdict(answered(8)), (Neutral, Neutral));
+    // Outside the 17 codes: an answer about the request, not tonic's UNKNOWN (a failure).
+    for s in [17, 99, u32::MAX] {
+        assert_eq!(verdict(answered(s)), (Success, Success), "status {s}");
+    }
 }
 
 #[test]
