@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, warn};
 
-use super::{Correlator, Targets, config::Parsed, config::SignalsConfig};
+use super::{Correlator, Targets, config::Parsed, config::SignalsConfig, owners::OwnerLookup};
 use crate::{
     probes::{
         LoadOptions, ProbeName, ProbeStatus, Probes,
@@ -112,7 +112,11 @@ impl KernelFeed {
         let counters = ProbeCounters::default();
         let counters_out = counters.clone();
         let (stop, mut stopped) = watch::channel(false);
-        let joins = targets.joins.clone();
+        let owners = OwnerLookup {
+            joins: targets.joins.clone(),
+            endpoints: targets.endpoints.clone(),
+        }
+        .spawn(stopped.clone());
         let mut correlator = Correlator::new(targets, config.clone(), parsed);
         let task = tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
@@ -142,17 +146,17 @@ impl KernelFeed {
                         }
                     }
                     _ = sweep.tick() => {
-                        correlator.sweep().await;
+                        correlator.sweep();
                         let discovered = discovery.as_ref().map(|d| d.figures.named()).into_iter().flatten();
                         counters_out.set(
                             probes.counters().into_iter().chain(discovered).map(|(k, v)| (k.to_owned(), v)),
                         );
                     }
-                    _ = joins.tracked.upstream_opened.notified() => correlator.look_up_owners().await,
                     _ = stopped.changed() => { let _ = stop_reader.send(true); }
                 }
             }
             let _ = reader.await;
+            owners.abort();
             // Go process events still queued when the ring closed are tapped, not lost.
             if let (Some(d), Some(tap)) = (discovery.as_mut(), tap.as_mut()) {
                 while let Ok(event) = d.events.try_recv() {

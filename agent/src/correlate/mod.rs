@@ -15,13 +15,13 @@
 pub mod config;
 pub mod evidence;
 pub mod feed;
+pub mod owners;
 pub mod process;
 pub mod table;
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -31,7 +31,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tracing::{debug, info};
+use tracing::info;
 
 use self::{
     config::{Parsed, SignalUse, SignalsConfig},
@@ -98,7 +98,7 @@ impl Joins {
             .cloned()
     }
 
-    fn set_owner(&self, endpoint: String, owner: Owner) {
+    pub(super) fn set_owner(&self, endpoint: String, owner: Owner) {
         self.owners
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -713,42 +713,12 @@ impl Correlator {
         }
     }
 
-    /// Periodic work: forget old connections and evidence, and look for the processes serving
-    /// newly connected endpoints.
-    pub async fn sweep(&self) {
+    /// Periodic work: forget old connections and evidence. (The processes serving endpoints
+    /// are looked up by [`owners::OwnerLookup`], on a task of its own.)
+    pub fn sweep(&self) {
         let now = Instant::now();
         self.joins().tracked.sweep(now);
         self.joins().board.sweep(now);
-        self.look_up_owners().await;
-    }
-
-    /// Looks for the processes serving newly connected endpoints (reading /proc: off the
-    /// runtime's threads).
-    pub async fn look_up_owners(&self) {
-        let pending = self.joins().tracked.upstreams_to_look_up();
-        for conn in pending {
-            conn.owner_looked_up.store(true, Ordering::Relaxed);
-            let Side::Upstream { cluster, endpoint } = conn.side else {
-                continue;
-            };
-            let Some(name) = self.endpoint_name(cluster, endpoint) else {
-                continue;
-            };
-            let (local, peer) = (conn.local, conn.peer);
-            let found = tokio::task::spawn_blocking(move || {
-                process::peer_owner(Path::new("/proc"), local, peer)
-            })
-            .await
-            .ok()
-            .flatten();
-            match found {
-                Some(owner) => {
-                    debug!(endpoint = %name, pid = owner.pid, comm = %owner.comm, netns = owner.netns, "endpoint served by");
-                    self.joins().set_owner(name, owner);
-                }
-                None => debug!(endpoint = %name, "no local process serves this endpoint"),
-            }
-        }
     }
 }
 

@@ -1,0 +1,69 @@
+//! Which local process serves each upstream endpoint, found from /proc when the proxy opens a
+//! connection to it. On a task of its own: a /proc scan takes milliseconds on a busy node, and
+//! the signal loop must not wait for it (signals would queue in the ring meanwhile).
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::debug;
+
+use super::{EndpointNames, Joins, process, table::Side};
+
+/// Looks again this often for connections whose notification was missed or whose lookup
+/// raced the connection's registration.
+const RESCAN: Duration = Duration::from_secs(1);
+
+pub struct OwnerLookup {
+    pub joins: Arc<Joins>,
+    pub endpoints: EndpointNames,
+}
+
+impl OwnerLookup {
+    /// Runs until `stopped` turns true: on every newly opened upstream connection, and every
+    /// [`RESCAN`].
+    pub fn spawn(self, mut stopped: watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut rescan = tokio::time::interval(RESCAN);
+            loop {
+                tokio::select! {
+                    _ = self.joins.tracked.upstream_opened.notified() => {}
+                    _ = rescan.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                self.look_up_pending().await;
+            }
+        })
+    }
+
+    /// Looks up the serving process of every upstream connection not looked up yet (reading
+    /// /proc on a blocking thread, off the runtime's).
+    pub async fn look_up_pending(&self) {
+        for conn in self.joins.tracked.upstreams_to_look_up() {
+            conn.owner_looked_up.store(true, Ordering::Relaxed);
+            let Side::Upstream { cluster, endpoint } = conn.side else {
+                continue;
+            };
+            let Some(name) = self.endpoints.name(cluster, endpoint) else {
+                continue;
+            };
+            let (local, peer) = (conn.local, conn.peer);
+            let found = tokio::task::spawn_blocking(move || {
+                process::peer_owner(Path::new("/proc"), local, peer)
+            })
+            .await
+            .ok()
+            .flatten();
+            match found {
+                Some(owner) => {
+                    debug!(endpoint = %name, pid = owner.pid, comm = %owner.comm, netns = owner.netns, "endpoint served by");
+                    self.joins.set_owner(name, owner);
+                }
+                None => debug!(endpoint = %name, "no local process serves this endpoint"),
+            }
+        }
+    }
+}
