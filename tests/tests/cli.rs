@@ -38,6 +38,7 @@ fn text(out: &Output) -> (String, String) {
 }
 
 #[test]
+#[ignore = "needs the agent binary (`cargo build -p agent`); run by `cargo xtask test`"]
 fn the_cli_reads_and_drives_a_running_agent() {
     let (_server, up) = grpcio_server();
     let c = grpcio_client(up, "control", &["--code", "UNAVAILABLE"]);

@@ -102,6 +102,7 @@ fn median(v: &mut [u64]) -> u64 {
 /// client's trace id, session id and verified claims, and the reset as evidence, with the time
 /// from the kernel event to the trip.
 #[test]
+#[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn upstream_tcp_resets_trip_its_breaker_with_the_streams_context() {
     require_root();
     let (server, up) = grpcio_server();
@@ -223,6 +224,7 @@ probes = ["tcp-reset"]
 /// every 200 ms, with a 1 µs stop-the-world threshold: its pauses trip its endpoint's breaker,
 /// and the event names its process, found across the namespace by the socket it serves on.
 #[test]
+#[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn a_go_upstreams_gc_pause_is_attributed_to_its_endpoint_across_namespaces() {
     require_root();
     let net = Netns::create("cor", "10.213.78");
@@ -296,6 +298,7 @@ upstream_stw = "trip"
 /// `attacker` trips that client's breaker; its next calls are refused at once while another
 /// client's all succeed.
 #[test]
+#[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn a_rapid_reset_client_trips_only_its_own_breaker() {
     require_root();
     let (_server, up) = grpcio_server();

@@ -26,6 +26,7 @@ fn manifests() -> Vec<PathBuf> {
 }
 
 #[test]
+#[ignore = "needs kubernetes-validate (Python, from `cargo xtask setup`); run by `cargo xtask test`"]
 fn the_manifests_validate_against_the_kubernetes_schemas() {
     let files = manifests();
     for kind in [
@@ -79,6 +80,7 @@ fn configmap_config() -> String {
 }
 
 #[test]
+#[ignore = "needs the agent binary (`cargo build -p agent`); run by `cargo xtask test`"]
 fn the_configmaps_configuration_passes_check_config() {
     let dir = std::env::temp_dir().join(format!("e2e-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -120,6 +122,7 @@ fn daemonset_capabilities() -> String {
 }
 
 #[test]
+#[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn the_daemonsets_capabilities_are_enough_for_every_probe() {
     require_root();
     let caps = daemonset_capabilities();

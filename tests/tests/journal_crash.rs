@@ -49,6 +49,7 @@ fn journal(dir: &std::path::Path) -> Vec<Value> {
 }
 
 #[test]
+#[ignore = "needs root: loads eBPF programs; run by `cargo xtask test`"]
 fn kill_9_during_a_storm_of_10000_trips_loses_no_reported_event() {
     e2e::require_root();
     let (_server, up) = grpcio_server();

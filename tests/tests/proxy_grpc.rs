@@ -46,36 +46,43 @@ fn grpcio_case(case: &str) -> Vec<Value> {
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn unary_calls_pass_unchanged() {
     grpcio_case("unary");
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn custom_and_binary_metadata_pass_both_ways_in_headers_and_trailers() {
     grpcio_case("metadata");
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn a_1000_message_server_stream_arrives_in_order() {
     grpcio_case("server-stream");
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn a_1000_message_client_stream_arrives_whole() {
     grpcio_case("client-stream");
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn bidi_ping_pong_round_trips() {
     grpcio_case("bidi");
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn four_mib_messages_pass_both_ways() {
     grpcio_case("large");
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn all_17_status_codes_pass_in_trailers_and_trailers_only() {
     let lines = grpcio_case("status");
     let calls: Vec<&Value> = lines.iter().filter(|l| l["event"] == "status").collect();
@@ -84,6 +91,7 @@ fn all_17_status_codes_pass_in_trailers_and_trailers_only() {
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn grpc_go_unary_and_streaming_calls_pass() {
     let (_server, upstream) = grpc_server("127.0.0.1", &[]);
     let proxy = AgentProxy::quick(&[upstream]);
@@ -121,6 +129,7 @@ fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 }
 
 #[test]
+#[ignore = "needs the agent binary and real peers (Go, grpcio) from `cargo xtask setup`; run by `cargo xtask test`"]
 fn a_tls_listener_with_alpn_h2_serves_grpc() {
     let dir = std::env::temp_dir().join(format!("e2e-proxy-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
