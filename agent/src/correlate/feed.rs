@@ -116,7 +116,7 @@ impl KernelFeed {
             joins: targets.joins.clone(),
             endpoints: targets.endpoints.clone(),
         }
-        .spawn(stopped.clone());
+        .spawn(SWEEP_INTERVAL, stopped.clone());
         let mut correlator = Correlator::new(targets, config.clone(), parsed);
         let task = tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);

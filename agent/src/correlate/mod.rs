@@ -388,7 +388,7 @@ impl Correlator {
             by,
         );
         let mut json = json!({
-            "kind": "tcp_reset",
+            "kind": SignalKind::TcpReset.as_str(),
             "at": wall_time(r.ktime_ns),
             "ktime_ns": r.ktime_ns,
             "by": by,
@@ -542,7 +542,7 @@ impl Correlator {
         };
         bump(&stats.joined);
         let json = json!({
-            "kind": "rapid_reset",
+            "kind": SignalKind::RapidReset.as_str(),
             "at": wall_time(r.ktime_ns),
             "ktime_ns": r.ktime_ns,
             "by": "client",
@@ -621,7 +621,7 @@ impl Correlator {
         }
         for (name, owner) in served {
             let json = json!({
-                "kind": "go_stw",
+                "kind": SignalKind::GoStw.as_str(),
                 "at": wall_time(p.stop_ns),
                 "ktime_ns": p.stop_ns,
                 "by": "upstream",

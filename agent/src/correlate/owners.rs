@@ -13,10 +13,6 @@ use tracing::debug;
 
 use super::{EndpointNames, Joins, process, table::Side};
 
-/// Looks again this often for connections whose notification was missed or whose lookup
-/// raced the connection's registration.
-const RESCAN: Duration = Duration::from_secs(1);
-
 pub struct OwnerLookup {
     pub joins: Arc<Joins>,
     pub endpoints: EndpointNames,
@@ -24,10 +20,10 @@ pub struct OwnerLookup {
 
 impl OwnerLookup {
     /// Runs until `stopped` turns true: on every newly opened upstream connection, and every
-    /// [`RESCAN`].
-    pub fn spawn(self, mut stopped: watch::Receiver<bool>) -> JoinHandle<()> {
+    /// `rescan` for connections whose notification raced their registration.
+    pub fn spawn(self, rescan: Duration, mut stopped: watch::Receiver<bool>) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let mut rescan = tokio::time::interval(RESCAN);
+            let mut rescan = tokio::time::interval(rescan);
             loop {
                 tokio::select! {
                     _ = self.joins.tracked.upstream_opened.notified() => {}

@@ -33,11 +33,32 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Loading programs needs CAP_BPF, attaching tracepoints CAP_PERFMON; CAP_SYS_ADMIN covers
-/// both on every kernel. What single probes need beyond that (`probe_gaps`) only degrades them.
-pub fn check_capabilities() -> Result<(), EnvironmentError> {
-    let has = effective_capabilities()?;
+/// both on every kernel. Without those, an error. What single probes among `wanted` need
+/// beyond that only degrades them: returned as (probe, capability) for the caller to warn.
+/// The Go uprobes need CAP_SYS_ADMIN (`perf_event_open` refuses uprobes to CAP_PERFMON alone),
+/// the HTTP/2 programs CAP_NET_ADMIN (cgroup_skb and TC attachment).
+pub fn check_capabilities(
+    wanted: &[ProbeName],
+) -> Result<Vec<(ProbeName, &'static str)>, EnvironmentError> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(EnvironmentError::UnreadableCapabilities)?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return Ok(());
+        return Ok(wanted
+            .iter()
+            .filter_map(|probe| match probe {
+                ProbeName::GoGc if !has(CAP_SYS_ADMIN) => Some((*probe, "CAP_SYS_ADMIN")),
+                ProbeName::H2Frames if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) => {
+                    Some((*probe, "CAP_NET_ADMIN"))
+                }
+                ProbeName::GoGc | ProbeName::H2Frames | ProbeName::TcpReset => None,
+            })
+            .collect());
     }
     let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
         .into_iter()
@@ -47,36 +68,6 @@ pub fn check_capabilities() -> Result<(), EnvironmentError> {
     Err(EnvironmentError::MissingCapabilities {
         missing: missing.join(" and "),
     })
-}
-
-/// Probes among `wanted` that will not attach for want of a capability, with the one they
-/// need: the Go uprobes need CAP_SYS_ADMIN (`perf_event_open` refuses uprobes to CAP_PERFMON
-/// alone), the HTTP/2 programs CAP_NET_ADMIN (cgroup_skb and TC attachment).
-pub fn probe_gaps(wanted: &[ProbeName]) -> Vec<(ProbeName, &'static str)> {
-    let Ok(has) = effective_capabilities() else {
-        return Vec::new();
-    };
-    wanted
-        .iter()
-        .filter_map(|probe| match probe {
-            ProbeName::GoGc if !has(CAP_SYS_ADMIN) => Some((*probe, "CAP_SYS_ADMIN")),
-            ProbeName::H2Frames if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) => {
-                Some((*probe, "CAP_NET_ADMIN"))
-            }
-            ProbeName::GoGc | ProbeName::H2Frames | ProbeName::TcpReset => None,
-        })
-        .collect()
-}
-
-fn effective_capabilities() -> Result<impl Fn(u32) -> bool, EnvironmentError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(EnvironmentError::UnreadableCapabilities)?;
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    Ok(move |cap: u32| effective & (1u64 << cap) != 0)
 }
 
 /// Returns where tracefs is mounted, mounting it at /sys/kernel/tracing when it is not.

@@ -192,12 +192,12 @@ pub struct Probes {
 
 impl Probes {
     pub fn load(opts: &LoadOptions) -> Result<(Self, RingBuf<MapData>, Decoder), ProbeError> {
-        environment::check_capabilities()?;
-        for (probe, capability) in environment::probe_gaps(&opts.probes) {
+        for (probe, capability) in environment::check_capabilities(&opts.probes)? {
             let probe = probe.as_str();
             warn!(
                 probe,
-                capability, "{probe} needs {capability}: it will be reported not attached"
+                capability,
+                "{probe} needs {capability}, which the agent lacks: the kernel will refuse its programs"
             );
         }
         let tracefs = environment::ensure_tracefs()?;
