@@ -21,22 +21,21 @@ pub fn gctrace_stw_figures(line: &str) -> (f64, f64) {
 /// Groups the agent's pauses for `pid` into GC cycles: a cycle starts with a pause that is not
 /// mark termination (sweep termination) and ends with its last mark-termination pause (the
 /// runtime may restart mark once, with an extra pause gctrace does not print).
-pub fn agent_cycles(events: &[Value], pid: u32) -> Vec<(f64, f64)> {
+pub fn agent_cycle_pauses(events: &[Value], pid: u32) -> Vec<(&Value, &Value)> {
     let mut pauses: Vec<&Value> = events
         .iter()
         .filter(|e| e["kind"] == "gc_stw" && e["pid"] == pid)
         .collect();
     pauses.sort_by_key(|e| e["start_ns"].as_u64().unwrap());
-    let us = |e: &Value| e["duration_ns"].as_f64().unwrap() / 1000.0;
-    let mut cycles: Vec<(f64, Option<f64>)> = Vec::new();
+    let mut cycles: Vec<(&Value, Option<&Value>)> = Vec::new();
     for p in pauses {
         if p["reason"] == "GC mark termination" {
             let last = cycles
                 .last_mut()
                 .unwrap_or_else(|| panic!("mark termination without a sweep termination: {p}"));
-            last.1 = Some(us(p));
+            last.1 = Some(p);
         } else {
-            cycles.push((us(p), None));
+            cycles.push((p, None));
         }
     }
     cycles
@@ -50,6 +49,19 @@ pub fn agent_cycles(events: &[Value], pid: u32) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A pause's duration as the agent reports it, in microseconds.
+pub fn pause_us(pause: &Value) -> f64 {
+    pause["duration_ns"].as_f64().unwrap() / 1000.0
+}
+
+/// [`agent_cycle_pauses`] as (sweep termination, mark termination) durations in microseconds.
+pub fn agent_cycles(events: &[Value], pid: u32) -> Vec<(f64, f64)> {
+    agent_cycle_pauses(events, pid)
+        .into_iter()
+        .map(|(s, m)| (pause_us(s), pause_us(m)))
+        .collect()
+}
+
 /// gctrace's STW figures of every cycle in a process's stderr.
 pub fn gctrace_cycles(stderr: &str) -> Vec<(f64, f64)> {
     stderr
@@ -59,9 +71,14 @@ pub fn gctrace_cycles(stderr: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// The acceptance bound: the agent's figure within max(10 %, 50 us) of gctrace's.
+/// The acceptance bound, max(10 %, 50 us) of gctrace's figure, in microseconds.
+pub fn tolerance_us(gctrace_us: f64) -> f64 {
+    (0.1 * gctrace_us).max(50.0)
+}
+
+/// The agent's figure within [`tolerance_us`] of gctrace's.
 pub fn within_tolerance(gctrace_us: f64, agent_us: f64) -> bool {
-    (agent_us - gctrace_us).abs() <= (0.1 * gctrace_us).max(50.0)
+    (agent_us - gctrace_us).abs() <= tolerance_us(gctrace_us)
 }
 
 /// How many of the agent's pauses are within max(10 %, 50 us) of gctrace's, and the spread.

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub mod gc;
 pub mod proxy;
+pub mod witness;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

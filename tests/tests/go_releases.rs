@@ -4,7 +4,9 @@
 //! `tests/peers/go-releases.txt`), each plain and stripped, first one after another and then
 //! twenty at once (of fresh copies: binaries the agent has not seen). Each process sleeps 100 ms
 //! before its GC cycles and is told nothing about the agent: every one must be attached and
-//! every pause reported, within max(10 %, 50 us) of the runtime's own gctrace. Once with
+//! every pause reported, within max(10 %, 50 us) of the runtime's own gctrace, or differing by
+//! no more than the time the kernel's own record (`perf`, [`e2e::witness`]) shows the pausing
+//! thread losing where one side's window runs and the other's does not. Once with
 //! `agent trace`, once with `agent run` (its correlator consuming), and once with `agent
 //! trace` writing into a pipe nobody reads until the end: that stalled the one loop that also
 //! handled execs, and every process started meanwhile went unseen.
@@ -20,10 +22,14 @@ use std::{
 
 use e2e::{
     Trace, agent_bin, collect_lines,
-    gc::{Agreement, agent_cycles, gctrace_cycles, within_tolerance},
+    gc::{
+        Agreement, agent_cycle_pauses, agent_cycles, gctrace_cycles, pause_us, tolerance_us,
+        within_tolerance,
+    },
     go_peer_built_by, go_releases,
     proxy::{AgentProxy, config_file},
     require_root,
+    witness::{self, Witness},
 };
 use serde_json::Value;
 
@@ -125,8 +131,15 @@ fn workload(bins: &[(String, PathBuf)], tag: &str) -> Vec<Finished> {
     done
 }
 
-/// Every process attached, every cycle's two pauses reported and within tolerance.
-fn check(session: &str, events: &[Value], finished: &[Finished]) {
+/// Pauses per thousand that may differ from gctrace with nothing in the kernel's record to
+/// account for it. Measured over 9000 pauses of this workload: 7 (0.08 %), each a thread that
+/// the guest kernel saw running, uninterrupted and not stolen from, for 70-280 us between the
+/// runtime's clock read and the probe's, on one side only (see the README's Go section).
+const UNWITNESSED_PER_THOUSAND: usize = 5;
+
+/// Every process attached, every cycle's two pauses reported; each within tolerance of gctrace
+/// or its difference witnessed.
+fn check(session: &str, events: &[Value], finished: &[Finished], witness: &witness::Record) {
     let attached = |pid: u32| {
         events
             .iter()
@@ -143,33 +156,45 @@ fn check(session: &str, events: &[Value], finished: &[Finished]) {
     );
     let mut gctrace_all = Vec::new();
     let mut agent_all = Vec::new();
+    let mut witnessed = 0;
+    let mut unwitnessed = Vec::new();
     for f in finished {
-        let agent = agent_cycles(events, f.pid);
-        let pauses: Vec<&Value> = events
-            .iter()
-            .filter(|e| e["kind"] == "gc_stw" && e["pid"] == f.pid)
-            .collect();
+        let cycles = agent_cycle_pauses(events, f.pid);
         assert_eq!(
-            agent.len(),
+            cycles.len(),
             f.gctrace.len(),
-            "{session}: {} (pid {}): the agent must report both pauses of every cycle\nattached: {:?}\npauses: {pauses:?}\ngctrace: {:?}",
+            "{session}: {} (pid {}): the agent must report both pauses of every cycle\nattached: {:?}\npauses: {cycles:?}\ngctrace: {:?}",
             f.label,
             f.pid,
             attached(f.pid),
             f.gctrace
         );
-        for ((gs, gm), (a_s, a_m)) in f.gctrace.iter().zip(&agent) {
-            for (g, a) in [(gs, a_s), (gm, a_m)] {
-                if !within_tolerance(*g, *a) {
-                    eprintln!(
-                        "{session}: {} (pid {}): gctrace {g:.1}us, agent {a:.1}us",
-                        f.label, f.pid
-                    );
+        for ((gs, gm), (ps, pm)) in f.gctrace.iter().zip(&cycles) {
+            for (g, pause) in [(*gs, *ps), (*gm, *pm)] {
+                let a = pause_us(pause);
+                if within_tolerance(g, a) {
+                    continue;
+                }
+                let (tid, from, to) = differing_window(g, pause);
+                let lost_us = witness.lost_ns(tid, from, to) as f64 / 1e3;
+                let line = format!(
+                    "{session}: {} (pid {} tid {tid}) {}: gctrace {g:.1}us, agent {a:.1}us; the thread lost {lost_us:.1}us there: {}",
+                    f.label,
+                    f.pid,
+                    pause["reason"],
+                    witness.describe(tid, from, to)
+                );
+                if (a - g).abs() <= tolerance_us(g) + lost_us {
+                    witnessed += 1;
+                    eprintln!("{line} (witnessed)");
+                } else {
+                    eprintln!("{line} (NOT witnessed)");
+                    unwitnessed.push(line);
                 }
             }
         }
         gctrace_all.extend_from_slice(&f.gctrace);
-        agent_all.extend(agent);
+        agent_all.extend(agent_cycles(events, f.pid));
     }
     let agreement = Agreement::of(session, &gctrace_all, &agent_all);
     let mut new_binary_us: Vec<u64> = finished
@@ -186,20 +211,37 @@ fn check(session: &str, events: &[Value], finished: &[Finished]) {
             .unwrap_or(0)
     };
     eprintln!(
-        "{session}: {} processes attached; {agreement}; exec-to-attach of {} new binaries: median {} us, max {} us",
+        "{session}: {} processes attached; {agreement}; {witnessed} others witnessed, {} not; exec-to-attach of {} new binaries: median {} us, max {} us",
         finished.len(),
+        unwitnessed.len(),
         new_binary_us.len(),
         q(0.5),
         q(1.0)
     );
-    // Every pause is reported (above). A few can differ from gctrace by a time slice: a probe
-    // is a trap, and the kernel may preempt the stopping thread on the way back to Go, inside
-    // the window one side measures and outside the other's (those are printed above).
+    // Every pause is reported (above). Where one differs from gctrace, the kernel must have seen
+    // the pausing thread lose the difference: a probe is a trap, and the thread can be
+    // preempted, interrupted or stolen from between the runtime's clock read and the probe's.
     assert!(
-        agreement.share() >= 0.98,
-        "{session}: only {:.1}% of pauses within max(10%, 50us) of gctrace",
-        agreement.share() * 100.0
+        unwitnessed.len() * 1000 <= UNWITNESSED_PER_THOUSAND * agreement.pauses,
+        "{session}: {} pauses differ from gctrace by more than the tolerance and the time the thread was seen to lose:\n{}",
+        unwitnessed.len(),
+        unwitnessed.join("\n")
     );
+}
+
+/// The pause's thread, and where the two windows differ (CLOCK_MONOTONIC ns): when the agent's
+/// is longer, inside it; when gctrace's is, just before the agent's start (the runtime reads
+/// its clock before it calls `stopTheWorldWithSema`, the agent when its probe's handler runs).
+fn differing_window(gctrace_us: f64, pause: &Value) -> (u32, u64, u64) {
+    let tid = pause["tid"].as_u64().unwrap() as u32;
+    let start = pause["start_ns"].as_u64().unwrap();
+    let agent_ns = pause["duration_ns"].as_u64().unwrap();
+    let gctrace_ns = (gctrace_us * 1000.0) as u64;
+    if agent_ns > gctrace_ns {
+        (tid, start, start + agent_ns)
+    } else {
+        (tid, start.saturating_sub(gctrace_ns), start)
+    }
 }
 
 #[test]
@@ -207,7 +249,9 @@ fn check(session: &str, events: &[Value], finished: &[Finished]) {
 fn agent_trace_attaches_every_go_process_of_every_release() {
     let bins = binaries();
     let mut trace = Trace::start(&["--probes", "go-gc"]);
+    let witness = Witness::start();
     let finished = workload(&bins, "trace");
+    let witness = witness.stop();
     let last = finished.last().unwrap().pid;
     assert!(
         trace.wait_for(Duration::from_secs(10), |ev| ev
@@ -217,7 +261,7 @@ fn agent_trace_attaches_every_go_process_of_every_release() {
     );
     // Stopping drains what the kernel still holds.
     let out = trace.stop();
-    check("agent trace", &out.events, &finished);
+    check("agent trace", &out.events, &finished, &witness);
 }
 
 #[test]
@@ -234,14 +278,16 @@ fn agent_run_attaches_every_go_process_of_every_release() {
     );
     let mut agent =
         AgentProxy::start_with_probes(&["--config", config.to_str().unwrap(), "--print-signals"]);
+    let witness = Witness::start();
     let finished = workload(&bins, "run");
+    let witness = witness.stop();
     let last = finished.last().unwrap().pid;
     agent.process.wait_line(Duration::from_secs(10), |v| {
         v["state"] == "detached" && v["pid"] == last
     });
     let (status, lines, stderr) = agent.terminate(Duration::from_secs(30));
     assert!(status.success(), "agent run failed: {stderr}");
-    check("agent run", &lines, &finished);
+    check("agent run", &lines, &finished, &witness);
 }
 
 #[test]
@@ -311,4 +357,27 @@ fn finish(mut r: Running, cycles: usize) -> Finished {
         pid,
         gctrace,
     }
+}
+
+/// The witness's reading of perf's output (no root needed).
+#[test]
+fn the_witness_counts_off_cpu_interrupt_and_stolen_time() {
+    let script = "\
+  100 [000] 10.000000000: sched:sched_switch: prev_comm=a prev_pid=100 prev_prio=120 prev_state=R ==> next_comm=b next_pid=200 next_prio=120
+  200 [000] 10.000050000: sched:sched_switch: prev_comm=b prev_pid=200 prev_prio=120 prev_state=S ==> next_comm=a next_pid=100 next_prio=120
+  100 [000] 10.000060000: irq_vectors:local_timer_entry: vector=236
+  100 [000] 10.000061000: irq:softirq_entry: vec=1 [action=TIMER]
+  100 [000] 10.000062000: irq:softirq_exit: vec=1 [action=TIMER]
+  100 [000] 10.000070000: irq_vectors:local_timer_exit: vector=236
+  100 [000] 10.004050000: sched:sched_stat_runtime: comm=a pid=100 runtime=3900000 [ns]
+";
+    let r = witness::Record::parse(script);
+    let t0 = 10_000_000_000;
+    assert_eq!(r.lost_ns(100, t0, t0 + 50_000), 50_000);
+    // The timer interrupt (10 us), and up to the overlap (50 us) of the 100 us stolen in the
+    // 4 ms after the switch-in: where in them is not known.
+    assert_eq!(r.lost_ns(100, t0 + 50_000, t0 + 100_000), 60_000);
+    assert_eq!(r.lost_ns(100, t0 + 1_000_000, t0 + 1_030_000), 30_000);
+    assert_eq!(r.lost_ns(100, t0 + 1_000_000, t0 + 3_000_000), 100_000);
+    assert_eq!(r.lost_ns(200, t0, t0 + 50_000), 0);
 }

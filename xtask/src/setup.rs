@@ -41,6 +41,7 @@ const APT_PACKAGES: &[&str] = &[
     "golang-google-grpc-dev", // grpc-go for the Go peers, from Debian (no module proxy here)
     "prometheus",             // scrapes the agent's metrics endpoint in the metrics tests
     "openssl",                // throwaway certificates for the proxy's TLS listener test
+    "linux-perf", // the kernel's record of context switches, the Go pause tests' witness
 ];
 
 /// Python packages, each with what the tests use it for.

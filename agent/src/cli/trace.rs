@@ -59,11 +59,11 @@ pub struct Options {
     /// process that runs it again has them at exec (0s: release at once).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     go_linger: Duration,
-    /// go-gc: expedite the kernel's RCU grace periods (system-wide, /sys/kernel/rcu_expedited)
-    /// for the millisecond it takes to attach a new Go binary: its exec-to-attach drops from
-    /// about one grace period (10-30 ms) to about 1 ms.
+    /// go-gc: do not expedite the kernel's RCU grace periods (system-wide,
+    /// /sys/kernel/rcu_expedited) for the millisecond it takes to attach a new Go binary: its
+    /// exec-to-attach is then about one grace period (10-35 ms) instead of about 1 ms.
     #[arg(long)]
-    go_attach_expedited: bool,
+    go_attach_normal_rcu: bool,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -110,7 +110,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 probes.ebpf.clone(),
                 DiscoveryOptions {
                     linger: opts.go_linger,
-                    expedite_rcu: opts.go_attach_expedited,
+                    expedite_rcu: !opts.go_attach_normal_rcu,
                 },
             )
         })?;

@@ -37,7 +37,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -213,34 +213,50 @@ pub struct DiscoveryOptions {
 }
 
 /// The first uprobe registered after a quiet spell waits for an RCU grace period (the kernel's
-/// `dup_mmap_sem`): 10 ms median and 25-30 ms at p99 here, nearly all of a new binary's
+/// `dup_mmap_sem`): 10 ms median and 25-35 ms at p99 here, nearly all of a new binary's
 /// exec-to-attach time; expedited, about 0.5 ms. The switch is system-wide, so it is on only
-/// while the agent attaches (about a millisecond per new binary), and only when asked for.
+/// while the agent attaches (about a millisecond per new binary, and binaries are new to the
+/// node only when an image is first run), unless the configuration says no.
 const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
 
 /// Present while the agent has `rcu_expedited` switched on: an agent killed in that millisecond
-/// leaves it behind, and the next one to start puts the switch back.
-const RCU_EXPEDITED_MARK: &str = "/run/agent-rcu-expedited";
+/// leaves it behind, and the next one to start puts the switch back. Under /run: it lives as
+/// long as the switch (until reboot), and the DaemonSet mounts the directory from the host so
+/// that it outlives the container.
+const RCU_EXPEDITED_MARK_DIR: &str = "/run/grpc-resilience-agent";
+const RCU_EXPEDITED_MARK: &str = "/run/grpc-resilience-agent/rcu-expedited";
 
 /// Sets `rcu_expedited` for its lifetime when it was 0; puts 0 back when dropped.
 struct ExpeditedRcu(bool);
 
+/// Set once the switch or its mark could not be written (a read-only /sys or /run): warned
+/// about once, not tried again for every binary.
+static RCU_EXPEDITE_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
 impl ExpeditedRcu {
     fn on(wanted: bool) -> Self {
-        if !wanted || !std::fs::read_to_string(RCU_EXPEDITED).is_ok_and(|v| v.trim() == "0") {
+        if !wanted
+            || RCU_EXPEDITE_UNAVAILABLE.load(Ordering::Relaxed)
+            || !std::fs::read_to_string(RCU_EXPEDITED).is_ok_and(|v| v.trim() == "0")
+        {
             return Self(false);
         }
+        let unavailable = |path: &str, e: std::io::Error| {
+            RCU_EXPEDITE_UNAVAILABLE.store(true, Ordering::Relaxed);
+            warn!(path, error = %e, "cannot expedite RCU while attaching Go probes: new binaries wait a grace period (10-35 ms) for theirs");
+            Self(false)
+        };
         // The mark first: no switch left on without it.
-        if let Err(e) = std::fs::write(RCU_EXPEDITED_MARK, b"") {
-            warn!(path = RCU_EXPEDITED_MARK, error = %e, "cannot mark rcu_expedited; attaching without it");
-            return Self(false);
+        if let Err(e) = std::fs::create_dir_all(RCU_EXPEDITED_MARK_DIR)
+            .and_then(|()| std::fs::write(RCU_EXPEDITED_MARK, b""))
+        {
+            return unavailable(RCU_EXPEDITED_MARK, e);
         }
         match std::fs::write(RCU_EXPEDITED, "1") {
             Ok(()) => Self(true),
             Err(e) => {
-                warn!(path = RCU_EXPEDITED, error = %e, "cannot expedite RCU; attaching without it");
                 let _ = std::fs::remove_file(RCU_EXPEDITED_MARK);
-                Self(false)
+                unavailable(RCU_EXPEDITED, e)
             }
         }
     }
@@ -301,9 +317,8 @@ impl GoDiscovery {
             })?;
             (ring, pids)
         };
-        if opts.expedite_rcu {
-            ExpeditedRcu::recover();
-        }
+        // Whatever this agent's setting: a switch an earlier one left on goes back.
+        ExpeditedRcu::recover();
         let (reaper, released) = mpsc::channel::<Vec<UProbeLink>>();
         let activity = Arc::new(Activity::default());
         let reaper_activity = activity.clone();

@@ -350,21 +350,22 @@ fn gc_overhead(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Valu
 
 fn exec_to_attach(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Value> {
     eprintln!(
-        "bench probes: exec-to-attach latency, {} new and {} known Go binaries one after another, then {} new with --go-attach-expedited",
+        "bench probes: exec-to-attach latency, {} new and {} known Go binaries one after another, then {} new with --go-attach-normal-rcu",
         opts.exec_samples, opts.exec_samples, opts.exec_samples
     );
     let copies = std::env::temp_dir().join(format!("bench-exec-to-attach-{}", std::process::id()));
     std::fs::create_dir_all(&copies)?;
     let mut kinds = Vec::new();
-    // Expedited: `--go-attach-expedited`, which shows what the rest is (an RCU grace period).
-    for (kind, expedited) in [
+    // As deployed (RCU expedited for each attach), then `--go-attach-normal-rcu`, which shows
+    // what the rest is (an RCU grace period).
+    for (kind, normal_rcu) in [
         ("new binary", false),
         ("known binary", false),
-        ("new, expedited", true),
+        ("new, normal RCU", true),
     ] {
         let mut args = vec!["--probes", "go-gc"];
-        if expedited {
-            args.push("--go-attach-expedited");
+        if normal_rcu {
+            args.push("--go-attach-normal-rcu");
         }
         let agent = Agent::start(agent_bin, &args)?;
         let mut agent_ms = Vec::new();
