@@ -14,6 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
 
 pub mod gc;
 pub mod proxy;
@@ -51,7 +52,8 @@ pub fn agent_bin() -> PathBuf {
 
 /// A running `agent trace --json`.
 pub struct Trace {
-    child: Child,
+    /// Killed when dropped: a failed test must not leave an agent running with probes attached.
+    child: Supervised,
     lines: mpsc::Receiver<Value>,
     stderr: Arc<Mutex<String>>,
     pub ready: Value,
@@ -87,38 +89,30 @@ pub fn read_json_lines(
     lines
 }
 
-/// Collects `pipe`'s lines (a child's stderr, for failure messages) on a thread of its own.
-pub fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let sink = text.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    text
-}
+pub use test_support::supervised::collect_lines;
 
 impl Trace {
     /// Starts the agent and waits for its ready line.
     pub fn start(args: &[&str]) -> Trace {
         require_root();
-        let mut child = Command::new(agent_bin())
-            .arg("trace")
-            .arg("--json")
-            .args(args)
-            .env(
-                "AGENT_LOG",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let lines = read_json_lines("agent", child.stdout.take().unwrap());
-        let stderr = collect_lines(child.stderr.take().unwrap());
+        let mut child = Supervised::spawn(
+            "agent trace",
+            Command::new(agent_bin())
+                .arg("trace")
+                .arg("--json")
+                .args(args)
+                .env(
+                    "AGENT_LOG",
+                    std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            Supervision::KILL,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let lines = read_json_lines("agent", child.child_mut().stdout.take().unwrap());
+        let stderr = collect_lines(child.child_mut().stderr.take().unwrap());
         let mut trace = Trace {
             child,
             lines,
@@ -137,8 +131,8 @@ impl Trace {
                 // Events may precede ready only for Go processes found at start-up.
                 Ok(v) => trace.events.push(v),
                 Err(_) => {
-                    let _ = trace.child.kill();
-                    let status = trace.child.wait().ok();
+                    trace.child.kill();
+                    let status = trace.child.exited();
                     panic!(
                         "agent did not become ready (exit: {status:?}); stderr:\n{}",
                         trace.stderr.lock().unwrap()
@@ -149,7 +143,7 @@ impl Trace {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// What the agent logged so far (for failure messages).
@@ -186,7 +180,7 @@ impl Trace {
     /// Sends `signal` to the agent (e.g. SIGUSR1 for a stats line).
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our child.
-        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        let rc = unsafe { libc::kill(self.child.pid() as i32, signal) };
         assert_eq!(rc, 0, "kill({signal}) failed");
     }
 
@@ -202,7 +196,7 @@ impl Trace {
                 Ok(v) => self.events.push(v),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.child.kill();
+                    self.child.kill();
                     panic!("agent did not exit within 30 s of SIGTERM");
                 }
             }
@@ -224,14 +218,6 @@ impl Trace {
             summary,
             stderr,
         }
-    }
-}
-
-impl Drop for Trace {
-    fn drop(&mut self) {
-        // A failed test must not leave an agent running with probes attached.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -332,37 +318,32 @@ pub fn wait_listening(addr: std::net::SocketAddr) {
     }
 }
 
-/// A child process killed when dropped.
+/// A peer process, killed when dropped.
 pub struct Peer {
-    pub child: Child,
-    pub name: String,
+    pub process: Supervised,
 }
 
 impl Peer {
     pub fn spawn(name: &str, cmd: &mut Command) -> Peer {
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot start {name} ({}): {e}",
-                cmd.get_program().to_string_lossy()
-            )
-        });
         Peer {
-            child,
-            name: name.to_owned(),
+            process: Supervised::spawn(name, cmd, Supervision::KILL)
+                .unwrap_or_else(|e| panic!("{e}")),
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The process itself, e.g. to take its pipes.
+    pub fn child(&mut self) -> &mut Child {
+        self.process.child_mut()
     }
 
     /// Sends a signal (e.g. SIGTERM for a graceful stop).
     pub fn signal(&self, signal: i32) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SAFETY: plain kill(2) on our child, reaped only when dropped or waited for.
+        unsafe { libc::kill(self.pid() as i32, signal) };
     }
 }
 
@@ -408,7 +389,7 @@ pub fn grpc_server(ip: &str, extra: &[&str]) -> (Peer, std::net::SocketAddr) {
 pub fn grpc_server_from(mut cmd: Command) -> (Peer, std::net::SocketAddr) {
     let mut peer = Peer::spawn("grpcpeer", cmd.stdout(Stdio::piped()));
     let mut line = String::new();
-    BufReader::new(peer.child.stdout.take().unwrap())
+    BufReader::new(peer.child().stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line

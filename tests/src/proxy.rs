@@ -3,12 +3,13 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
 
 use crate::{agent_bin, collect_lines, read_json_lines, workspace_root};
 
@@ -16,7 +17,7 @@ use crate::{agent_bin, collect_lines, read_json_lines, workspace_root};
 /// messages. Killed when dropped.
 pub struct JsonChild {
     pub name: String,
-    child: Child,
+    child: Supervised,
     lines: mpsc::Receiver<Value>,
     stderr: Arc<Mutex<String>>,
     /// Lines received so far.
@@ -25,19 +26,16 @@ pub struct JsonChild {
 
 impl JsonChild {
     pub fn spawn(name: &str, cmd: &mut Command) -> JsonChild {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {name} ({}): {e}",
-                    cmd.get_program().to_string_lossy()
-                )
-            });
-        let lines = read_json_lines(name, child.stdout.take().unwrap());
-        let stderr = collect_lines(child.stderr.take().unwrap());
+        let mut child = Supervised::spawn(
+            name,
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            Supervision::KILL,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let lines = read_json_lines(name, child.child_mut().stdout.take().unwrap());
+        let stderr = collect_lines(child.child_mut().stderr.take().unwrap());
         JsonChild {
             name: name.to_owned(),
             child,
@@ -48,7 +46,7 @@ impl JsonChild {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     pub fn stderr(&self) -> String {
@@ -58,7 +56,7 @@ impl JsonChild {
     /// Sends a signal (SIGTERM, SIGKILL, ...).
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        unsafe { libc::kill(self.child.pid() as i32, signal) };
     }
 
     /// Reads lines until one satisfies `want` (returned) or `timeout` passes (panics, with
@@ -128,7 +126,7 @@ impl JsonChild {
                 Ok(v) => self.seen.push(v),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.child.kill();
+                    self.child.kill();
                     panic!(
                         "{} did not finish within {timeout:?}; lines: {:?}\nstderr:\n{}",
                         self.name,
@@ -151,13 +149,6 @@ impl JsonChild {
             self.seen.push(v);
         }
         &self.seen
-    }
-}
-
-impl Drop for JsonChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -238,7 +238,7 @@ fn a_go_upstreams_gc_pause_is_attributed_to_its_endpoint_across_namespaces() {
         "200ms",
     ]);
     let (server, up) = grpc_server_from(cmd);
-    let go_pid = server.child.id();
+    let go_pid = server.pid();
     let dir = scratch("stw");
     let mut proxy = agent(
         &dir,

@@ -192,7 +192,7 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
     let trip = proxy.process.wait_line(Duration::from_secs(30), |l| {
         l["kind"] == "breaker" && l["breaker"]["reason"] == "go_stw"
     });
-    assert_eq!(trip["upstream"]["pid"], server.child.id(), "{trip}");
+    assert_eq!(trip["upstream"]["pid"], server.pid(), "{trip}");
     let (status, _, stderr) = proxy.terminate(Duration::from_secs(30));
     assert!(status.success(), "{stderr}");
     assert!(!stderr.contains("Permission denied"), "{stderr}");

@@ -11,6 +11,7 @@ use std::{
 
 use e2e::{Peer, Trace, json_lines, of_kind, workspace_root};
 use serde_json::Value;
+use test_support::h2load;
 
 fn nghttpd(ip: &str) -> (Peer, SocketAddr) {
     let dir = workspace_root().join("target/e2e-h2-follow");
@@ -53,8 +54,8 @@ fn read_until(
 fn connection_open_before_the_agent_is_followed_after_resync() {
     let (_server, web) = nghttpd("127.0.0.1");
     let mut client = Peer::spawn("h2client", &mut h2client(web, &["--hold"]));
-    let mut stdin = client.child.stdin.take().unwrap();
-    let mut lines = BufReader::new(client.child.stdout.take().unwrap()).lines();
+    let mut stdin = client.child().stdin.take().unwrap();
+    let mut lines = BufReader::new(client.child().stdout.take().unwrap()).lines();
     let first = read_until(&mut lines, |v| v["event"] == "ready");
     let local: SocketAddr = first[0]["local"].as_str().unwrap().parse().unwrap();
     writeln!(stdin, "get /page").unwrap();
@@ -107,7 +108,7 @@ fn connection_open_before_the_agent_is_followed_after_resync() {
         .count();
     assert_eq!(synced, 2, "both directions picked up at a frame header");
     writeln!(stdin, "quit").unwrap();
-    let _ = client.child.wait();
+    let _ = client.process.wait();
     let out = trace.stop();
     eprintln!(
         "resync: {} client frames and {} server frames followed after the agent started",
@@ -135,7 +136,10 @@ fn rapid_reset_signalled_within_a_second_and_never_for_h2load() {
         String::from_utf8_lossy(&h2load.stderr)
     );
     let summary = String::from_utf8_lossy(&h2load.stdout);
-    assert!(summary.contains("20000 succeeded"), "{summary}");
+    let parsed = h2load::parse(&summary).unwrap_or_else(|| panic!("h2load said:\n{summary}"));
+    if let Err(e) = parsed.all_succeeded(Some(20000)) {
+        panic!("{e}\n{summary}");
+    }
     trace.wait_for(Duration::from_millis(500), |_| false);
     let false_alarms = of_kind(&trace.events, "rapid_reset").count();
     assert_eq!(false_alarms, 0, "rapid_reset during h2load");
@@ -383,10 +387,11 @@ fn h2load_against_grpc_go_is_followed() {
         .output()
         .expect("run h2load");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(&format!("{requests} succeeded")),
-        "{text}"
-    );
+    assert!(out.status.success(), "{text}");
+    let parsed = h2load::parse(&text).unwrap_or_else(|| panic!("h2load said:\n{text}"));
+    if let Err(e) = parsed.all_succeeded(Some(requests)) {
+        panic!("{e}\n{text}");
+    }
     std::thread::sleep(Duration::from_millis(300));
     let summary = trace.stop().summary;
     let h2 = &summary["probes"]["h2-frames"];

@@ -271,7 +271,7 @@ fn demo(setup: &Setup, check_dashboards: bool) -> Result<()> {
             Fault::RapidReset => {
                 println!("   attacks.py rapid-reset at 1000 streams/s for 5 s, session 'attacker'");
                 let attack_log = setup.dir.join("rapid-reset.log");
-                let mut attacker = Proc::spawn(
+                let mut attacker = procs::spawn(
                     "rapid-reset attacker",
                     Command::new("python3")
                         .arg("-u")
@@ -524,7 +524,7 @@ struct GoServer {
 impl GoServer {
     fn start(setup: &Setup, name: &str, addr: &str) -> Result<GoServer> {
         let log = setup.dir.join(format!("{name}.log"));
-        let mut proc = Proc::spawn(
+        let mut proc = procs::spawn(
             name,
             Command::new(&setup.grpcpeer)
                 .args([
@@ -543,7 +543,7 @@ impl GoServer {
                 .stderr(std::fs::File::create(&log)?),
             Duration::from_secs(2),
         )?;
-        let lines = procs::line_reader(proc.take_stdout()?);
+        let lines = procs::line_reader(procs::take_stdout(&mut proc)?);
         let line = lines
             .recv_timeout(Duration::from_secs(10))
             .with_context(|| {
@@ -585,7 +585,7 @@ impl Agent {
         let config = setup.dir.join("agent.toml");
         std::fs::write(&config, agent_config(secret, a, b)?)?;
         let log = setup.dir.join("agent.log");
-        let mut proc = Proc::spawn(
+        let mut proc = procs::spawn(
             "agent",
             Command::new(&setup.agent_bin)
                 .arg("run")
@@ -606,7 +606,7 @@ impl Agent {
             // Its drain (2 s in the config) and detaching the probes.
             Duration::from_secs(10),
         )?;
-        let raw = procs::line_reader(proc.take_stdout()?);
+        let raw = procs::line_reader(procs::take_stdout(&mut proc)?);
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in raw {
@@ -696,7 +696,7 @@ struct LoadClient {
 impl LoadClient {
     fn start(setup: &Setup, name: &str, proxy: SocketAddr, args: &[&str]) -> Result<LoadClient> {
         let log = setup.dir.join(format!("client-{name}.log"));
-        let mut proc = Proc::spawn(
+        let mut proc = procs::spawn(
             name,
             Command::new(&setup.grpcpeer)
                 .args(["client", "-addr", &proxy.to_string(), "-method", "unary"])
@@ -705,7 +705,7 @@ impl LoadClient {
                 .stderr(std::fs::File::create(&log)?),
             Duration::from_secs(2),
         )?;
-        let stdout = proc.take_stdout()?;
+        let stdout = procs::take_stdout(&mut proc)?;
         let codes = Arc::new(Mutex::new(BTreeMap::new()));
         let counted = Arc::clone(&codes);
         std::thread::spawn(move || {

@@ -9,21 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 /// Renders a command the way a person would type it (env overrides first), for messages.
-pub fn display(cmd: &Command) -> String {
-    let mut parts = Vec::new();
-    for (key, value) in cmd.get_envs() {
-        if let Some(value) = value {
-            parts.push(format!(
-                "{}={}",
-                key.to_string_lossy(),
-                value.to_string_lossy()
-            ));
-        }
-    }
-    parts.push(cmd.get_program().to_string_lossy().into_owned());
-    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
-    parts.join(" ")
-}
+pub use test_support::supervised::command_line as display;
 
 /// Runs `cmd` with stdout/stderr captured, whatever its exit status; errors only if it can't start.
 pub fn output_any_status(cmd: &mut Command) -> Result<Output> {

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader, Read as _},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
 
 /// What the agent printed so far, in the few forms the benchmarks need.
 #[derive(Debug, Default)]
@@ -33,7 +34,8 @@ pub struct Tally {
 }
 
 pub struct Agent {
-    child: Child,
+    /// Killed when dropped: a failed benchmark must not leave probes attached.
+    child: Supervised,
     state: Arc<(Mutex<Tally>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
@@ -43,20 +45,22 @@ impl Agent {
     /// Starts `agent trace --json ARGS` and waits until its ready line says every probe is
     /// attached.
     pub fn start(bin: &Path, args: &[&str]) -> Result<Agent> {
-        let mut child = Command::new(bin)
-            .args(["trace", "--json"])
-            .args(args)
-            .env("AGENT_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = Supervised::spawn(
+            "agent trace",
+            Command::new(bin)
+                .args(["trace", "--json"])
+                .args(args)
+                .env("AGENT_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            Supervision::KILL,
+        )?;
         let state = Arc::new((Mutex::new(Tally::default()), Condvar::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
 
-        let stdout = child.stdout.take().context("agent stdout")?;
+        let stdout = child.child_mut().stdout.take().context("agent stdout")?;
         let tally = state.clone();
         let out_reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -82,7 +86,7 @@ impl Agent {
             }
             tally.1.notify_all();
         });
-        let mut err_pipe = child.stderr.take().context("agent stderr")?;
+        let mut err_pipe = child.child_mut().stderr.take().context("agent stderr")?;
         let sink = stderr.clone();
         let err_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -102,8 +106,7 @@ impl Agent {
         let ready = match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(ready) => ready,
             Err(_) => {
-                let _ = agent.child.kill();
-                let _ = agent.child.wait();
+                agent.child.kill();
                 bail!(
                     "the agent did not become ready within 60 s; stderr:\n{}",
                     agent.stderr()
@@ -168,13 +171,12 @@ impl Agent {
 
     /// User plus system CPU seconds the agent has used so far.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        cpu_seconds(self.child.id())
+        cpu_seconds(self.child.pid())
     }
 
     /// SIGTERM; waits for exit and returns the summary line.
     pub fn stop(mut self) -> Result<Value> {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.signal(libc::SIGTERM);
         let status = self.child.wait().context("waiting for the agent")?;
         for reader in self.readers.drain(..) {
             let _ = reader.join();
@@ -184,14 +186,6 @@ impl Agent {
         }
         let summary = lock(&self.state.0).summary.take();
         summary.with_context(|| format!("the agent printed no summary; stderr:\n{}", self.stderr()))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // A failed benchmark must not leave probes attached.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -56,7 +56,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -65,8 +65,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use test_support::supervised::{Supervised, Supervision};
+
 use super::{free_port, median};
-use crate::util::{display, output, workspace_root};
+use crate::util::{output, workspace_root};
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -355,57 +357,21 @@ fn monotonic() -> f64 {
 }
 
 /// A child process, SIGKILLed and reaped on drop (unless already waited for).
-struct Proc {
-    child: Child,
+type Proc = Supervised;
+
+fn spawn(cmd: &mut Command) -> Result<Proc> {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    Ok(Supervised::spawn(&name, cmd, Supervision::KILL)?)
 }
 
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Result<Proc> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(cmd)))?;
-        Ok(Proc { child })
-    }
-
-    /// SIGTERM, then wait up to `grace`; SIGKILL after it. The exit status, or None when it
-    /// had to be killed.
-    fn terminate(&mut self, grace: Duration) -> Result<Option<std::process::ExitStatus>> {
-        // SAFETY: plain kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(10));
+/// Waits for the exit, killing the process at `deadline`.
+fn finish_by(proc: &mut Proc, deadline: Instant, what: &str) -> Result<std::process::ExitStatus> {
+    match proc.wait_until(deadline) {
+        Some(status) => Ok(status),
+        None => {
+            proc.kill();
+            bail!("{what} did not finish in time; killed")
         }
-    }
-
-    /// Waits for the exit, killing the process at `deadline`.
-    fn wait_until(&mut self, deadline: Instant, what: &str) -> Result<std::process::ExitStatus> {
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("{what} did not finish in time; killed");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -421,7 +387,7 @@ impl PyServer {
     fn start_pair(setup: &Setup) -> Result<(PyServer, PyServer)> {
         let spawn = |name: &str| -> Result<Proc> {
             let log = File::create(setup.bench_dir.join(format!("breaker-server-{name}.log")))?;
-            Proc::spawn(
+            spawn(
                 Command::new("python3")
                     .arg("-u")
                     .arg(&setup.server_py)
@@ -436,7 +402,7 @@ impl PyServer {
 
     fn listening(mut proc: Proc) -> Result<PyServer> {
         let mut line = String::new();
-        BufReader::new(proc.child.stdout.take().context("server.py stdout")?)
+        BufReader::new(proc.child_mut().stdout.take().context("server.py stdout")?)
             .read_line(&mut line)?;
         let addr = serde_json::from_str::<Value>(&line)
             .ok()
@@ -482,7 +448,7 @@ impl Proxy {
         let config = setup.bench_dir.join("breaker-agent.toml");
         std::fs::write(&config, agent_config(&a.to_string(), &b.to_string()))?;
         let log = setup.bench_dir.join("breaker-agent.log");
-        let mut proc = Proc::spawn(
+        let mut proc = spawn(
             Command::new(&setup.agent_bin)
                 .arg("run")
                 .arg("--config")
@@ -493,7 +459,7 @@ impl Proxy {
                 .stdout(Stdio::piped())
                 .stderr(File::create(&log)?),
         )?;
-        let stdout = proc.child.stdout.take().context("agent stdout")?;
+        let stdout = proc.child_mut().stdout.take().context("agent stdout")?;
         let (ready_tx, ready_rx) = mpsc::channel();
         let a_breaker = format!("endpoint {CLUSTER}/{a}");
         let reader = std::thread::spawn(move || {
@@ -563,7 +529,7 @@ impl Proxy {
             ),
         )?;
         let log = setup.bench_dir.join("breaker-haproxy.log");
-        let mut proc = Proc::spawn(
+        let mut proc = spawn(
             Command::new("haproxy")
                 .arg("-db")
                 .arg("-f")
@@ -572,7 +538,7 @@ impl Proxy {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
         )?;
-        let stderr = proc.child.stderr.take().context("haproxy stderr")?;
+        let stderr = proc.child_mut().stderr.take().context("haproxy stderr")?;
         let mut text = File::create(&log)?;
         let reader = std::thread::spawn(move || {
             let mut seen = ProxyLog::default();
@@ -594,7 +560,7 @@ impl Proxy {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            if let Some(status) = proxy.proc.child.try_wait()? {
+            if let Some(status) = proxy.proc.exited() {
                 let _ = proxy.reader.take().map(JoinHandle::join);
                 bail!(
                     "haproxy exited ({status}) before listening:\n{}",
@@ -615,7 +581,7 @@ impl Proxy {
 
     /// SIGTERM and wait; the agent must drain and exit 0. What its output said.
     fn stop(mut self) -> Result<ProxyLog> {
-        let status = self.proc.terminate(Duration::from_secs(30))?;
+        let status = self.proc.terminate(Duration::from_secs(30));
         let seen = self
             .reader
             .take()
@@ -653,7 +619,7 @@ impl Load {
     fn start(setup: &Setup, target: SocketAddr) -> Result<Load> {
         let opts = &setup.opts;
         let log = File::create(setup.bench_dir.join("breaker-load.log"))?;
-        let mut proc = Proc::spawn(
+        let mut proc = spawn(
             Command::new("python3")
                 .arg("-u")
                 .arg(&setup.client_py)
@@ -667,7 +633,7 @@ impl Load {
                 .stdout(Stdio::piped())
                 .stderr(log),
         )?;
-        let stdout = proc.child.stdout.take().context("client.py stdout")?;
+        let stdout = proc.child_mut().stdout.take().context("client.py stdout")?;
         let (first_tx, first) = mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut calls = Vec::new();
@@ -714,9 +680,7 @@ impl Load {
                 u64::from(opts.calls) * (u64::from(opts.pause_ms) + 20)
                     / u64::from(opts.concurrency),
             );
-        let status = self
-            .proc
-            .wait_until(Instant::now() + budget, "client.py load")?;
+        let status = finish_by(&mut self.proc, Instant::now() + budget, "client.py load")?;
         let (calls, done) = self
             .reader
             .join()
@@ -848,8 +812,7 @@ fn one_run(setup: &Setup, kind: ProxyKind, fault: Fault) -> Result<RunResult> {
             py_client(setup, a.addr, "control", &["--code", "UNAVAILABLE"])?;
         }
         Fault::Killed => {
-            let _ = a.proc.child.kill();
-            let _ = a.proc.child.wait();
+            a.proc.kill();
         }
     }
     let fault_end = monotonic();

@@ -17,6 +17,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use test_support::h2load;
+
 use super::{GrpcServer, agent::Agent, build_go_peer, median, spread};
 use crate::util::{output, workspace_root};
 
@@ -281,46 +283,14 @@ impl Load<'_> {
                 .arg(&self.body)
                 .arg(&self.url),
         )?;
-        if !text.contains(&format!("{n} succeeded")) {
-            bail!("h2load did not complete every request:\n{text}");
-        }
-        parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))
-    }
-}
-
-/// From h2load's "finished in 6.53s, 30627.95 req/s, 3.46MB/s" line.
-fn parse_h2load(text: &str) -> Option<LoadRun> {
-    let line = text.lines().find(|l| l.starts_with("finished in "))?;
-    let mut parts = line.trim_start_matches("finished in ").split(", ");
-    let seconds = parse_duration(parts.next()?)?;
-    let requests_per_s = parts.next()?.strip_suffix(" req/s")?.parse().ok()?;
-    Some(LoadRun {
-        requests_per_s,
-        seconds,
-    })
-}
-
-/// h2load prints durations as `6.53s` or `812.34ms`.
-fn parse_duration(s: &str) -> Option<f64> {
-    if let Some(ms) = s.strip_suffix("ms") {
-        ms.parse::<f64>().ok().map(|v| v / 1e3)
-    } else {
-        s.strip_suffix('s')?.parse().ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_h2load_summary() {
-        let text = "starting benchmark...\nfinished in 6.53s, 30627.95 req/s, 3.46MB/s\nrequests: 200000 total, 200000 started, 200000 done, 200000 succeeded\n";
-        let run = parse_h2load(text).unwrap();
-        assert_eq!(run.seconds, 6.53);
-        assert_eq!(run.requests_per_s, 30627.95);
-        let run = parse_h2load("finished in 812.5ms, 1230.77 req/s, 0B/s\n").unwrap();
-        assert_eq!(run.seconds, 0.8125);
-        assert!(parse_h2load("finished in soon").is_none());
+        let summary =
+            h2load::parse(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
+        summary
+            .all_succeeded(Some(self.opts.requests))
+            .map_err(|e| anyhow::anyhow!("h2load did not complete every request: {e}\n{text}"))?;
+        Ok(LoadRun {
+            requests_per_s: summary.requests_per_s,
+            seconds: summary.seconds,
+        })
     }
 }

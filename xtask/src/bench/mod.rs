@@ -13,12 +13,14 @@ pub mod reset_storm;
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{build_go_peer, display};
+use test_support::supervised::{Supervised, Supervision};
+
+use crate::util::build_go_peer;
 
 #[derive(Debug, clap::Parser)]
 pub struct Options {
@@ -148,36 +150,33 @@ fn free_port() -> Result<SocketAddr> {
 /// The grpc-go test server (`cmd` runs the grpcpeer binary, pinned or not) on loopback,
 /// stopped on drop.
 struct GrpcServer {
-    child: Child,
+    /// Killed with the server.
+    _child: Supervised,
     addr: SocketAddr,
 }
 
 impl GrpcServer {
     fn start(cmd: &mut Command) -> Result<GrpcServer> {
-        let mut child = cmd
-            .args(["server", "-addr", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+        let mut child = Supervised::spawn(
+            "grpcpeer server",
+            cmd.args(["server", "-addr", "127.0.0.1:0"])
+                .stdout(Stdio::piped()),
+            Supervision::KILL,
+        )?;
+        let stdout = child.child_mut().stdout.take().context("grpcpeer stdout")?;
         let mut line = String::new();
-        BufReader::new(child.stdout.take().context("grpcpeer stdout")?).read_line(&mut line)?;
+        BufReader::new(stdout).read_line(&mut line)?;
         let addr = line
             .trim()
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok());
         let Some(addr) = addr else {
-            let _ = child.kill();
-            let _ = child.wait();
             bail!("grpcpeer said {line:?} instead of listening ADDR");
         };
-        Ok(GrpcServer { child, addr })
-    }
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Ok(GrpcServer {
+            _child: child,
+            addr,
+        })
     }
 }
 

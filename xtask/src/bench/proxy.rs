@@ -38,12 +38,17 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, Stdio},
+    process::{ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
+
+use test_support::{
+    h2load,
+    supervised::{Supervised, Supervision},
+};
 
 use super::{GrpcServer, agent::cpu_seconds, build_go_peer, free_port, median, quantile, spread};
 use crate::util::{display, output_any_status, workspace_root};
@@ -284,17 +289,18 @@ fn measure(setup: &Setup, mode: Mode, clients: u32, streams: u32, check: bool) -
         );
     }
     let counts =
-        parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
+        h2load::parse(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
     counts
-        .check()
+        .all_succeeded(None)
+        .map_err(anyhow::Error::msg)
         .with_context(|| format!("h2load through {}:\n{text}", mode.name()))?;
+    let done = counts.requests.map_or(0, |r| r.done);
     let latencies = read_latency_log(&log)?;
     // The log holds the measured requests only; a gap would mean some went unrecorded.
-    if latencies.len() as u64 != counts.done {
+    if latencies.len() as u64 != done {
         bail!(
-            "h2load logged {} requests but reported {} done",
+            "h2load logged {} requests but reported {done} done",
             latencies.len(),
-            counts.done
         );
     }
     let ms = |q| quantile(&latencies, q).map_or(f64::NAN, |us| us / 1e3);
@@ -317,7 +323,7 @@ fn measure(setup: &Setup, mode: Mode, clients: u32, streams: u32, check: bool) -
     }
     Ok(Measured {
         requests_per_s: counts.requests_per_s,
-        requests: counts.done,
+        requests: done,
         p50_ms,
         p99_ms,
         peak_rss_kib: peak_kib,
@@ -511,7 +517,8 @@ fn idx(mode: Mode) -> usize {
 /// A proxy started for one run, killed on drop.
 struct Proxy {
     name: &'static str,
-    child: Child,
+    /// Killed when dropped; [`Proxy::stop`] is the clean way.
+    child: Supervised,
     addr: SocketAddr,
     log: PathBuf,
     /// The agent's stdout, kept open after its ready line.
@@ -528,10 +535,8 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(&log)?);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
-        let mut stdout = BufReader::new(child.stdout.take().context("agent stdout")?);
+        let mut child = Supervised::spawn("agent", &mut cmd, Supervision::KILL)?;
+        let mut stdout = BufReader::new(child.child_mut().stdout.take().context("agent stdout")?);
         let mut line = String::new();
         stdout.read_line(&mut line)?;
         let addr = serde_json::from_str::<Value>(&line)
@@ -539,8 +544,6 @@ impl Proxy {
             .filter(|v| v["kind"] == "ready")
             .and_then(|v| v["listeners"][0]["address"].as_str()?.parse().ok());
         let Some(addr) = addr else {
-            let _ = child.kill();
-            let _ = child.wait();
             bail!(
                 "the agent said {line:?} instead of its ready line; stderr:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
@@ -602,9 +605,7 @@ impl Proxy {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
+        let child = Supervised::spawn(name, &mut cmd, Supervision::KILL)?;
         let mut proxy = Proxy {
             name,
             child,
@@ -614,7 +615,7 @@ impl Proxy {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            if let Some(status) = proxy.child.try_wait()? {
+            if let Some(status) = proxy.child.exited() {
                 bail!(
                     "{name} exited ({status}) before listening:\n{}",
                     proxy.log_text()
@@ -637,7 +638,7 @@ impl Proxy {
 
     /// The proxy's process and its descendants (nghttpx forks a worker process).
     fn pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.child.id()];
+        let mut pids = vec![self.child.pid()];
         let mut i = 0;
         while let Some(&pid) = pids.get(i) {
             pids.extend(children(pid));
@@ -665,31 +666,14 @@ impl Proxy {
     /// SIGTERM and wait. The agent must drain and exit 0; nghttpx and HAProxy stop on SIGTERM
     /// without a drain, by the signal.
     fn stop(mut self) -> Result<()> {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                bail!("{} did not exit within 30 s of SIGTERM", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = self.child.terminate(Duration::from_secs(30)) else {
+            bail!("{} did not exit within 30 s of SIGTERM; killed", self.name);
         };
         let by_sigterm = self.name != "agent" && status.signal() == Some(libc::SIGTERM);
         if !status.success() && !by_sigterm {
             bail!("{} exited with {status}:\n{}", self.name, self.log_text());
         }
         Ok(())
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        // After stop() this only reaps nothing; on an error path it ends the proxy.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -747,81 +731,6 @@ fn check_grpc_status(addr: SocketAddr, body: &Path) -> Result<()> {
     Ok(())
 }
 
-/// h2load's summary: throughput and what became of the requests.
-#[derive(Debug, Default, PartialEq)]
-struct H2loadCounts {
-    requests_per_s: f64,
-    done: u64,
-    succeeded: u64,
-    failed: u64,
-    errored: u64,
-    timeout: u64,
-    /// 3xx, 4xx and 5xx answers.
-    not_2xx: u64,
-}
-
-impl H2loadCounts {
-    fn check(&self) -> Result<()> {
-        if self.succeeded == 0
-            || self.succeeded != self.done
-            || self.failed + self.errored + self.timeout + self.not_2xx > 0
-        {
-            bail!(
-                "not every request succeeded: {} done, {} succeeded, {} failed, {} errored, {} timed out, {} not 2xx",
-                self.done,
-                self.succeeded,
-                self.failed,
-                self.errored,
-                self.timeout,
-                self.not_2xx
-            );
-        }
-        Ok(())
-    }
-}
-
-/// From h2load's "finished in 11.00s, 94238.00 req/s, 3.55MB/s", "requests: N total, N
-/// started, N done, N succeeded, 0 failed, 0 errored, 0 timeout" and "status codes: N 2xx, 0
-/// 3xx, 0 4xx, 0 5xx" lines.
-fn parse_h2load(text: &str) -> Option<H2loadCounts> {
-    let line = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .map(str::to_owned)
-    };
-    // "N word" pairs separated by commas, as a lookup by word.
-    let counts = |rest: &str| -> Option<Vec<(String, u64)>> {
-        rest.split(", ")
-            .map(|part| {
-                let (n, word) = part.trim().split_once(' ')?;
-                Some((word.to_owned(), n.parse().ok()?))
-            })
-            .collect()
-    };
-    let finished = line("finished in ")?;
-    let requests_per_s = finished
-        .split(", ")
-        .nth(1)?
-        .strip_suffix(" req/s")?
-        .parse()
-        .ok()?;
-    let requests = counts(&line("requests: ")?)?;
-    let codes = counts(&line("status codes: ")?)?;
-    let get = |v: &[(String, u64)], word: &str| v.iter().find(|(w, _)| w == word).map(|(_, n)| *n);
-    Some(H2loadCounts {
-        requests_per_s,
-        done: get(&requests, "done")?,
-        succeeded: get(&requests, "succeeded")?,
-        failed: get(&requests, "failed")?,
-        errored: get(&requests, "errored")?,
-        timeout: get(&requests, "timeout")?,
-        not_2xx: ["3xx", "4xx", "5xx"]
-            .iter()
-            .map(|w| get(&codes, w))
-            .sum::<Option<u64>>()?,
-    })
-}
-
 /// Per-request durations (µs) from h2load's `--log-file`: `start_us\tstatus\tduration_us`.
 /// Any status but 200 (-1 is a failed stream) is an error.
 fn read_latency_log(path: &Path) -> Result<Vec<f64>> {
@@ -854,25 +763,6 @@ fn parse_log_line(line: &str) -> Option<(i32, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_h2load_summary() {
-        let text = "finished in 4.00s, 94238.00 req/s, 3.55MB/s\n\
-                    requests: 282714 total, 282714 started, 282714 done, 282714 succeeded, 0 failed, 0 errored, 0 timeout\n\
-                    status codes: 282714 2xx, 0 3xx, 0 4xx, 0 5xx\n";
-        let c = parse_h2load(text).unwrap();
-        assert_eq!(c.requests_per_s, 94238.0);
-        assert_eq!((c.done, c.succeeded, c.not_2xx), (282714, 282714, 0));
-        assert!(c.check().is_ok());
-
-        let refused = "finished in 4.00s, 0.00 req/s, 0B/s\n\
-                       requests: 0 total, 10 started, 0 done, 0 succeeded, 10 failed, 10 errored, 0 timeout\n\
-                       status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx\n";
-        assert!(parse_h2load(refused).unwrap().check().is_err());
-        let not_ok = text.replace("0 5xx", "3 5xx");
-        assert!(parse_h2load(&not_ok).unwrap().check().is_err());
-        assert!(parse_h2load("finished in soon").is_none());
-    }
 
     #[test]
     fn reads_latency_log_lines() {

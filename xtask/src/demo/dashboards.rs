@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use super::procs::{Proc, interrupted};
+use super::procs::{self, Proc, interrupted};
 
 /// Grafana's `$__rate_interval` is at least four scrape intervals; the demo's phases are
 /// longer than this, so the last one's counters still move inside it.
@@ -42,7 +42,7 @@ impl Prometheus {
         )?;
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let log = dir.join("prometheus.log");
-        let proc = Proc::spawn(
+        let proc = procs::spawn(
             "prometheus",
             Command::new("prometheus")
                 .arg(format!("--config.file={}", config.display()))
