@@ -25,11 +25,12 @@ use http::HeaderMap;
 use serde_json::json;
 
 use agent::{
+    config,
     correlate::{
         Correlator,
         table::{Side, StreamGuard, StreamTag},
     },
-    proxy::{config, server::Proxy},
+    proxy::server::Proxy,
     signals::{
         TcpReset,
         h2_frame::{Flow, FrameDetail, H2Frame},
@@ -85,8 +86,8 @@ async fn run(opts: &Options) -> anyhow::Result<()> {
     let mut cfg =
         config::quick("127.0.0.1:0".parse()?, &upstreams).map_err(|e| anyhow::anyhow!(e))?;
     // Only annotations: the figures are the join's, not breaker transitions'.
-    cfg.signals.upstream_tcp_reset = agent::correlate::config::SignalUse::Annotate;
-    cfg.signals.upstream_rst_stream = agent::correlate::config::SignalUse::Annotate;
+    cfg.signals.upstream_tcp_reset = agent::config::signals::SignalUse::Annotate;
+    cfg.signals.upstream_rst_stream = agent::config::signals::SignalUse::Annotate;
     let parsed = cfg.signals.check().map_err(|e| anyhow::anyhow!(e))?;
     let proxy = Proxy::bind(&cfg).await?;
     let shared = proxy.shared();

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod breaker;
 pub mod cli;
+pub mod config;
 pub mod context;
 pub mod correlate;
 pub mod events;

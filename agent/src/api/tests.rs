@@ -8,7 +8,7 @@ fn a_non_loopback_api_needs_a_token_or_an_explicit_yes() {
         listen: "0.0.0.0:9470".parse().unwrap(),
         ..ApiConfig::default()
     };
-    assert!(matches!(c.check(), Err(ApiError::Unprotected(_))));
+    assert!(matches!(c.check(), Err(ApiConfigError::Unprotected(_))));
     c.insecure_non_loopback = true;
     assert!(c.check().unwrap().is_none());
     c.insecure_non_loopback = false;
@@ -19,9 +19,9 @@ fn a_non_loopback_api_needs_a_token_or_an_explicit_yes() {
     c.admin_token_file = Some(token.clone());
     assert_eq!(c.check().unwrap().as_deref(), Some(&b"s3cret"[..]));
     std::fs::write(&token, "\n").unwrap();
-    assert!(matches!(c.check(), Err(ApiError::EmptyToken(_))));
+    assert!(matches!(c.check(), Err(ApiConfigError::EmptyToken(_))));
     c.admin_token_file = Some(dir.join("missing"));
-    assert!(matches!(c.check(), Err(ApiError::Token { .. })));
+    assert!(matches!(c.check(), Err(ApiConfigError::Token { .. })));
     std::fs::remove_dir_all(&dir).unwrap();
     // Loopback (the default) needs neither.
     assert!(ApiConfig::default().check().unwrap().is_none());

@@ -9,7 +9,7 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    match crate::proxy::config::load(&opts.file) {
+    match crate::config::load(&opts.file) {
         Ok(c) => {
             println!(
                 "{}: ok ({} listeners, {} clusters)",
@@ -22,9 +22,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Err(e) => {
             for err in &e.errors {
                 if err.line == 0 {
-                    eprintln!("{}: {}", e.path, err.message);
+                    eprintln!("{}: {}", e.path, err.message());
                 } else {
-                    eprintln!("{}:{}:{}: {}", e.path, err.line, err.column, err.message);
+                    eprintln!("{}:{}:{}: {}", e.path, err.line, err.column, err.message());
                 }
             }
             anyhow::bail!("{} problem(s) in {}", e.errors.len(), e.path)

@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::{
     api::{Api, Sources, StatusService},
+    config,
     correlate::feed::{KernelFeed, Tap, Tapped},
     events::{
         journal::Journal,
@@ -23,7 +24,7 @@ use crate::{
         prometheus,
     },
     probes::go_processes::BinaryNames,
-    proxy::{config, server::Proxy},
+    proxy::server::Proxy,
     signals::Signal,
 };
 

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, warn};
 
-use super::{Correlator, Targets, config::Parsed, config::SignalsConfig, owners::OwnerLookup};
+use super::{Correlator, Targets, owners::OwnerLookup};
+use crate::config::signals::{Parsed, SignalsConfig};
 use crate::{
     probes::{
         LoadOptions, ProbeName, ProbeStatus, Probes,

@@ -9,10 +9,9 @@
 //!   owner of the socket at the far end of our connection to the endpoint ([`process`]).
 //! - A rapid-reset pattern on a client connection is joined to the client key last seen on it.
 //!
-//! What each signal does is configured in `[signals]` ([`config::SignalsConfig`]): trip the
+//! What each signal does is configured in `[signals]` ([`crate::config::signals::SignalsConfig`]): trip the
 //! breaker, count as a failure, only annotate its next transition, or nothing.
 
-pub mod config;
 pub mod evidence;
 pub mod feed;
 pub mod owners;
@@ -34,7 +33,6 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use self::{
-    config::{Parsed, SignalUse, SignalsConfig},
     evidence::{Board, Evidence, Target, wall_time},
     process::Owner,
     table::{Side, StreamTag, Tracked, TrackedConn},
@@ -45,6 +43,7 @@ use crate::{
         config::Scope,
         registry::{Breakers, Transition},
     },
+    config::signals::{Parsed, SignalUse, SignalsConfig},
     signals::{
         GoStwPause, SignalKind, TcpReset,
         h2_frame::{FrameDetail, H2Frame},

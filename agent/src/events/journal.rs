@@ -22,35 +22,7 @@ use std::{
 
 use serde::Deserialize;
 
-/// When appended events reach the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fsync {
-    /// Before `append` returns (the default).
-    Always,
-    /// At most this long after (a crash may lose the last events of that time).
-    Every(Duration),
-    /// When the kernel flushes (a crash of the machine may lose events; of the agent, not).
-    Never,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JournalConfig {
-    pub dir: PathBuf,
-    pub fsync: Fsync,
-    pub max_file_bytes: u64,
-    pub max_files: usize,
-}
-
-impl JournalConfig {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self {
-            dir: dir.into(),
-            fsync: Fsync::Always,
-            max_file_bytes: 64 * 1024 * 1024,
-            max_files: 8,
-        }
-    }
-}
+pub use crate::config::events::{Fsync, JournalConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {

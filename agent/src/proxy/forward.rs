@@ -25,7 +25,6 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info};
 
 use super::{
-    config::Route,
     grpc::{self, Code},
     retry::{RetryBudget, RetryConfig, RetryGuard},
     upstream::{ClusterPool, Lease, UpstreamError},
@@ -37,6 +36,7 @@ use crate::{
         config::Scope,
         registry::{BreakerId, Breakers, CallPermits, Rejected, Transition},
     },
+    config::proxy::Route,
     context::Extractor,
     correlate::{
         Joins,
@@ -57,7 +57,7 @@ pub struct Shared {
     pub context: Extractor,
     pub retries: RetryConfig,
     pub budget: RetryBudget,
-    /// See [`super::config::Timeouts::grpc_timeout_offset`].
+    /// See [`crate::config::proxy::Timeouts::grpc_timeout_offset`].
     pub grpc_timeout_offset: std::time::Duration,
     /// The proxy's connections and streams for the kernel signals to be joined to.
     pub joins: Arc<Joins>,

@@ -1,7 +1,6 @@
 //! The built-in HTTP/2 / gRPC stream proxy.
 
 mod coalesce;
-pub mod config;
 pub mod forward;
 mod goaway_watch;
 pub mod grpc;

@@ -11,56 +11,10 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+pub use crate::config::retries::RetryConfig;
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// Tries per call, the first included (1: no retries).
-    pub max_attempts: u32,
-    pub budget_ratio: f64,
-    pub min_concurrent: usize,
-    #[serde(with = "super::config::duration")]
-    pub backoff_base: Duration,
-    #[serde(with = "super::config::duration")]
-    pub backoff_max: Duration,
-    /// `:path` prefixes of idempotent methods (`/pkg.Service/` for a whole service), which
-    /// are also retried after a trailers-only UNAVAILABLE.
-    pub idempotent_methods: Vec<String>,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            budget_ratio: 0.2,
-            min_concurrent: 3,
-            backoff_base: Duration::from_millis(25),
-            backoff_max: Duration::from_millis(250),
-            idempotent_methods: Vec::new(),
-        }
-    }
-}
-
+/// The retry policy's behaviour; the policy itself is `[retries]`.
 impl RetryConfig {
-    pub fn check(&self) -> Result<(), String> {
-        if self.max_attempts == 0 || self.max_attempts > 10 {
-            return Err("retries.max_attempts must be 1..=10".into());
-        }
-        if !(0.0..=1.0).contains(&self.budget_ratio) {
-            return Err("retries.budget_ratio must be between 0 and 1".into());
-        }
-        if self.backoff_max < self.backoff_base {
-            return Err("retries.backoff_max must be at least backoff_base".into());
-        }
-        if let Some(m) = self.idempotent_methods.iter().find(|m| !m.starts_with('/')) {
-            return Err(format!(
-                "retries.idempotent_methods: {m:?} must start with / (a :path prefix)"
-            ));
-        }
-        Ok(())
-    }
-
     pub fn idempotent(&self, path: &str) -> bool {
         self.idempotent_methods.iter().any(|m| path.starts_with(m))
     }

@@ -25,6 +25,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     breaker::registry::{Breakers, ClusterShape, Snapshot},
+    config::{
+        AgentConfig,
+        proxy::{Limits, Listener, Timeouts},
+    },
     context::{ContextStats, Extractor},
     correlate::{Joins, table::Side},
     events::bus::{BreakerEvents, Bus, Outcomes},
@@ -32,7 +36,6 @@ use crate::{
 
 use super::{
     coalesce::Coalesce,
-    config::{Limits, Listener, ProxyConfig, Timeouts},
     forward::{self, ConnInfo, Shared},
     retry::RetryBudget,
     tls::{self, TlsError},
@@ -165,7 +168,7 @@ impl StatsSource {
 
 impl Proxy {
     /// Binds every listener (so a taken port fails at start, not later).
-    pub async fn bind(config: &ProxyConfig) -> Result<Proxy, ServerError> {
+    pub async fn bind(config: &AgentConfig) -> Result<Proxy, ServerError> {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let tls = l
@@ -321,7 +324,7 @@ impl Proxy {
 
 struct ListenerInfo {
     name: Arc<str>,
-    routes: Arc<[super::config::Route]>,
+    routes: Arc<[crate::config::proxy::Route]>,
     tls: Option<TlsAcceptor>,
 }
 

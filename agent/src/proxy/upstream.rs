@@ -26,9 +26,10 @@ use crate::correlate::{
     table::{Side, TrackedConn},
 };
 
+use crate::config::proxy::{Cluster, Limits};
+
 use super::{
     coalesce::Coalesce,
-    config::{Cluster, Limits},
     goaway_watch::{GoawaySeen, GoawayWatch},
 };
 

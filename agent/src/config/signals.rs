@@ -90,28 +90,44 @@ pub struct Parsed {
     pub go_linger: Duration,
 }
 
+/// What is wrong in `[signals]`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignalsError {
+    #[error("signals.{key} {value:?}: {reason}")]
+    Period {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("signals.ring_poll_interval must be between 1ms and 1s")]
+    PollInterval,
+    #[error("signals.ring_buffer_bytes must be a power of two of at least 4096")]
+    RingSize,
+    #[error("signals.rapid_reset_rate must be at least 1")]
+    RapidResetRate,
+}
+
 impl SignalsConfig {
-    pub fn check(&self) -> Result<Parsed, String> {
-        let stw_threshold = humantime::parse_duration(&self.stw_threshold)
-            .map_err(|e| format!("signals.stw_threshold {:?}: {e}", self.stw_threshold))?;
-        let ring_poll_interval =
-            humantime::parse_duration(&self.ring_poll_interval).map_err(|e| {
-                format!(
-                    "signals.ring_poll_interval {:?}: {e}",
-                    self.ring_poll_interval
-                )
-            })?;
+    pub fn check(&self) -> Result<Parsed, SignalsError> {
+        let period = |key: &'static str, value: &str| {
+            humantime::parse_duration(value).map_err(|e| SignalsError::Period {
+                key,
+                value: value.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        let stw_threshold = period("stw_threshold", &self.stw_threshold)?;
+        let ring_poll_interval = period("ring_poll_interval", &self.ring_poll_interval)?;
         if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&ring_poll_interval) {
-            return Err("signals.ring_poll_interval must be between 1ms and 1s".into());
+            return Err(SignalsError::PollInterval);
         }
         if self.ring_buffer_bytes < 4096 || !self.ring_buffer_bytes.is_power_of_two() {
-            return Err("signals.ring_buffer_bytes must be a power of two of at least 4096".into());
+            return Err(SignalsError::RingSize);
         }
         if self.rapid_reset_rate == 0 {
-            return Err("signals.rapid_reset_rate must be at least 1".into());
+            return Err(SignalsError::RapidResetRate);
         }
-        let go_linger = humantime::parse_duration(&self.go_linger)
-            .map_err(|e| format!("signals.go_linger {:?}: {e}", self.go_linger))?;
+        let go_linger = period("go_linger", &self.go_linger)?;
         Ok(Parsed {
             stw_threshold,
             ring_poll_interval,
@@ -131,13 +147,22 @@ mod tests {
             stw_threshold: "soon".into(),
             ..SignalsConfig::default()
         };
-        assert!(c.check().is_err_and(|e| e.contains("stw_threshold")));
+        assert!(
+            c.check()
+                .is_err_and(|e| e.to_string().contains("stw_threshold"))
+        );
         c.stw_threshold = "1ms".into();
         c.ring_poll_interval = "5s".into();
-        assert!(c.check().is_err_and(|e| e.contains("ring_poll_interval")));
+        assert!(
+            c.check()
+                .is_err_and(|e| e.to_string().contains("ring_poll_interval"))
+        );
         c.ring_poll_interval = "5ms".into();
         c.ring_buffer_bytes = 5000;
-        assert!(c.check().is_err_and(|e| e.contains("ring_buffer_bytes")));
+        assert!(
+            c.check()
+                .is_err_and(|e| e.to_string().contains("ring_buffer_bytes"))
+        );
     }
 
     #[test]

@@ -1,0 +1,508 @@
+//! The proxy's sections: `[[listener]]` (with its routes and TLS files), `[[cluster]]` (with
+//! its endpoints and subsets), `[timeouts]` and `[limits]`.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Problems, duration};
+
+/// What is wrong in the proxy's sections.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("a cluster needs a name")]
+    ClusterUnnamed,
+    #[error("cluster {0:?} is defined twice")]
+    ClusterTwice(String),
+    #[error("cluster {0:?} has no endpoints")]
+    ClusterEmpty(String),
+    #[error("subset {0:?} is empty or defined twice")]
+    SubsetName(String),
+    #[error("endpoint {endpoint:?}: {why}")]
+    Endpoint {
+        endpoint: String,
+        why: HostPortError,
+    },
+    #[error("endpoint {0:?} is listed twice")]
+    EndpointTwice(String),
+    #[error("max_connections_per_endpoint must be at least 1")]
+    NoConnections,
+    #[error("listener {0:?} is defined twice")]
+    ListenerTwice(String),
+    #[error("two listeners on {0}")]
+    AddressTwice(SocketAddr),
+    #[error("listener address {address:?} is not IP:PORT ({reason})")]
+    ListenerAddress { address: String, reason: String },
+    #[error("{} is not a readable file", .0.display())]
+    Unreadable(PathBuf),
+    /// The TLS files are there but do not make an identity (the rustls or PEM error's text).
+    #[error("{0}")]
+    Tls(String),
+    #[error("listener {0:?} has no [[listener.route]]: nothing could be served")]
+    NoRoutes(String),
+    #[error("path_prefix must start with /")]
+    PathPrefix,
+    #[error("grpc_service {0:?} is not a service name like pkg.Service")]
+    GrpcService(String),
+    #[error("a route has path_prefix or grpc_service, not both")]
+    PrefixAndService,
+    #[error("no [[cluster]] named {0:?}")]
+    NoSuchCluster(String),
+    #[error("no [[listener]]: the proxy would serve nothing")]
+    NoListeners,
+    #[error("limits.max_concurrent_streams must be at least 1")]
+    NoStreams,
+    #[error(
+        "limits.stream_window, connection_window and upstream_stream_window must be between 65535 and 2^31-1"
+    )]
+    Windows,
+    #[error("--upstream {upstream:?}: {why}")]
+    QuickUpstream {
+        upstream: String,
+        why: HostPortError,
+    },
+    #[error("--upstream needs at least one HOST:PORT")]
+    QuickNoUpstream,
+}
+
+/// Why an endpoint is not `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    #[error("port 0")]
+    PortZero,
+    #[error("not HOST:PORT")]
+    NotHostPort,
+    #[error("{0:?} is not a port")]
+    NotAPort(String),
+    #[error("{0:?} is not an IP address or DNS name")]
+    BadHost(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// In order; the first that matches a request routes it.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `:authority` (host, or host:port) to match exactly, case-insensitively; any if None.
+    pub authority: Option<String>,
+    /// Path prefix to match; a gRPC service `pkg.Service` is the prefix `/pkg.Service/`.
+    pub path_prefix: String,
+    /// Index into [`super::AgentConfig::clusters`].
+    pub cluster: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub name: String,
+    /// `host:port`, resolved when a connection is made.
+    pub endpoints: Vec<String>,
+    /// Labelled subsets (`[[cluster.subset]]`, e.g. a canary), each with its own breaker;
+    /// endpoints listed without one are in `default`. Empty: one subset, no subset breaker.
+    pub subsets: Vec<String>,
+    /// The subset of each endpoint, an index into `subsets`.
+    pub endpoint_subset: Vec<usize>,
+    pub connect_timeout: Duration,
+    /// Connections opened to one endpoint at most; streams beyond what they allow
+    /// (the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS) wait for one to finish.
+    pub max_connections_per_endpoint: usize,
+}
+
+/// Timeouts the `h2` crate does not have of its own.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From accepting a connection to its first complete request headers.
+    #[serde(with = "duration")]
+    pub header_read: Duration,
+    /// A client connection with no open stream for this long is closed (GOAWAY).
+    #[serde(with = "duration")]
+    pub idle: Duration,
+    /// PING a client connection that was quiet this long...
+    #[serde(with = "duration")]
+    pub keepalive_interval: Duration,
+    /// ...and close it when the PING is not answered within this.
+    #[serde(with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// On SIGTERM: how long in-flight streams may take to finish after GOAWAY.
+    #[serde(with = "duration")]
+    pub drain: Duration,
+    /// Taken off the `grpc-timeout` passed upstream (besides the time already spent), so the
+    /// upstream's own deadline fires first and its DEADLINE_EXCEEDED gets back in time; the
+    /// proxy still ends the call at the client's deadline if it does not. Not taken from
+    /// deadlines shorter than twice this.
+    #[serde(with = "duration")]
+    pub grpc_timeout_offset: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(30),
+            grpc_timeout_offset: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Limits per client connection.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the proxy announces.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE (decoded bytes); larger header blocks are refused.
+    pub max_header_list_size: u32,
+    /// Flow-control window of each stream: the most one stream buffers in the proxy.
+    pub stream_window: u32,
+    /// Flow-control window of each connection.
+    pub connection_window: u32,
+    /// Flow-control window of each upstream stream: what a client that stops reading can make
+    /// the proxy hold of a response. Kept so that `max_concurrent_streams` of them fit in one
+    /// upstream connection's window (`connection_window`): one stalled client connection
+    /// cannot stall the upstream connection its neighbours share.
+    pub upstream_stream_window: u32,
+    /// Streams a client may reset before the proxy accepted them (CVE-2023-44487).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the proxy may reset for a client's protocol errors before it closes the
+    /// connection.
+    pub max_local_error_reset_streams: usize,
+    /// Bytes queued to send on one stream before the proxy stops reading its source.
+    pub max_send_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 100,
+            max_header_list_size: 64 * 1024,
+            stream_window: 1024 * 1024,
+            connection_window: 8 * 1024 * 1024,
+            upstream_stream_window: 64 * 1024,
+            max_pending_accept_reset_streams: 100,
+            max_local_error_reset_streams: 1024,
+            max_send_buffer: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    tls: Option<RawTls>,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    authority: Option<String>,
+    path_prefix: Option<Spanned<String>>,
+    grpc_service: Option<Spanned<String>>,
+    cluster: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    name: Spanned<String>,
+    endpoints: Spanned<Vec<Spanned<String>>>,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    connect_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    max_connections_per_endpoint: Spanned<usize>,
+    #[serde(default, rename = "subset")]
+    subsets: Vec<RawSubset>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubset {
+    name: Spanned<String>,
+    endpoints: Vec<Spanned<String>>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_max_connections() -> Spanned<usize> {
+    Spanned::new(0..0, 4)
+}
+
+/// The clusters, and each one's index by name.
+pub(super) fn clusters(
+    raw: Vec<RawCluster>,
+    p: &mut Problems<'_>,
+) -> (Vec<Cluster>, HashMap<String, usize>) {
+    let mut clusters = Vec::new();
+    let mut cluster_index = HashMap::new();
+    for c in raw {
+        let name = c.name.get_ref().clone();
+        if name.is_empty() {
+            p.at(c.name.span(), ProxyError::ClusterUnnamed);
+        }
+        if cluster_index.insert(name.clone(), clusters.len()).is_some() {
+            p.at(c.name.span(), ProxyError::ClusterTwice(name.clone()));
+        }
+        if c.endpoints.get_ref().is_empty() && c.subsets.iter().all(|s| s.endpoints.is_empty()) {
+            p.at(c.endpoints.span(), ProxyError::ClusterEmpty(name.clone()));
+        }
+        let mut endpoints: Vec<String> = Vec::new();
+        let mut endpoint_subset = Vec::new();
+        let mut subsets = Vec::new();
+        if !c.endpoints.get_ref().is_empty() && !c.subsets.is_empty() {
+            subsets.push("default".to_owned());
+        }
+        let labelled = c.subsets.into_iter().map(|s| (Some(s.name), s.endpoints));
+        for (subset, list) in std::iter::once((None, c.endpoints.into_inner())).chain(labelled) {
+            if let Some(s) = subset {
+                if subsets.contains(s.get_ref()) || s.get_ref().is_empty() {
+                    p.at(s.span(), ProxyError::SubsetName(s.get_ref().clone()));
+                }
+                subsets.push(s.into_inner());
+            }
+            for e in list {
+                if let Err(why) = check_host_port(e.get_ref()) {
+                    let endpoint = e.get_ref().clone();
+                    p.at(e.span(), ProxyError::Endpoint { endpoint, why });
+                }
+                if endpoints.contains(e.get_ref()) {
+                    p.at(e.span(), ProxyError::EndpointTwice(e.get_ref().clone()));
+                }
+                endpoints.push(e.into_inner());
+                endpoint_subset.push(subsets.len().saturating_sub(1));
+            }
+        }
+        let max_conns = *c.max_connections_per_endpoint.get_ref();
+        if max_conns == 0 {
+            p.at(
+                c.max_connections_per_endpoint.span(),
+                ProxyError::NoConnections,
+            );
+        }
+        clusters.push(Cluster {
+            name,
+            endpoints,
+            subsets,
+            endpoint_subset,
+            connect_timeout: c.connect_timeout,
+            max_connections_per_endpoint: max_conns.max(1),
+        });
+    }
+    (clusters, cluster_index)
+}
+
+/// The listeners, their routes pointing into the clusters by `cluster_index`.
+pub(super) fn listeners(
+    raw: Vec<RawListener>,
+    cluster_index: &HashMap<String, usize>,
+    p: &mut Problems<'_>,
+) -> Vec<Listener> {
+    let mut listeners = Vec::new();
+    let mut names = HashMap::new();
+    let mut addresses = HashMap::new();
+    for l in raw {
+        let name = l.name.get_ref().clone();
+        if names.insert(name.clone(), ()).is_some() {
+            p.at(l.name.span(), ProxyError::ListenerTwice(name.clone()));
+        }
+        let address = match l.address.get_ref().parse::<SocketAddr>() {
+            Ok(a) => {
+                if addresses.insert(a, ()).is_some() {
+                    p.at(l.address.span(), ProxyError::AddressTwice(a));
+                }
+                a
+            }
+            Err(e) => {
+                let error = ProxyError::ListenerAddress {
+                    address: l.address.get_ref().clone(),
+                    reason: e.to_string(),
+                };
+                p.at(l.address.span(), error);
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        };
+        let tls = l.tls.map(|t| t.check(p));
+        if l.routes.is_empty() {
+            p.at(l.name.span(), ProxyError::NoRoutes(name.clone()));
+        }
+        let routes = l
+            .routes
+            .into_iter()
+            .map(|r| r.check(cluster_index, p))
+            .collect();
+        listeners.push(Listener {
+            name,
+            address,
+            tls,
+            routes,
+        });
+    }
+    if listeners.is_empty() {
+        p.at(0..0, ProxyError::NoListeners);
+    }
+    listeners
+}
+
+impl RawTls {
+    /// The files, loaded now: a bad chain or key is reported here, not at the first client.
+    fn check(self, p: &mut Problems<'_>) -> TlsFiles {
+        let mut readable = true;
+        for file in [&self.cert, &self.key] {
+            if !file.get_ref().is_file() {
+                readable = false;
+                p.at(file.span(), ProxyError::Unreadable(file.get_ref().clone()));
+            }
+        }
+        let span = self.cert.span();
+        let files = TlsFiles {
+            cert: self.cert.into_inner(),
+            key: self.key.into_inner(),
+        };
+        if readable && let Err(e) = super::tls::server_config(&files) {
+            p.at(span, ProxyError::Tls(e.to_string()));
+        }
+        files
+    }
+}
+
+impl RawRoute {
+    fn check(self, cluster_index: &HashMap<String, usize>, p: &mut Problems<'_>) -> Route {
+        let path_prefix = match (self.path_prefix, self.grpc_service) {
+            (Some(prefix), None) => {
+                if !prefix.get_ref().starts_with('/') {
+                    p.at(prefix.span(), ProxyError::PathPrefix);
+                }
+                prefix.into_inner()
+            }
+            (None, Some(service)) => {
+                let s = service.get_ref();
+                if s.is_empty() || s.contains('/') {
+                    p.at(service.span(), ProxyError::GrpcService(s.clone()));
+                }
+                format!("/{s}/")
+            }
+            (None, None) => "/".to_owned(),
+            (Some(prefix), Some(_)) => {
+                p.at(prefix.span(), ProxyError::PrefixAndService);
+                prefix.into_inner()
+            }
+        };
+        let cluster = match cluster_index.get(self.cluster.get_ref()) {
+            Some(&i) => i,
+            None => {
+                let error = ProxyError::NoSuchCluster(self.cluster.get_ref().clone());
+                p.at(self.cluster.span(), error);
+                0
+            }
+        };
+        Route {
+            authority: self.authority.map(|a| a.to_ascii_lowercase()),
+            path_prefix,
+            cluster,
+        }
+    }
+}
+
+impl Limits {
+    pub(super) fn check(&self, p: &mut Problems<'_>) {
+        if self.max_concurrent_streams == 0 {
+            p.at(0..0, ProxyError::NoStreams);
+        }
+        let window = 65_535..=(1 << 31) - 1;
+        if !window.contains(&self.stream_window)
+            || !window.contains(&self.connection_window)
+            || !window.contains(&self.upstream_stream_window)
+        {
+            p.at(0..0, ProxyError::Windows);
+        }
+    }
+}
+
+/// `host:port` with a port number; host an IP, `[v6]` or a DNS name.
+fn check_host_port(s: &str) -> Result<(), HostPortError> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return if a.port() == 0 {
+            Err(HostPortError::PortZero)
+        } else {
+            Ok(())
+        };
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(HostPortError::NotHostPort);
+    };
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(HostPortError::NotAPort(port.to_owned()));
+    }
+    let dns_ok = !host.is_empty()
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if dns_ok {
+        Ok(())
+    } else {
+        Err(HostPortError::BadHost(host.to_owned()))
+    }
+}
+
+/// The quick mode's listener and cluster: one cleartext listener sending everything to one
+/// cluster.
+pub(super) fn quick(
+    listen: SocketAddr,
+    upstreams: &[String],
+) -> Result<(Vec<Listener>, Vec<Cluster>), ProxyError> {
+    for u in upstreams {
+        check_host_port(u).map_err(|why| ProxyError::QuickUpstream {
+            upstream: u.clone(),
+            why,
+        })?;
+    }
+    if upstreams.is_empty() {
+        return Err(ProxyError::QuickNoUpstream);
+    }
+    let listener = Listener {
+        name: "quick".into(),
+        address: listen,
+        tls: None,
+        routes: vec![Route {
+            authority: None,
+            path_prefix: "/".into(),
+            cluster: 0,
+        }],
+    };
+    let cluster = Cluster {
+        name: "upstream".into(),
+        endpoints: upstreams.to_vec(),
+        subsets: Vec::new(),
+        endpoint_subset: vec![0; upstreams.len()],
+        connect_timeout: default_connect_timeout(),
+        max_connections_per_endpoint: *default_max_connections().get_ref(),
+    };
+    Ok((vec![listener], vec![cluster]))
+}
