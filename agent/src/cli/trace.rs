@@ -6,15 +6,18 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use super::signal_print::{Output, PrintKind, Printed};
 use crate::{
     probes::{
         LoadOptions, ProbeName, Probes,
-        go_processes::{self, DiscoveryOptions, GoDiscovery},
+        go_processes::{BinaryNames, DiscoveryOptions, GoProcessEvent},
         h2_hooks::H2Options,
-        ring,
+        pipeline::{DEFAULT_RING_POLL_INTERVAL, Pipeline, PipelineOptions, SignalSink},
     },
     signals::{
         Signal,
@@ -35,7 +38,7 @@ pub struct Options {
     ring_buffer_bytes: u32,
     /// How often the ring buffer is read when the kernel has not woken the agent (it does once
     /// the ring is 1/16 full): the most a signal waits before the agent sees it.
-    #[arg(long, default_value = "10ms", value_parser = parse_poll_interval)]
+    #[arg(long, default_value = DEFAULT_RING_POLL_INTERVAL, value_parser = parse_poll_interval)]
     ring_poll_interval: Duration,
     /// h2-frames: report every frame type, not only HEADERS, RST_STREAM, SETTINGS and GOAWAY.
     #[arg(long)]
@@ -83,102 +86,96 @@ fn parse_poll_interval(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let (probes, ring, decoder) = Probes::load(&LoadOptions {
-        probes: opts.probes.clone(),
-        ring_buffer_bytes: opts.ring_buffer_bytes,
-        h2: H2Options {
-            all_frames: opts.all_frames,
-            cgroup: opts.cgroup.clone(),
-            tc_interfaces: opts.tc_interfaces.clone(),
+    let pipeline = Pipeline::start(PipelineOptions {
+        load: LoadOptions {
+            probes: opts.probes.clone(),
+            ring_buffer_bytes: opts.ring_buffer_bytes,
+            h2: H2Options {
+                all_frames: opts.all_frames,
+                cgroup: opts.cgroup.clone(),
+                tc_interfaces: opts.tc_interfaces.clone(),
+            },
+        },
+        ring_poll_interval: opts.ring_poll_interval,
+        discovery: DiscoveryOptions {
+            linger: opts.go_linger,
+            expedite_rcu: !opts.go_attach_normal_rcu,
         },
     })
     .context("cannot attach the probes")?;
-
-    let mut reader = ring::start(ring, decoder, opts.ring_poll_interval)
-        .context("cannot poll the ring buffer")?;
-
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let mut out = Output::new(
-        opts.json,
-        Printed::from_kinds(&opts.print),
-        Box::new(stdout),
-    );
-    let mut discovery = if probes.is_attached(ProbeName::GoGc) {
-        // Returns once the Go processes already running have their probes.
-        let mut d = tokio::task::block_in_place(|| {
-            GoDiscovery::start(
-                probes.ebpf.clone(),
-                DiscoveryOptions {
-                    linger: opts.go_linger,
-                    expedite_rcu: !opts.go_attach_normal_rcu,
-                },
-            )
-        })?;
-        while let Ok(event) = d.events.try_recv() {
-            out.go_process(&event);
-        }
-        Some(d)
-    } else {
-        None
+    let mut printer = Printer {
+        out: Output::new(
+            opts.json,
+            Printed::from_kinds(&opts.print),
+            Box::new(stdout),
+        ),
+        rapid_reset: RapidResetDetector::new(RapidResetPolicy {
+            max_resets_per_sec: opts.rapid_reset_rate,
+            cooldown_ns: 10_000_000_000,
+        }),
+        names: BinaryNames::default(),
     };
-    let names = discovery
-        .as_ref()
-        .map(|d| d.names.clone())
-        .unwrap_or_default();
-    out.ready(&probes);
-
-    let mut rapid_reset = RapidResetDetector::new(RapidResetPolicy {
-        max_resets_per_sec: opts.rapid_reset_rate,
-        cooldown_ns: 10_000_000_000,
-    });
+    let (stop, stopped) = watch::channel(false);
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut stopping = false;
-    loop {
+    let signals = tokio::spawn(async move {
         tokio::select! {
-            batch = reader.signals.recv() => {
-                let Some(batch) = batch else { break };
-                for signal in batch {
-                    match signal {
-                        Signal::TcpReset(reset) => out.tcp_reset(&reset),
-                        Signal::GoStw(pause) => out.gc_stw(&pause, &names),
-                        Signal::H2Frame(frame) => {
-                            if let Some(signal) = rapid_reset.observe(&frame) {
-                                out.rapid_reset(&signal);
-                            }
-                            out.h2_frame(&frame);
-                        }
-                        Signal::H2Flow(change) => out.h2_flow(&change),
-                    }
-                }
-                // Lines are written in batches: flush once the queue is empty, not per line.
-                if reader.signals.is_empty() {
-                    out.flush();
-                }
-            }
-            Some(event) = go_processes::next_event(discovery.as_mut()) => out.go_process(&event),
-            _ = sigint.recv(), if !stopping => { stopping = true; let _ = reader.stop.send(true); }
-            _ = sigterm.recv(), if !stopping => { stopping = true; let _ = reader.stop.send(true); }
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
         }
-    }
-    let _ = reader.task.await;
-    // The loop ends with the ring; Go process events still queued (the loop may have been
-    // held up by a stdout nobody read) are printed, not lost.
-    if let Some(d) = discovery.as_mut() {
-        while let Ok(event) = d.events.try_recv() {
-            out.go_process(&event);
-        }
-    }
-    let discovery_figures = discovery.as_ref().map(|d| d.figures.figures());
-    let (go_before_release, go_after_release) = discovery
+        let _ = stop.send(true);
+    });
+    let finished = pipeline.run(&mut printer, None, stopped).await;
+    signals.abort();
+    let discovery_figures = finished.discovery.as_ref().map(|d| d.figures.figures());
+    let (go_before_release, go_after_release) = finished
+        .discovery
         .map(|d| tokio::task::block_in_place(|| d.stop()))
         .unzip();
-    out.summary(
-        &probes,
-        &reader.stats,
+    printer.out.summary(
+        &finished.probes,
+        &finished.reader,
         go_before_release,
         go_after_release,
         discovery_figures,
     );
     Ok(())
+}
+
+/// Prints every signal as it comes, and the rapid resets its detector finds among them.
+struct Printer {
+    out: Output,
+    rapid_reset: RapidResetDetector,
+    names: BinaryNames,
+}
+
+impl SignalSink for Printer {
+    fn started(&mut self, probes: &Probes, names: &BinaryNames) {
+        self.names = names.clone();
+        self.out.ready(probes);
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::TcpReset(reset) => self.out.tcp_reset(&reset),
+            Signal::GoStw(pause) => self.out.gc_stw(&pause, &self.names),
+            Signal::H2Frame(frame) => {
+                if let Some(signal) = self.rapid_reset.observe(&frame) {
+                    self.out.rapid_reset(&signal);
+                }
+                self.out.h2_frame(&frame);
+            }
+            Signal::H2Flow(change) => self.out.h2_flow(&change),
+        }
+    }
+
+    fn go_process(&mut self, event: &GoProcessEvent) {
+        self.out.go_process(event);
+    }
+
+    /// Lines are written in batches: flushed once the queue is empty, not per line.
+    fn idle(&mut self) {
+        self.out.flush();
+    }
 }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use crate::probes::ProbeName;
+use crate::probes::{ProbeName, pipeline::DEFAULT_RING_POLL_INTERVAL};
 
 /// What a kernel signal does to the breaker of what it is about.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
@@ -73,7 +73,7 @@ impl Default for SignalsConfig {
             rapid_reset: SignalUse::Trip,
             rapid_reset_rate: 100,
             ring_buffer_bytes: 16 * 1024 * 1024,
-            ring_poll_interval: "5ms".into(),
+            ring_poll_interval: DEFAULT_RING_POLL_INTERVAL.into(),
             cgroup: None,
             tc_interfaces: Vec::new(),
             go_linger: "60s".into(),

@@ -1,5 +1,5 @@
-//! `agent run`'s kernel side: attach the probes, read the ring, follow Go processes, and hand
-//! every signal to the [`Correlator`].
+//! `agent run`'s kernel side: the probe pipeline ([`crate::probes::pipeline`]) with the
+//! [`Correlator`] as its sink.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,10 +12,11 @@ use super::{Correlator, Targets, owners::OwnerLookup};
 use crate::config::signals::{Parsed, SignalsConfig};
 use crate::{
     probes::{
-        LoadOptions, ProbeName, ProbeStatus, Probes,
-        go_processes::{self, BinaryNames, DiscoveryOptions, GoDiscovery, GoProcessEvent},
+        LoadOptions, ProbeStatus, Probes,
+        go_processes::{BinaryNames, DiscoveryOptions, GoDiscovery, GoProcessEvent},
         h2_hooks::H2Options,
-        ring::{self, ReaderStats},
+        pipeline::{Pipeline, PipelineOptions, SignalSink},
+        ring::ReaderStats,
     },
     signals::Signal,
 };
@@ -53,6 +54,58 @@ pub enum Tapped<'a> {
 
 pub type Tap = Box<dyn FnMut(Tapped<'_>) + Send>;
 
+/// The correlator as the pipeline's sink, with `--print-signals`' tap beside it.
+struct Correlating {
+    correlator: Correlator,
+    tap: Option<Tap>,
+    counters: ProbeCounters,
+}
+
+impl SignalSink for Correlating {
+    fn started(&mut self, _probes: &Probes, names: &BinaryNames) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap(Tapped::Names(names));
+        }
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap(Tapped::Signal(&signal));
+        }
+        match signal {
+            Signal::TcpReset(r) => self.correlator.tcp_reset(&r),
+            Signal::H2Frame(f) => self.correlator.h2_frame(&f),
+            Signal::GoStw(p) => self.correlator.go_stw(&p),
+            Signal::H2Flow(_) => {}
+        }
+    }
+
+    fn go_process(&mut self, event: &GoProcessEvent) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap(Tapped::GoProcess(event));
+        }
+    }
+
+    fn idle(&mut self) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap(Tapped::Idle);
+        }
+    }
+
+    /// Every [`SWEEP_INTERVAL`]: closed connections and old evidence go; the counters are read.
+    fn tick(&mut self, probes: &Probes, discovery: Option<&GoDiscovery>) {
+        self.correlator.sweep();
+        let discovered = discovery.map(|d| d.figures.named()).into_iter().flatten();
+        self.counters.set(
+            probes
+                .counters()
+                .into_iter()
+                .chain(discovered)
+                .map(|(k, v)| (k.to_owned(), v)),
+        );
+    }
+}
+
 /// The running kernel side.
 pub struct KernelFeed {
     pub status: Vec<ProbeStatus>,
@@ -68,110 +121,52 @@ impl KernelFeed {
         config: &SignalsConfig,
         parsed: Parsed,
         targets: Targets,
-        mut tap: Option<Tap>,
+        tap: Option<Tap>,
     ) -> anyhow::Result<Self> {
-        let (probes, ring, decoder) = Probes::load(&LoadOptions {
-            probes: config.probes.clone(),
-            ring_buffer_bytes: config.ring_buffer_bytes,
-            h2: H2Options {
-                all_frames: false,
-                cgroup: config.cgroup.clone(),
-                tc_interfaces: config.tc_interfaces.clone(),
+        let pipeline = Pipeline::start(PipelineOptions {
+            load: LoadOptions {
+                probes: config.probes.clone(),
+                ring_buffer_bytes: config.ring_buffer_bytes,
+                h2: H2Options {
+                    all_frames: false,
+                    cgroup: config.cgroup.clone(),
+                    tc_interfaces: config.tc_interfaces.clone(),
+                },
+            },
+            ring_poll_interval: parsed.ring_poll_interval,
+            discovery: DiscoveryOptions {
+                linger: parsed.go_linger,
+                expedite_rcu: config.go_attach_expedited,
             },
         })
         .context("cannot attach the kernel probes (run as root, or give --no-probes)")?;
-        let ring::Reader {
-            signals: mut rx,
-            stats: reader_stats,
-            stop: stop_reader,
-            task: reader,
-        } = ring::start(ring, decoder, parsed.ring_poll_interval)
-            .context("cannot poll the ring buffer")?;
-        let mut discovery = if probes.is_attached(ProbeName::GoGc) {
-            let d = tokio::task::block_in_place(|| {
-                GoDiscovery::start(
-                    probes.ebpf.clone(),
-                    DiscoveryOptions {
-                        linger: parsed.go_linger,
-                        expedite_rcu: config.go_attach_expedited,
-                    },
-                )
-            })?;
+        if let Some(d) = pipeline.discovery() {
             debug!(stats = ?d.stats(), "Go processes at start");
-            Some(d)
-        } else {
-            None
-        };
-        if let Some(tap) = tap.as_mut() {
-            let names = discovery
-                .as_ref()
-                .map(|d| d.names.clone())
-                .unwrap_or_default();
-            tap(Tapped::Names(&names));
         }
-        let status = probes.status.clone();
+        let status = pipeline.probes().status.clone();
+        let reader = pipeline.reader_stats();
         let counters = ProbeCounters::default();
-        let counters_out = counters.clone();
-        let (stop, mut stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
         let owners = OwnerLookup {
             joins: targets.joins.clone(),
             endpoints: targets.endpoints.clone(),
         }
         .spawn(SWEEP_INTERVAL, stopped.clone());
-        let mut correlator = Correlator::new(targets, config.clone(), parsed);
+        let mut sink = Correlating {
+            correlator: Correlator::new(targets, config.clone(), parsed),
+            tap,
+            counters: counters.clone(),
+        };
         let task = tokio::spawn(async move {
-            let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    batch = rx.recv() => {
-                        let Some(batch) = batch else { break };
-                        for signal in batch {
-                            if let Some(tap) = tap.as_mut() {
-                                tap(Tapped::Signal(&signal));
-                            }
-                            match signal {
-                                Signal::TcpReset(r) => correlator.tcp_reset(&r),
-                                Signal::H2Frame(f) => correlator.h2_frame(&f),
-                                Signal::GoStw(p) => correlator.go_stw(&p),
-                                Signal::H2Flow(_) => {}
-                            }
-                        }
-                        if rx.is_empty() && let Some(tap) = tap.as_mut() {
-                            tap(Tapped::Idle);
-                        }
-                    }
-                    Some(event) = go_processes::next_event(discovery.as_mut()) => {
-                        if let Some(tap) = tap.as_mut() {
-                            tap(Tapped::GoProcess(&event));
-                            tap(Tapped::Idle);
-                        }
-                    }
-                    _ = sweep.tick() => {
-                        correlator.sweep();
-                        let discovered = discovery.as_ref().map(|d| d.figures.named()).into_iter().flatten();
-                        counters_out.set(
-                            probes.counters().into_iter().chain(discovered).map(|(k, v)| (k.to_owned(), v)),
-                        );
-                    }
-                    _ = stopped.changed() => { let _ = stop_reader.send(true); }
-                }
-            }
-            let _ = reader.await;
+            let finished = pipeline.run(&mut sink, Some(SWEEP_INTERVAL), stopped).await;
             owners.abort();
-            // Go process events still queued when the ring closed are tapped, not lost.
-            if let (Some(d), Some(tap)) = (discovery.as_mut(), tap.as_mut()) {
-                while let Ok(event) = d.events.try_recv() {
-                    tap(Tapped::GoProcess(&event));
-                }
-                tap(Tapped::Idle);
-            }
-            if let Some(d) = discovery {
+            if let Some(d) = finished.discovery {
                 tokio::task::block_in_place(|| d.stop());
             }
         });
         Ok(Self {
             status,
-            reader: reader_stats,
+            reader,
             stop,
             task,
             counters,

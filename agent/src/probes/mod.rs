@@ -8,6 +8,7 @@ pub mod go_binary;
 pub mod go_processes;
 pub mod h2_hooks;
 pub mod kernel_layout;
+pub mod pipeline;
 pub mod ring;
 
 use std::{
