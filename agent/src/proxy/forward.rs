@@ -27,6 +27,7 @@ use tracing::{debug, info};
 use super::{
     grpc::{self, Code},
     retry::{RetryBudget, RetryConfig, RetryGuard},
+    route::route,
     upstream::{ClusterPool, Lease, UpstreamError},
 };
 use crate::{
@@ -73,24 +74,6 @@ pub struct ConnInfo {
     pub tracked: Option<ConnGuard>,
 }
 
-/// The first route that matches the request, as an index into the clusters.
-pub fn route(routes: &[Route], authority: Option<&str>, path: &str) -> Option<usize> {
-    let authority = authority.map(str::to_ascii_lowercase);
-    routes.iter().find_map(|r| {
-        let authority_ok = match (&r.authority, &authority) {
-            (None, _) => true,
-            (Some(want), Some(got)) => {
-                got == want
-                    || got
-                        .rsplit_once(':')
-                        .is_some_and(|(host, port)| host == want && port.parse::<u16>().is_ok())
-            }
-            (Some(_), None) => false,
-        };
-        (authority_ok && path.starts_with(&r.path_prefix)).then_some(r.cluster)
-    })
-}
-
 /// Why a pump stopped early.
 enum PumpError {
     /// The side we read from failed (reset, connection gone).
@@ -103,18 +86,137 @@ enum PumpError {
     SinkReset(Reason),
 }
 
-/// How the call ended, decided while both directions ran.
-enum End {
-    /// The response, trailers included, reached the client.
-    Done,
-    Deadline,
-    ClientReset(Option<Reason>),
-    Upstream(String, Option<Reason>),
+/// Why a call ends other than by the whole response reaching the client: how its outcome
+/// records it, what the client is told, and whether it may be sent again. The one error type
+/// of a call's lifecycle, from opening the upstream stream to the last byte.
+struct Failure {
+    ending: Ending,
+    /// What the client is told; None when the client itself reset the stream.
+    answer: Option<Answer>,
+    /// The reset reason the outcome records.
+    reset_reason: Option<String>,
+    /// The upstream stream goes on for nobody: reset it (CANCEL).
+    cancel_upstream: bool,
+    retry: RetryKind,
+}
+
+/// A gRPC status (or, for other requests, an HTTP status) and its message.
+struct Answer {
+    code: Code,
+    status: StatusCode,
+    message: String,
+}
+
+/// Whether a failed try may go to another endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RetryKind {
+    /// The call is the upstream's (or the client's): never sent again.
+    Never,
+    /// Nothing was sent (no connection): again after a backoff, the budget allowing.
+    NotReached,
     /// The upstream refused the stream before processing any of it (GOAWAY above its
-    /// last-stream-id, REFUSED_STREAM): safe to send again.
-    Refused(String),
-    /// An idempotent call answered with a trailers-only UNAVAILABLE, not yet passed on.
+    /// last-stream-id, REFUSED_STREAM): again at once, as gRPC's transparent retry does.
+    Refused,
+    /// An idempotent call answered with a trailers-only UNAVAILABLE, not yet passed on:
+    /// again after a backoff.
     Unavailable,
+}
+
+impl Failure {
+    fn answered(
+        ending: Ending,
+        code: Code,
+        status: StatusCode,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            ending,
+            answer: Some(Answer {
+                code,
+                status,
+                message: message.into(),
+            }),
+            reset_reason: None,
+            cancel_upstream: false,
+            retry: RetryKind::Never,
+        }
+    }
+
+    /// No upstream connection could be had.
+    fn not_reached(e: impl std::fmt::Display) -> Self {
+        Self {
+            retry: RetryKind::NotReached,
+            ..Self::answered(
+                Ending::ConnectFailed,
+                Code::Unavailable,
+                StatusCode::BAD_GATEWAY,
+                format!("upstream unavailable: {e}"),
+            )
+        }
+    }
+
+    fn deadline() -> Self {
+        Self {
+            reset_reason: Some("CANCEL".into()),
+            cancel_upstream: true,
+            ..Self::answered(
+                Ending::DeadlineExceeded,
+                Code::DeadlineExceeded,
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline exceeded",
+            )
+        }
+    }
+
+    fn client_reset(reason: Option<Reason>) -> Self {
+        Self {
+            ending: Ending::ClientCancelled,
+            answer: None,
+            reset_reason: reason.map(|r| format!("{r:?}")),
+            cancel_upstream: true,
+            retry: RetryKind::Never,
+        }
+    }
+
+    fn upstream(e: &h2::Error) -> Self {
+        Self {
+            reset_reason: e.reason().map(|r| format!("{r:?}")),
+            ..Self::answered(
+                Ending::UpstreamReset,
+                Code::Unavailable,
+                StatusCode::BAD_GATEWAY,
+                format!("upstream failed mid-call: {e}"),
+            )
+        }
+    }
+
+    /// Refused unprocessed on try `attempt`.
+    fn refused(why: impl std::fmt::Display, attempt: u32) -> Self {
+        Self {
+            reset_reason: Some("REFUSED_STREAM".into()),
+            retry: RetryKind::Refused,
+            ..Self::answered(
+                Ending::UpstreamReset,
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream refused the call {attempt} times: {why}"),
+            )
+        }
+    }
+
+    /// A trailers-only UNAVAILABLE kept from the client for a retry, on try `attempt`.
+    fn unavailable(attempt: u32) -> Self {
+        Self {
+            retry: RetryKind::Unavailable,
+            // The upstream answered: the call completed, with the upstream's status.
+            ..Self::answered(
+                Ending::Completed,
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream answered UNAVAILABLE {attempt} times"),
+            )
+        }
+    }
 }
 
 /// Tries per call: the first, and retries of calls an upstream refused unprocessed.
@@ -124,396 +226,296 @@ const MAX_ATTEMPTS: u32 = 3;
 /// retried (as Envoy's retry buffer).
 const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// The client's side of a call, across its tries.
+struct Downstream {
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+    /// The response body's sink, once the response headers went to the client.
+    send: Option<SendStream<Bytes>>,
+    /// The response's trailers, once passed on.
+    trailers: Option<HeaderMap>,
+    replay: Mutex<Replay>,
+}
+
+/// The tries of a call.
+struct Attempts<'a> {
+    count: u32,
+    /// Endpoints tried so far (another is preferred).
+    tried: Vec<usize>,
+    /// The call's place in the retry budget, taken at its first retry.
+    retrying: Option<RetryGuard<'a>>,
+    idempotent: bool,
+}
+
+/// An upstream stream opened for one try.
+struct Upstream {
+    lease: Lease,
+    response: ResponseFuture,
+    send: SendStream<Bytes>,
+}
+
+/// Forwards one client stream: admit it (route, breakers), try it on an endpoint until one
+/// try is final (retries where nothing reached an upstream or it refused the stream), then
+/// finish it (the answer, the breakers' record, the outcome).
 pub async fn forward(
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
 ) {
-    let start = Instant::now();
     let _in_flight = shared.budget.call();
-    let (mut parts, mut client_body) = req.into_parts();
-    let grpc = grpc::is_grpc(&parts.headers);
-    let deadline = grpc::parse_timeout(&parts.headers).map(|t| start + t);
-    grpc::strip_hop_by_hop(&mut parts.headers);
-    let breakers = &shared.breakers;
-    let class = breakers.config().class_of(
-        parts
-            .headers
-            .get(&breakers.config().priority_header)
-            .map(|v| v.as_bytes()),
-    );
-    let mut out = StreamOutcome {
-        listener: conn.listener.to_string(),
-        client: conn.client,
-        cluster: None,
-        endpoint: None,
-        method: parts.uri.path().to_owned(),
-        grpc,
-        http_status: None,
-        grpc_status: None,
-        ending: Ending::Completed,
-        reset_reason: None,
-        latency: std::time::Duration::ZERO,
-        request_bytes: 0,
-        response_bytes: 0,
-        retries: 0,
-        context: shared.context.extract(&parts.headers, unix_now()),
-        class: (class != 0)
-            .then(|| breakers.config().classes.get(class).cloned())
-            .flatten(),
-        breaker: None,
-        blame: None,
-        first_byte: None,
+    let (mut parts, body) = req.into_parts();
+    let mut call = Call::new(&shared, &conn, &mut parts);
+    let mut down = Downstream {
+        respond,
+        replay: Mutex::new(Replay::new(body.is_end_stream())),
+        body,
+        send: None,
+        trailers: None,
     };
     // The stream in the correlation table, under its id on the client's connection (and,
     // below, on the upstream's), for kernel signals about it to find its context.
-    let tag = conn.tracked.as_ref().map(|_| {
-        Arc::new(StreamTag {
-            method: out.method.clone(),
-            client: conn.client,
-            context: out.context.clone(),
-            client_key: out.context.client_key().map(|k| k.to_string()),
-        })
-    });
+    let tag = conn.tracked.as_ref().map(|_| call.stream_tag());
     let _downstream_stream = conn
         .tracked
         .as_ref()
         .zip(tag.as_ref())
-        .map(|(c, t)| c.conn.stream(respond.stream_id().as_u32(), t.clone()));
+        .map(|(c, t)| c.conn.stream(down.respond.stream_id().as_u32(), t.clone()));
+    let Some(cluster) = call.admit(&conn, &parts, &mut down.respond) else {
+        return call.finish();
+    };
+    let mut attempts = Attempts {
+        count: 0,
+        tried: Vec::new(),
+        retrying: None,
+        idempotent: shared.retries.idempotent(&call.out.method),
+    };
     let mut _upstream_stream: Option<StreamGuard> = None;
-    let mut call = Call {
-        shared: &shared,
-        start,
-        permits: None,
-        client_key: None,
-        transitions: Vec::new(),
-        request_complete: false,
-    };
-
-    let Some(cluster_index) = route(
-        &conn.routes,
-        parts.uri.authority().map(|a| a.as_str()),
-        parts.uri.path(),
-    )
-    .filter(|&i| i < shared.clusters.len()) else {
-        out.ending = Ending::NoRoute;
-        answer(
-            &mut respond,
-            None,
-            &mut out,
-            grpc,
-            Code::Unimplemented,
-            StatusCode::NOT_FOUND,
-            "no route for this request",
-        );
-        return call.finish(out);
-    };
-    let cluster = &shared.clusters[cluster_index];
-    out.cluster = Some(cluster.name.clone());
-    // The client's, cluster's and method's breakers, before any endpoint is looked at.
-    call.client_key = out.context.client_key().map(|k| k.to_string());
-    match breakers.admit_call(
-        cluster_index,
-        class,
-        &out.method,
-        call.client_key.as_deref(),
-        start.into_std(),
-        &mut call.transitions,
-    ) {
-        Ok(p) => call.permits = Some(p),
-        Err(rejected) => {
-            refuse(&mut respond, &mut out, grpc, &rejected);
-            return call.finish(out);
-        }
-    }
-
-    let replay = Mutex::new(Replay::new(client_body.is_end_stream()));
-    let mut client_send: Option<SendStream<Bytes>> = None;
-    let mut trailers: Option<HeaderMap> = None;
-    let mut attempt = 0;
-    let mut tried: Vec<usize> = Vec::new();
-    let mut retrying: Option<RetryGuard<'_>> = None;
-    let idempotent = shared.retries.idempotent(&out.method);
-    // Each pass picks an endpoint, opens an upstream stream and forwards the call on it; a
-    // pass ends early, for another, only when the call never reached an upstream (no
+    // Each try picks an endpoint, opens an upstream stream and forwards the call on it; a
+    // try ends early, for another, only when the call never reached an upstream (no
     // connection, a stream refused unprocessed) or, for an idempotent call, the upstream
     // answered UNAVAILABLE before anything else.
-    let (end, mut up_send, _lease) = loop {
-        attempt += 1;
+    let (ended, up_send, _lease) = loop {
+        attempts.count += 1;
         let now = Instant::now();
-        let endpoint_index = match pick_endpoint(cluster_index, class, &tried, &mut call) {
+        let endpoint = match pick_endpoint(cluster, &attempts.tried, &mut call) {
             Ok(i) => i,
             Err(rejected) => {
                 // Every endpoint's breaker is open: the call never reaches one.
                 call.permits = None;
-                refuse(&mut respond, &mut out, grpc, &rejected);
-                return call.finish(out);
+                refuse(&mut down.respond, &mut call.out, call.grpc, &rejected);
+                return call.finish();
             }
         };
-        tried.push(endpoint_index);
-        let request_in_headers = lock(&replay).fits_in_headers();
-        let opened = open_upstream(
-            &shared,
-            cluster,
-            endpoint_index,
-            &parts,
-            request_in_headers,
-            deadline,
-            &mut out,
-        )
-        .await;
-        let (lease, response, mut up_send) = match opened {
-            Ok(ok) => ok,
-            Err(r) => {
+        attempts.tried.push(endpoint);
+        let request_in_headers = lock(&down.replay).fits_in_headers();
+        let mut up = match open_upstream(&mut call, cluster, endpoint, &parts, request_in_headers)
+            .await
+        {
+            Ok(up) => up,
+            Err(failure) => {
                 // Nothing was sent: safe to try another endpoint, if the budget allows.
-                if r.ending == Ending::ConnectFailed
-                    && attempt < shared.retries.max_attempts
-                    && retry_allowed(&shared, &mut retrying)
-                    && wait_backoff(&shared, attempt, deadline).await
+                if failure.retry == RetryKind::NotReached
+                    && attempts.count < shared.retries.max_attempts
+                    && retry_allowed(&shared, &mut attempts.retrying)
+                    && wait_backoff(&shared, attempts.count, call.deadline).await
                 {
-                    debug!(method = %out.method, endpoint = ?out.endpoint, why = %r.message, "upstream not reached: retrying");
+                    debug!(method = %call.out.method, endpoint = ?call.out.endpoint, "upstream not reached: retrying");
                     call.attempt_failed(Mark::Failure, now);
-                    out.retries += 1;
+                    call.out.retries += 1;
                     continue;
                 }
-                out.ending = r.ending;
                 // The upstream was too slow to connect: its fault, not the client's.
                 call.request_complete = true;
-                answer(
-                    &mut respond,
-                    None,
-                    &mut out,
-                    grpc,
-                    r.code,
-                    r.status,
-                    &r.message,
-                );
-                return call.finish(out);
+                call.fail(&mut down, None, failure);
+                return call.finish();
             }
         };
-        let stream_id = response.stream_id();
-        _upstream_stream = lease
+        let stream_id = up.response.stream_id();
+        _upstream_stream = up
+            .lease
             .tracked()
             .zip(tag.as_ref())
             .map(|(c, t)| c.stream(stream_id.as_u32(), t.clone()));
         // A GOAWAY that came while the stream was being opened already refused it.
-        let end = if lease.refused(stream_id) {
-            End::Refused("the upstream sent GOAWAY before this stream".into())
+        let ended = if up.lease.refused(stream_id) {
+            Err(Failure::refused(
+                "the upstream sent GOAWAY before this stream",
+                attempts.count,
+            ))
         } else {
-            let expiry = async {
-                match deadline {
-                    Some(d) => sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(expiry);
-            let request_bytes = &mut out.request_bytes;
-            let (up, client, replay) = (&mut up_send, &mut client_body, &replay);
-            let request_pump = async move {
-                let client_done = resend(replay, up, request_in_headers).await?;
-                if client_done {
-                    return Ok(None);
-                }
-                pump(client, up, request_bytes, Some(replay)).await
-            };
-            tokio::pin!(request_pump);
-            let mut request_done = request_in_headers;
-            tokio::pin!(response);
-
-            // Until the upstream's response headers. A failed request pump ends nothing here:
-            // a client that failed shows up as a client reset, an upstream that stopped
-            // reading says why in its response.
-            let head = loop {
-                tokio::select! {
-                    r = &mut response => break r.map_err(|e| {
-                        let refused = e.is_reset() && e.is_remote() && e.reason() == Some(Reason::REFUSED_STREAM);
-                        if refused || lease.refused(stream_id) {
-                            End::Refused(e.to_string())
-                        } else {
-                            upstream_end(&e)
-                        }
-                    }),
-                    r = &mut request_pump, if !request_done => {
-                        request_done = true;
-                        if let Err(PumpError::Source(e)) = r {
-                            debug!(error = %e, "client request body failed");
-                        }
-                    }
-                    () = &mut expiry => break Err(End::Deadline),
-                    reason = poll_fn(|cx| respond.poll_reset(cx)) => {
-                        break Err(End::ClientReset(reason.ok()));
-                    }
-                }
-            };
-            match head {
-                Err(end) => end,
-                Ok(head) => {
-                    out.first_byte = Some(start.elapsed());
-                    let (mut head, mut up_body) = head.into_parts();
-                    out.http_status = Some(head.status.as_u16());
-                    grpc::strip_hop_by_hop(&mut head.headers);
-                    let trailers_only = up_body.is_end_stream();
-                    if trailers_only {
-                        out.grpc_status = grpc::status_of(&head.headers);
-                    }
-                    // An idempotent call the upstream turned away with nothing but
-                    // UNAVAILABLE may go to another endpoint; the client has seen nothing.
-                    if trailers_only
-                        && idempotent
-                        && out.grpc_status == Some(Code::Unavailable as u32)
-                        && attempt < shared.retries.max_attempts
-                        && lock(replay).intact()
-                        && retry_allowed(&shared, &mut retrying)
-                    {
-                        End::Unavailable
-                    } else {
-                        // The response started: the call is the upstream's now, never retried.
-                        lock(replay).give_up();
-                        match respond
-                            .send_response(http::Response::from_parts(head, ()), trailers_only)
-                        {
-                            Err(e) => End::ClientReset(e.reason()),
-                            Ok(_) if trailers_only => End::Done,
-                            Ok(s) => {
-                                let client = client_send.insert(s);
-                                let response_pump =
-                                    pump(&mut up_body, client, &mut out.response_bytes, None);
-                                tokio::pin!(response_pump);
-                                loop {
-                                    tokio::select! {
-                                        r = &mut response_pump => break match r {
-                                            Ok(t) => { trailers = t; End::Done }
-                                            Err(PumpError::Source(e)) => upstream_end(&e),
-                                            Err(PumpError::Sink(e)) => End::ClientReset(e.reason()),
-                                            Err(PumpError::SinkClosed) => End::ClientReset(None),
-                                            Err(PumpError::SinkReset(reason)) => End::ClientReset(Some(reason)),
-                                        },
-                                        r = &mut request_pump, if !request_done => {
-                                            request_done = true;
-                                            // An upstream reset of its side: the response pump sees it.
-                                            if let Err(PumpError::Source(e)) = r {
-                                                break End::ClientReset(e.reason());
-                                            }
-                                        }
-                                        () = &mut expiry => break End::Deadline,
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            exchange(
+                &mut call,
+                &mut down,
+                &mut up,
+                request_in_headers,
+                &mut attempts,
+            )
+            .await
         };
-        let replayable = lock(&replay).intact();
+        let replayable = lock(&down.replay).intact();
         // Whether to go again, and whether to wait before.
-        let again = match &end {
+        let again = match &ended {
             // Refused unprocessed: no fault of the endpoint's (a graceful shutdown, or a
-            // stream limit), and sent again at once, as gRPC's transparent retry does.
-            End::Refused(why)
-                if attempt < shared.retries.max_attempts.max(MAX_ATTEMPTS)
+            // stream limit), and sent again at once.
+            Err(f)
+                if f.retry == RetryKind::Refused
+                    && attempts.count < shared.retries.max_attempts.max(MAX_ATTEMPTS)
                     && replayable
-                    && retry_allowed(&shared, &mut retrying) =>
+                    && retry_allowed(&shared, &mut attempts.retrying) =>
             {
-                debug!(method = %out.method, endpoint = ?out.endpoint, %why, "upstream refused the stream unprocessed: retrying");
+                debug!(method = %call.out.method, endpoint = ?call.out.endpoint, "upstream refused the stream unprocessed: retrying");
                 call.attempt_failed(Mark::Neutral, now);
                 Some(false)
             }
-            End::Unavailable => {
-                debug!(method = %out.method, endpoint = ?out.endpoint, "idempotent call answered UNAVAILABLE: retrying");
+            Err(f) if f.retry == RetryKind::Unavailable => {
+                debug!(method = %call.out.method, endpoint = ?call.out.endpoint, "idempotent call answered UNAVAILABLE: retrying");
                 call.attempt_failed(Mark::Failure, now);
                 Some(true)
             }
             _ => None,
         };
-        call.request_complete = lock(&replay).ended;
+        call.request_complete = lock(&down.replay).ended;
         let Some(wait) = again else {
-            break (end, up_send, Some(lease));
+            break (ended, up.send, Some(up.lease));
         };
         // The endpoint's slot is not held while waiting.
-        drop(lease);
-        if wait && !wait_backoff(&shared, attempt, deadline).await {
+        drop(up.lease);
+        if wait && !wait_backoff(&shared, attempts.count, call.deadline).await {
             // Too close to the deadline to try again: the client gets the upstream's answer.
-            break (end, up_send, None);
+            break (ended, up.send, None);
         }
-        out.retries += 1;
-        out.grpc_status = None;
-        out.http_status = None;
-        out.first_byte = None;
+        call.out.retries += 1;
+        call.out.grpc_status = None;
+        call.out.http_status = None;
+        call.out.first_byte = None;
         // A send cut short left its bytes unreleased: they are in the replay now.
-        let n = std::mem::take(&mut lock(&replay).unreleased);
-        let _ = client_body.flow_control().release_capacity(n);
+        let n = std::mem::take(&mut lock(&down.replay).unreleased);
+        let _ = down.body.flow_control().release_capacity(n);
     };
+    match ended {
+        Ok(()) => {
+            if let Some(t) = &down.trailers {
+                call.out.grpc_status = grpc::status_of(t).or(call.out.grpc_status);
+            }
+        }
+        Err(failure) => call.fail(&mut down, Some(up_send), failure),
+    }
+    call.finish();
+}
 
-    match end {
-        End::Done => {
-            if let Some(t) = &trailers {
-                out.grpc_status = grpc::status_of(t).or(out.grpc_status);
+/// One try on an opened upstream stream, both directions at once, until the response has
+/// reached the client (Ok) or the try failed.
+async fn exchange<'a>(
+    call: &mut Call<'a>,
+    down: &mut Downstream,
+    up: &mut Upstream,
+    request_in_headers: bool,
+    attempts: &mut Attempts<'a>,
+) -> Result<(), Failure> {
+    let (shared, start, deadline) = (call.shared, call.start, call.deadline);
+    let stream_id = up.response.stream_id();
+    let expiry = async {
+        match deadline {
+            Some(d) => sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
+    let out = &mut call.out;
+    let Downstream {
+        respond,
+        body: client,
+        send: client_send,
+        trailers,
+        replay,
+    } = down;
+    let (up_send, lease, replay) = (&mut up.send, &up.lease, &*replay);
+    let request_bytes = &mut out.request_bytes;
+    let request_pump = async move {
+        let client_done = resend(replay, up_send, request_in_headers).await?;
+        if client_done {
+            return Ok(None);
+        }
+        pump(client, up_send, request_bytes, Some(replay)).await
+    };
+    tokio::pin!(request_pump);
+    let mut request_done = request_in_headers;
+    let response = &mut up.response;
+
+    // Until the upstream's response headers. A failed request pump ends nothing here: a
+    // client that failed shows up as a client reset, an upstream that stopped reading says
+    // why in its response.
+    let head = loop {
+        tokio::select! {
+            r = &mut *response => break r.map_err(|e| {
+                let refused = e.is_reset() && e.is_remote() && e.reason() == Some(Reason::REFUSED_STREAM);
+                if refused || lease.refused(stream_id) {
+                    Failure::refused(&e, attempts.count)
+                } else {
+                    Failure::upstream(&e)
+                }
+            })?,
+            r = &mut request_pump, if !request_done => {
+                request_done = true;
+                if let Err(PumpError::Source(e)) = r {
+                    debug!(error = %e, "client request body failed");
+                }
+            }
+            () = &mut expiry => return Err(Failure::deadline()),
+            reason = poll_fn(|cx| respond.poll_reset(cx)) => {
+                return Err(Failure::client_reset(reason.ok()));
             }
         }
-        End::Deadline => {
-            up_send.send_reset(Reason::CANCEL);
-            out.ending = Ending::DeadlineExceeded;
-            out.reset_reason = Some("CANCEL".into());
-            answer(
-                &mut respond,
-                client_send.as_mut(),
-                &mut out,
-                grpc,
-                Code::DeadlineExceeded,
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline exceeded",
-            );
-        }
-        End::ClientReset(reason) => {
-            up_send.send_reset(Reason::CANCEL);
-            out.ending = Ending::ClientCancelled;
-            out.reset_reason = reason.map(|r| format!("{r:?}"));
-            if grpc {
-                out.grpc_status = Some(Code::Cancelled as u32);
+    };
+    out.first_byte = Some(start.elapsed());
+    let (mut head, mut up_body) = head.into_parts();
+    out.http_status = Some(head.status.as_u16());
+    grpc::strip_hop_by_hop(&mut head.headers);
+    let trailers_only = up_body.is_end_stream();
+    if trailers_only {
+        out.grpc_status = grpc::status_of(&head.headers);
+    }
+    // An idempotent call the upstream turned away with nothing but UNAVAILABLE may go to
+    // another endpoint; the client has seen nothing.
+    if trailers_only
+        && attempts.idempotent
+        && out.grpc_status == Some(Code::Unavailable as u32)
+        && attempts.count < shared.retries.max_attempts
+        && lock(replay).intact()
+        && retry_allowed(shared, &mut attempts.retrying)
+    {
+        return Err(Failure::unavailable(attempts.count));
+    }
+    // The response started: the call is the upstream's now, never retried.
+    lock(replay).give_up();
+    let sent = respond.send_response(http::Response::from_parts(head, ()), trailers_only);
+    let client_sink = match sent {
+        Err(e) => return Err(Failure::client_reset(e.reason())),
+        Ok(_) if trailers_only => return Ok(()),
+        Ok(s) => client_send.insert(s),
+    };
+    let response_pump = pump(&mut up_body, client_sink, &mut out.response_bytes, None);
+    tokio::pin!(response_pump);
+    loop {
+        tokio::select! {
+            r = &mut response_pump => return match r {
+                Ok(t) => { *trailers = t; Ok(()) }
+                Err(PumpError::Source(e)) => Err(Failure::upstream(&e)),
+                Err(PumpError::Sink(e)) => Err(Failure::client_reset(e.reason())),
+                Err(PumpError::SinkClosed) => Err(Failure::client_reset(None)),
+                Err(PumpError::SinkReset(reason)) => Err(Failure::client_reset(Some(reason))),
+            },
+            r = &mut request_pump, if !request_done => {
+                request_done = true;
+                // An upstream reset of its side: the response pump sees it.
+                if let Err(PumpError::Source(e)) = r {
+                    return Err(Failure::client_reset(e.reason()));
+                }
             }
-        }
-        End::Upstream(why, reason) => {
-            out.ending = Ending::UpstreamReset;
-            out.reset_reason = reason.map(|r| format!("{r:?}"));
-            let msg = format!("upstream failed mid-call: {why}");
-            answer(
-                &mut respond,
-                client_send.as_mut(),
-                &mut out,
-                grpc,
-                Code::Unavailable,
-                StatusCode::BAD_GATEWAY,
-                &msg,
-            );
-        }
-        End::Unavailable => {
-            answer(
-                &mut respond,
-                None,
-                &mut out,
-                grpc,
-                Code::Unavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("upstream answered UNAVAILABLE {attempt} times"),
-            );
-        }
-        End::Refused(why) => {
-            out.ending = Ending::UpstreamReset;
-            out.reset_reason = Some("REFUSED_STREAM".into());
-            let msg = format!("upstream refused the call {attempt} times: {why}");
-            answer(
-                &mut respond,
-                None,
-                &mut out,
-                grpc,
-                Code::Unavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &msg,
-            );
+            () = &mut expiry => return Err(Failure::deadline()),
         }
     }
-    call.finish(out);
 }
 
 /// The stream's own replay: one task, never contended (a Mutex only so the future is Send).
@@ -598,55 +600,27 @@ async fn resend(
     Ok(ended)
 }
 
-/// Why a call was answered by the proxy before reaching an upstream.
-struct Refusal {
-    ending: Ending,
-    code: Code,
-    status: StatusCode,
-    message: String,
-}
-
-impl Refusal {
-    fn new(ending: Ending, code: Code, status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            ending,
-            code,
-            status,
-            message: message.into(),
-        }
-    }
-
-    fn unavailable(e: impl std::fmt::Display) -> Self {
-        Self::new(
-            Ending::ConnectFailed,
-            Code::Unavailable,
-            StatusCode::BAD_GATEWAY,
-            format!("upstream unavailable: {e}"),
-        )
-    }
-}
-
 /// Opens the upstream stream on a picked endpoint (within the deadline), sending the
 /// request headers: the lease that holds the slot, the response to come, and the request
 /// body's sink.
 async fn open_upstream(
-    shared: &Shared,
-    cluster: &ClusterPool,
+    call: &mut Call<'_>,
+    cluster_index: usize,
     endpoint_index: usize,
     parts: &http::request::Parts,
     end_of_stream: bool,
-    deadline: Option<Instant>,
-    out: &mut StreamOutcome,
-) -> Result<(Lease, ResponseFuture, SendStream<Bytes>), Refusal> {
+) -> Result<Upstream, Failure> {
+    let (shared, deadline) = (call.shared, call.deadline);
+    let cluster = &shared.clusters[cluster_index];
     let endpoint = cluster.endpoint(endpoint_index).ok_or_else(|| {
-        Refusal::new(
+        Failure::answered(
             Ending::ConnectFailed,
             Code::Unavailable,
             StatusCode::SERVICE_UNAVAILABLE,
             "cluster has no endpoints",
         )
     })?;
-    out.endpoint = Some(endpoint.address.clone());
+    call.out.endpoint = Some(endpoint.address.clone());
 
     let acquired = until(deadline, async {
         let lease = cluster.lease(endpoint).await?;
@@ -656,14 +630,14 @@ async fn open_upstream(
     .await;
     let (lease, mut sender) = match acquired {
         None => {
-            return Err(Refusal::new(
+            return Err(Failure::answered(
                 Ending::DeadlineExceeded,
                 Code::DeadlineExceeded,
                 StatusCode::GATEWAY_TIMEOUT,
                 "deadline exceeded before an upstream connection was ready",
             ));
         }
-        Some(r) => r.map_err(Refusal::unavailable)?,
+        Some(r) => r.map_err(Failure::not_reached)?,
     };
 
     let mut request = Request::new(());
@@ -680,14 +654,14 @@ async fn open_upstream(
             )),
         );
     }
-    let (response, up_send) = sender
+    let (response, send) = sender
         .send_request(request, end_of_stream)
-        .map_err(Refusal::unavailable)?;
-    Ok((lease, response, up_send))
-}
-
-fn upstream_end(e: &h2::Error) -> End {
-    End::Upstream(e.to_string(), e.reason())
+        .map_err(Failure::not_reached)?;
+    Ok(Upstream {
+        lease,
+        response,
+        send,
+    })
 }
 
 /// Runs `f` until `deadline`; None when the deadline came first.
@@ -806,10 +780,16 @@ fn answer(
     }
 }
 
-/// What one call holds of the breakers, until it is done.
+/// One call: what it holds of the breakers until it is done, and the outcome that will be
+/// reported of it.
 struct Call<'a> {
     shared: &'a Shared,
     start: Instant,
+    grpc: bool,
+    deadline: Option<Instant>,
+    /// The priority class of the request (`[breakers] classes`).
+    class: usize,
+    out: StreamOutcome,
     permits: Option<CallPermits<'a>>,
     /// The key of the client's breaker (`sub:...`, `session:...`).
     client_key: Option<String>,
@@ -818,7 +798,153 @@ struct Call<'a> {
     request_complete: bool,
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// A new call from its request headers (hop-by-hop headers are taken out of them).
+    fn new(shared: &'a Shared, conn: &ConnInfo, parts: &mut http::request::Parts) -> Self {
+        let start = Instant::now();
+        let grpc = grpc::is_grpc(&parts.headers);
+        let deadline = grpc::parse_timeout(&parts.headers).map(|t| start + t);
+        grpc::strip_hop_by_hop(&mut parts.headers);
+        let breakers = &shared.breakers;
+        let class = breakers.config().class_of(
+            parts
+                .headers
+                .get(&breakers.config().priority_header)
+                .map(|v| v.as_bytes()),
+        );
+        let out = StreamOutcome {
+            listener: conn.listener.to_string(),
+            client: conn.client,
+            cluster: None,
+            endpoint: None,
+            method: parts.uri.path().to_owned(),
+            grpc,
+            http_status: None,
+            grpc_status: None,
+            ending: Ending::Completed,
+            reset_reason: None,
+            latency: std::time::Duration::ZERO,
+            request_bytes: 0,
+            response_bytes: 0,
+            retries: 0,
+            context: shared.context.extract(&parts.headers, unix_now()),
+            class: (class != 0)
+                .then(|| breakers.config().classes.get(class).cloned())
+                .flatten(),
+            breaker: None,
+            blame: None,
+            first_byte: None,
+        };
+        Call {
+            shared,
+            start,
+            grpc,
+            deadline,
+            class,
+            out,
+            permits: None,
+            client_key: None,
+            transitions: Vec::new(),
+            request_complete: false,
+        }
+    }
+
+    /// What the correlation table knows of the stream.
+    fn stream_tag(&self) -> Arc<StreamTag> {
+        Arc::new(StreamTag {
+            method: self.out.method.clone(),
+            client: self.out.client,
+            context: self.out.context.clone(),
+            client_key: self.out.context.client_key().map(|k| k.to_string()),
+        })
+    }
+
+    /// Routes the call and asks the client's, cluster's and method's breakers, before any
+    /// endpoint is looked at: its cluster, or None when it was answered (no route, a breaker
+    /// open).
+    fn admit(
+        &mut self,
+        conn: &ConnInfo,
+        parts: &http::request::Parts,
+        respond: &mut SendResponse<Bytes>,
+    ) -> Option<usize> {
+        let shared = self.shared;
+        let routed = route(
+            &conn.routes,
+            parts.uri.authority().map(|a| a.as_str()),
+            parts.uri.path(),
+        )
+        .filter(|&i| i < shared.clusters.len());
+        let Some(cluster) = routed else {
+            self.out.ending = Ending::NoRoute;
+            answer(
+                respond,
+                None,
+                &mut self.out,
+                self.grpc,
+                Code::Unimplemented,
+                StatusCode::NOT_FOUND,
+                "no route for this request",
+            );
+            return None;
+        };
+        self.out.cluster = Some(shared.clusters[cluster].name.clone());
+        self.client_key = self.out.context.client_key().map(|k| k.to_string());
+        match shared.breakers.admit_call(
+            cluster,
+            self.class,
+            &self.out.method,
+            self.client_key.as_deref(),
+            self.start.into_std(),
+            &mut self.transitions,
+        ) {
+            Ok(p) => {
+                self.permits = Some(p);
+                Some(cluster)
+            }
+            Err(rejected) => {
+                refuse(respond, &mut self.out, self.grpc, &rejected);
+                None
+            }
+        }
+    }
+
+    /// Tells the client how the call failed (after what it was sent, if anything), cancels the
+    /// upstream stream when it would go on for nobody, and records the failure.
+    fn fail(
+        &mut self,
+        down: &mut Downstream,
+        up_send: Option<SendStream<Bytes>>,
+        failure: Failure,
+    ) {
+        if failure.cancel_upstream
+            && let Some(mut up) = up_send
+        {
+            up.send_reset(Reason::CANCEL);
+        }
+        self.out.ending = failure.ending;
+        if failure.reset_reason.is_some() {
+            self.out.reset_reason = failure.reset_reason;
+        }
+        match failure.answer {
+            Some(a) => answer(
+                &mut down.respond,
+                down.send.as_mut(),
+                &mut self.out,
+                self.grpc,
+                a.code,
+                a.status,
+                &a.message,
+            ),
+            // The client reset the stream: nobody to answer.
+            None => {
+                if self.grpc {
+                    self.out.grpc_status = Some(Code::Cancelled as u32);
+                }
+            }
+        }
+    }
+
     /// One try went wrong before the call was the upstream's: the endpoint (and its subset)
     /// get the result now, and the call goes on to another.
     fn attempt_failed(&mut self, mark: Mark, now: Instant) {
@@ -833,7 +959,8 @@ impl Call<'_> {
     }
 
     /// Records the call in its breakers, then publishes what changed and the outcome.
-    fn finish(mut self, mut out: StreamOutcome) {
+    fn finish(mut self) {
+        let mut out = self.out;
         let now = Instant::now();
         out.latency = now - self.start;
         if let Some(mut permits) = self.permits.take() {
@@ -883,13 +1010,8 @@ impl Call<'_> {
 
 /// Picks an endpoint whose breakers admit the call, preferring one not tried yet, and takes
 /// its permits.
-fn pick_endpoint(
-    cluster: usize,
-    class: usize,
-    tried: &[usize],
-    call: &mut Call<'_>,
-) -> Result<usize, Rejected> {
-    let shared = call.shared;
+fn pick_endpoint(cluster: usize, tried: &[usize], call: &mut Call<'_>) -> Result<usize, Rejected> {
+    let (shared, class) = (call.shared, call.class);
     let breakers = &shared.breakers;
     let pool = &shared.clusters[cluster];
     let now = Instant::now().into_std();
@@ -978,6 +1100,3 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
-
-#[cfg(test)]
-mod tests;

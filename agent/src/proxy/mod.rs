@@ -6,6 +6,7 @@ mod goaway_watch;
 pub mod grpc;
 mod publish;
 pub mod retry;
+pub mod route;
 pub mod server;
 pub mod tls;
 pub mod upstream;
