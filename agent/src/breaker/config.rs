@@ -34,7 +34,10 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    /// How many scopes there are: the enum's variants, each its own index (`scope as usize`).
+    pub const COUNT: usize = Scope::Client as usize + 1;
+
+    pub const ALL: [Scope; Scope::COUNT] = [
         Scope::Endpoint,
         Scope::Subset,
         Scope::Cluster,
@@ -106,7 +109,7 @@ pub struct BreakerConfig {
     /// Class names; 0 is `default`, which calls with no (or an unknown) class get.
     pub classes: Vec<String>,
     /// Per class, per scope (in [`Scope::ALL`] order): the policy, None when off.
-    pub policies: Vec<[Option<Policy>; 5]>,
+    pub policies: Vec<[Option<Policy>; Scope::COUNT]>,
     pub resource_exhausted: Attribution,
     pub max_clients: usize,
     pub max_methods: usize,
@@ -119,7 +122,7 @@ impl Default for BreakerConfig {
         Self::from_raw(RawBreakers::default()).unwrap_or_else(|_| Self {
             priority_header: http::HeaderName::from_static("x-priority"),
             classes: vec!["default".into()],
-            policies: vec![[None; 5]],
+            policies: vec![[None; Scope::COUNT]],
             resource_exhausted: Attribution::Ignore,
             max_clients: 10_000,
             max_methods: 256,
@@ -136,7 +139,7 @@ impl BreakerConfig {
     /// Every breaker off.
     pub fn disable(&mut self) {
         for per_scope in &mut self.policies {
-            *per_scope = [None; 5];
+            *per_scope = [None; Scope::COUNT];
         }
     }
 
@@ -179,7 +182,7 @@ impl BreakerConfig {
         let base = raw.policy.apply(&Policy::default());
         let mut policies = Vec::new();
         for (name, class) in classes.iter().zip(&class_overrides) {
-            let mut per_scope = [None; 5];
+            let mut per_scope = [None; Scope::COUNT];
             for scope in Scope::ALL {
                 let scoped = match scope {
                     Scope::Endpoint => &raw.endpoint,
@@ -234,5 +237,19 @@ impl BreakerConfig {
             max_methods: raw.max_methods.unwrap_or(256),
             seed: raw.seed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scope;
+
+    /// Policies are indexed by `scope as usize`: ALL must hold every scope at its own index.
+    #[test]
+    fn every_scope_is_at_its_index() {
+        for (i, scope) in Scope::ALL.into_iter().enumerate() {
+            assert_eq!(scope as usize, i, "{scope:?}");
+        }
+        assert_eq!(Scope::ALL.len(), Scope::COUNT);
     }
 }

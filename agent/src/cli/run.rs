@@ -78,47 +78,13 @@ pub struct Options {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let mut config = match (&opts.config, opts.listen) {
-        (Some(path), _) => config::load(path)?,
-        (None, Some(listen)) => {
-            config::quick(listen, &opts.upstream).map_err(|e| anyhow::anyhow!(e))?
-        }
-        (None, None) => bail!("give --config FILE, or --listen ADDR --upstream HOST:PORT,..."),
-    };
-    if opts.no_breakers {
-        config.breakers.disable();
-    }
-    if let Some(dir) = &opts.journal {
-        config.events.journal = Some(dir.clone());
-    }
-    if opts.no_probes {
-        config.signals.probes.clear();
-    }
-    let signals = config.signals.check().map_err(|e| anyhow::anyhow!(e))?;
-    if let Some(url) = &opts.otlp_endpoint {
-        config.export.otlp_endpoint = Some(url.clone());
-    }
-    if let Some(addr) = opts.prometheus_listen {
-        config.export.prometheus_listen = Some(addr);
-    }
-    let export = config.export.check().map_err(|e| anyhow::anyhow!(e))?;
-    if let Some(addr) = opts.api_listen {
-        config.api.listen = addr;
-    }
-    if opts.no_api {
-        config.api.enabled = false;
-    }
-    let admin_token = config.api.check()?;
-    let config_bytes = match &opts.config {
-        Some(path) => std::fs::read(path).unwrap_or_default(),
-        None => Vec::new(),
-    };
-    if export.otlp_endpoint.is_some() && config.events.journal.is_none() {
-        bail!(
-            "export.otlp_endpoint (--otlp-endpoint) sends the journal's events, from a cursor kept \
-             beside them: give [events] journal (or --journal DIR) too"
-        );
-    }
+    let Checked {
+        config,
+        signals,
+        export,
+        admin_token,
+        config_bytes,
+    } = checked_config(&opts)?;
     // The journal first: a directory in use or unwritable stops the agent before it serves.
     let journal = match config.events.journal().map_err(|e| anyhow::anyhow!(e))? {
         Some(c) => {
@@ -258,21 +224,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: draining"); break }
             _ = sigint.recv() => { info!("SIGINT: draining"); break }
             // What the proxy holds right now, as a JSON line on stdout (`agent status` asks the API).
-            _ = sigusr1.recv() => {
-                let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
-                line["kind"] = "stats".into();
-                line["journal"] = serde_json::to_value(journal_stats.figures()).unwrap_or_default();
-                line["signals"] = joins.stats.figures();
-                let (conns, streams) = joins.tracked.counts();
-                line["tracked"] = json!({"connections": conns, "streams": streams, "evidence_dropped": joins.board.dropped.load(std::sync::atomic::Ordering::Relaxed)});
-                if let Some(k) = &kernel {
-                    line["probes"] = k.figures();
-                }
-                if let Some(l) = &exporting.log_stats {
-                    line["otlp_logs"] = serde_json::to_value(l.figures()).unwrap_or_default();
-                }
-                print_line(&line);
-            }
+            _ = sigusr1.recv() => print_line(&stats_line(&stats, &journal_stats, &joins, kernel.as_ref(), &exporting)),
             r = &mut served => {
                 r.context("the proxy task failed")?;
                 bail!("the proxy stopped serving on its own");
@@ -303,6 +255,95 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     info!("drained");
     Ok(())
+}
+
+/// What the agent holds right now, the SIGUSR1 line.
+fn stats_line(
+    stats: &crate::proxy::server::StatsSource,
+    journal_stats: &JournalStats,
+    joins: &crate::correlate::Joins,
+    kernel: Option<&KernelFeed>,
+    exporting: &Exporting,
+) -> serde_json::Value {
+    let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
+    line["kind"] = "stats".into();
+    line["journal"] = serde_json::to_value(journal_stats.figures()).unwrap_or_default();
+    line["signals"] = joins.stats.figures();
+    let (conns, streams) = joins.tracked.counts();
+    let evidence_dropped = joins
+        .board
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    line["tracked"] =
+        json!({"connections": conns, "streams": streams, "evidence_dropped": evidence_dropped});
+    if let Some(k) = kernel {
+        line["probes"] = k.figures();
+    }
+    if let Some(l) = &exporting.log_stats {
+        line["otlp_logs"] = serde_json::to_value(l.figures()).unwrap_or_default();
+    }
+    line
+}
+
+/// The configuration with the command line's overrides, every section checked.
+struct Checked {
+    config: config::AgentConfig,
+    signals: config::signals::Parsed,
+    export: config::export::Export,
+    admin_token: Option<Vec<u8>>,
+    /// The file as read, for the status API.
+    config_bytes: Vec<u8>,
+}
+
+fn checked_config(opts: &Options) -> anyhow::Result<Checked> {
+    let mut config = match (&opts.config, opts.listen) {
+        (Some(path), _) => config::load(path)?,
+        (None, Some(listen)) => {
+            config::quick(listen, &opts.upstream).map_err(|e| anyhow::anyhow!(e))?
+        }
+        (None, None) => bail!("give --config FILE, or --listen ADDR --upstream HOST:PORT,..."),
+    };
+    if opts.no_breakers {
+        config.breakers.disable();
+    }
+    if let Some(dir) = &opts.journal {
+        config.events.journal = Some(dir.clone());
+    }
+    if opts.no_probes {
+        config.signals.probes.clear();
+    }
+    let signals = config.signals.check().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(url) = &opts.otlp_endpoint {
+        config.export.otlp_endpoint = Some(url.clone());
+    }
+    if let Some(addr) = opts.prometheus_listen {
+        config.export.prometheus_listen = Some(addr);
+    }
+    let export = config.export.check().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(addr) = opts.api_listen {
+        config.api.listen = addr;
+    }
+    if opts.no_api {
+        config.api.enabled = false;
+    }
+    let admin_token = config.api.check()?;
+    let config_bytes = match &opts.config {
+        Some(path) => std::fs::read(path).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    if export.otlp_endpoint.is_some() && config.events.journal.is_none() {
+        bail!(
+            "export.otlp_endpoint (--otlp-endpoint) sends the journal's events, from a cursor kept \
+             beside them: give [events] journal (or --journal DIR) too"
+        );
+    }
+    Ok(Checked {
+        config,
+        signals,
+        export,
+        admin_token,
+        config_bytes,
+    })
 }
 
 fn print_line(line: &serde_json::Value) {
