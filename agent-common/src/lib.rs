@@ -8,6 +8,7 @@
 pub mod counters;
 pub mod events;
 pub mod h2;
+pub mod intercept;
 pub mod layout;
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).

@@ -76,6 +76,8 @@ fn run(opts: &Options) -> anyhow::Result<()> {
             endpoints: &endpoints,
             endpoint_subset: &[0, 0, 0],
             subsets: &subsets,
+            discovered: 0,
+            endpoints_only: false,
         }],
         Instant::now(),
     );

@@ -23,6 +23,7 @@ pub mod context;
 pub mod correlate;
 pub mod events;
 pub mod export;
+pub mod grow;
 pub mod probes;
 pub mod proxy;
 pub mod signals;

@@ -16,6 +16,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::grow::GrowList;
+
 use super::{
     circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction, State, nanos},
     classify::Verdict,
@@ -389,6 +391,12 @@ pub struct ClusterShape<'a> {
     /// Subset index of each endpoint.
     pub endpoint_subset: &'a [usize],
     pub subsets: &'a [String],
+    /// Room for endpoints found while the agent runs (an intercepted connection's original
+    /// destination in the passthrough cluster), beyond `endpoints`.
+    pub discovered: usize,
+    /// Only endpoint breakers: the passthrough cluster's endpoints are unrelated services, so
+    /// a cluster or method breaker over all of them would let one fail the others.
+    pub endpoints_only: bool,
 }
 
 type Map<V> = HashMap<Box<str>, V, foldhash::quality::RandomState>;
@@ -463,12 +471,15 @@ struct ClassBreakers {
     cluster: Option<Cell>,
     /// Empty when the cluster has one subset only (its breaker would be the cluster's).
     subsets: Vec<Cell>,
-    endpoints: Vec<Cell>,
+    /// By endpoint index; empty when endpoints have no breaker policy.
+    endpoints: GrowList<Cell>,
     methods: MethodTable,
 }
 
 struct ClusterBreakers {
     name: String,
+    /// No method breakers (see [`ClusterShape::endpoints_only`]).
+    endpoints_only: bool,
     endpoint_subset: Vec<usize>,
     classes: Vec<ClassBreakers>,
 }
@@ -536,7 +547,9 @@ impl Breakers {
     fn cluster_breakers(&self, c: &ClusterShape<'_>) -> ClusterBreakers {
         let classes = (0..self.config.classes.len())
             .map(|class| ClassBreakers {
-                cluster: self.cell(Scope::Cluster, class, c.name.to_owned()),
+                cluster: (!c.endpoints_only)
+                    .then(|| self.cell(Scope::Cluster, class, c.name.to_owned()))
+                    .flatten(),
                 subsets: if c.subsets.len() > 1 {
                     c.subsets
                         .iter()
@@ -545,15 +558,17 @@ impl Breakers {
                 } else {
                     Vec::new()
                 },
-                endpoints: c
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| self.cell(Scope::Endpoint, class, format!("{}/{e}", c.name)))
-                    .collect(),
+                endpoints: GrowList::new(
+                    c.endpoints.iter().filter_map(|e| {
+                        self.cell(Scope::Endpoint, class, format!("{}/{e}", c.name))
+                    }),
+                    c.discovered,
+                ),
                 methods: MethodTable::new(self.config.max_methods),
             })
             .collect();
         ClusterBreakers {
+            endpoints_only: c.endpoints_only,
             name: c.name.to_owned(),
             endpoint_subset: c.endpoint_subset.to_vec(),
             classes,
@@ -644,12 +659,54 @@ impl Breakers {
         Ok(())
     }
 
+    /// Breakers for an endpoint found while the agent runs, at `index` of its cluster (the
+    /// index the cluster's pool gave it). False when there is no room left for it.
+    pub fn add_endpoint(&self, cluster: usize, index: usize, address: &str) -> bool {
+        let Some(c) = self.clusters.get(cluster) else {
+            return false;
+        };
+        for (class, cb) in c.classes.iter().enumerate() {
+            if cb.endpoints.len() != index {
+                // No endpoint policy for this class (no cells at all), or out of step.
+                continue;
+            }
+            if let Some(cell) = self.cell(Scope::Endpoint, class, format!("{}/{address}", c.name))
+                && cb.endpoints.push(cell).is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Why no endpoint of a cluster takes calls: the open breaker that probes soonest.
     pub fn no_endpoint(&self, cluster: usize, class: usize, now: Instant) -> Option<Rejected> {
         let cb = self.class(cluster, class)?;
-        cb.endpoints
-            .iter()
-            .chain(&cb.subsets)
+        Self::soonest_refusal(cb.endpoints.iter().chain(&cb.subsets), now)
+    }
+
+    /// Why one endpoint (and its subset) does not take calls.
+    pub fn endpoint_refusal(
+        &self,
+        cluster: usize,
+        class: usize,
+        endpoint: usize,
+        now: Instant,
+    ) -> Option<Rejected> {
+        let cb = self.class(cluster, class)?;
+        let subset = self.subset_of(cluster, endpoint);
+        let cells = [
+            cb.endpoints.get(endpoint),
+            subset.and_then(|s| cb.subsets.get(s)),
+        ];
+        Self::soonest_refusal(cells.into_iter().flatten(), now)
+    }
+
+    fn soonest_refusal<'a>(
+        cells: impl Iterator<Item = &'a Cell>,
+        now: Instant,
+    ) -> Option<Rejected> {
+        cells
             .filter_map(|c| {
                 c.lock().refusal(now).map(|r| Rejected {
                     breaker: c.id.clone(),
@@ -676,6 +733,9 @@ impl Breakers {
         method: &str,
     ) -> Option<&'a Cell> {
         self.config.policy(class, Scope::Method)?;
+        if self.clusters.get(cluster)?.endpoints_only {
+            return None;
+        }
         let found = cb.methods.get_or_insert(method, || {
             let name = format!("{}{method}", self.clusters.get(cluster)?.name);
             self.cell(Scope::Method, class, name)

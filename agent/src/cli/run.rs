@@ -98,7 +98,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let proxy = Proxy::bind(&config).await?;
+    let mut proxy = Proxy::bind(&config).await?;
     // A taken API port stops the agent now, not later.
     let api = match config.api.enabled {
         true => Some(Api::bind(config.api.listen).await?),
@@ -120,6 +120,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             proxy.shared().correlation_targets(),
             tap,
         )?)
+    };
+    // Interception last before serving: its listener is bound, and a redirected connection
+    // is tracked and correlated from its first byte.
+    let intercept_line = match &config.intercept {
+        Some(i) => {
+            let settings = crate::config::intercept::InterceptSettings {
+                listen: proxy.intercept_addrs().first().copied().unwrap_or(i.listen),
+                listen6: proxy.intercept_addrs().get(1).copied(),
+                ..i.kernel_settings()
+            };
+            let loaded = crate::probes::intercept::InterceptKernel::load(&settings)
+                .context("interception ([intercept]) cannot start")?;
+            proxy.set_interception(Arc::new(loaded));
+            json!({
+                "listen": proxy.intercept_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "cgroups": i.cgroups.iter().map(|c| c.display().to_string()).collect::<Vec<_>>(),
+                "own_mark": i.own_mark,
+            })
+        }
+        None => serde_json::Value::Null,
     };
     let probes_line = kernel
         .as_ref()
@@ -196,6 +216,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     print_line(&json!({
         "kind": "ready",
         "listeners": listeners,
+        "intercept": intercept_line,
         "journal": journal_line,
         "probes": probes_line,
         "otlp": export.otlp_endpoint,

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod events;
 pub mod export;
+pub mod intercept;
 pub mod proxy;
 pub mod retries;
 pub mod signals;
@@ -24,6 +25,7 @@ use self::{
     api::{ApiConfig, ApiConfigError},
     events::{EventsConfig, EventsError},
     export::{ExportConfig, ExportError},
+    intercept::{InterceptConfig, InterceptError, RawIntercept},
     proxy::{Cluster, Limits, Listener, ProxyError, Timeouts},
     retries::{RetriesError, RetryConfig},
     signals::{SignalsConfig, SignalsError},
@@ -47,6 +49,8 @@ pub struct AgentConfig {
     pub signals: SignalsConfig,
     pub export: ExportConfig,
     pub api: ApiConfig,
+    /// Transparent interception; off without an `[intercept]` section.
+    pub intercept: Option<InterceptConfig>,
 }
 
 /// One problem in a configuration file, where it is (line 0: no one place, the message names
@@ -81,6 +85,8 @@ pub enum ConfigErrorKind {
     Export(#[from] ExportError),
     #[error(transparent)]
     Api(#[from] ApiConfigError),
+    #[error(transparent)]
+    Intercept(#[from] InterceptError),
     /// `[context]`: a JWT key that cannot be loaded, a bad header name.
     #[error("context: {0}")]
     Context(String),
@@ -136,6 +142,7 @@ struct RawConfig {
     export: ExportConfig,
     #[serde(default)]
     api: ApiConfig,
+    intercept: Option<RawIntercept>,
 }
 
 /// Durations as text: "10s", "250ms", "5m".
@@ -236,8 +243,14 @@ pub fn load(path: &std::path::Path) -> Result<AgentConfig, ConfigErrors> {
 
 /// Each section checks itself; what it finds is placed in the file.
 fn validate(raw: RawConfig, p: &mut Problems<'_>) -> AgentConfig {
-    let (clusters, cluster_index) = proxy::clusters(raw.clusters, p);
-    let listeners = proxy::listeners(raw.listeners, &cluster_index, p);
+    let (mut clusters, cluster_index) = proxy::clusters(raw.clusters, p);
+    let intercept = raw.intercept.map(|i| i.check(p));
+    proxy::check_claims(&clusters, intercept.is_some(), p);
+    if intercept.is_some() {
+        // Last, so that the configured clusters keep their indexes.
+        clusters.push(Cluster::passthrough());
+    }
+    let listeners = proxy::listeners(raw.listeners, &cluster_index, intercept.is_some(), p);
     raw.limits.check(p);
     let breakers = BreakerConfig::from_raw(raw.breakers).unwrap_or_else(|errors| {
         for e in errors {
@@ -276,6 +289,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> AgentConfig {
         signals: raw.signals,
         export: raw.export,
         api: raw.api,
+        intercept,
     }
 }
 
@@ -294,6 +308,7 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<AgentConfig, Pr
         signals: SignalsConfig::default(),
         export: ExportConfig::default(),
         api: ApiConfig::default(),
+        intercept: None,
     })
 }
 

@@ -6,7 +6,10 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Problems, duration};
+use super::{
+    Problems, duration,
+    intercept::{Destinations, InterceptError, PASSTHROUGH_CLUSTER, RawDestinations},
+};
 
 /// What is wrong in the proxy's sections.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +67,8 @@ pub enum ProxyError {
     },
     #[error("--upstream needs at least one HOST:PORT")]
     QuickNoUpstream,
+    #[error(transparent)]
+    Intercept(#[from] InterceptError),
 }
 
 /// Why an endpoint is not `host:port`.
@@ -118,6 +123,11 @@ pub struct Cluster {
     /// Connections opened to one endpoint at most; streams beyond what they allow
     /// (the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS) wait for one to finish.
     pub max_connections_per_endpoint: usize,
+    /// Original destinations of intercepted connections this cluster serves (its endpoints,
+    /// its breakers) instead of the passthrough cluster.
+    pub claims: Vec<Destinations>,
+    /// Where each claim is in the file (for a claim found twice).
+    claim_spans: Vec<std::ops::Range<usize>>,
 }
 
 /// Timeouts the `h2` crate does not have of its own.
@@ -238,6 +248,8 @@ pub(super) struct RawCluster {
     max_connections_per_endpoint: Spanned<usize>,
     #[serde(default, rename = "subset")]
     subsets: Vec<RawSubset>,
+    #[serde(default)]
+    claims: Vec<Spanned<RawDestinations>>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +318,12 @@ pub(super) fn clusters(
                 ProxyError::NoConnections,
             );
         }
+        let claim_spans = c.claims.iter().map(Spanned::span).collect();
+        let claims = c
+            .claims
+            .into_iter()
+            .map(|d| d.into_inner().check(p))
+            .collect();
         clusters.push(Cluster {
             name,
             endpoints,
@@ -313,15 +331,70 @@ pub(super) fn clusters(
             endpoint_subset,
             connect_timeout: c.connect_timeout,
             max_connections_per_endpoint: max_conns.max(1),
+            claims,
+            claim_spans,
         });
     }
     (clusters, cluster_index)
+}
+
+impl Cluster {
+    /// The cluster of intercepted connections no cluster claims: no endpoint to begin with,
+    /// each original destination becomes one as it is seen.
+    pub fn passthrough() -> Cluster {
+        Cluster {
+            name: PASSTHROUGH_CLUSTER.to_owned(),
+            endpoints: Vec::new(),
+            subsets: Vec::new(),
+            endpoint_subset: Vec::new(),
+            connect_timeout: default_connect_timeout(),
+            max_connections_per_endpoint: *default_max_connections().get_ref(),
+            claims: Vec::new(),
+            claim_spans: Vec::new(),
+        }
+    }
+}
+
+/// Claims only with interception on, none twice; the passthrough cluster's name kept free.
+pub(super) fn check_claims(clusters: &[Cluster], intercept: bool, p: &mut Problems<'_>) {
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    for c in clusters {
+        if intercept && c.name == PASSTHROUGH_CLUSTER {
+            p.keyed(ProxyError::Intercept(InterceptError::ReservedName));
+        }
+        for (claim, span) in c.claims.iter().zip(&c.claim_spans) {
+            if !intercept {
+                p.at(
+                    span.clone(),
+                    ProxyError::Intercept(InterceptError::ClaimsWithoutIntercept),
+                );
+            }
+            let ports: Vec<_> = if claim.ports.is_empty() {
+                vec![None]
+            } else {
+                claim.ports.iter().copied().map(Some).collect()
+            };
+            for port in ports {
+                let key = match port {
+                    Some(port) => format!("{} port {port}", claim.net),
+                    None => format!("{} (every port)", claim.net),
+                };
+                if seen.insert(key.clone(), ()).is_some() {
+                    p.at(
+                        span.clone(),
+                        ProxyError::Intercept(InterceptError::ClaimedTwice(key)),
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// The listeners, their routes pointing into the clusters by `cluster_index`.
 pub(super) fn listeners(
     raw: Vec<RawListener>,
     cluster_index: &HashMap<String, usize>,
+    intercept: bool,
     p: &mut Problems<'_>,
 ) -> Vec<Listener> {
     let mut listeners = Vec::new();
@@ -364,7 +437,8 @@ pub(super) fn listeners(
             routes,
         });
     }
-    if listeners.is_empty() {
+    // With interception the intercept listener serves; explicit listeners are optional.
+    if listeners.is_empty() && !intercept {
         p.at(0..0, ProxyError::NoListeners);
     }
     listeners
@@ -503,6 +577,8 @@ pub(super) fn quick(
         endpoint_subset: vec![0; upstreams.len()],
         connect_timeout: default_connect_timeout(),
         max_connections_per_endpoint: *default_max_connections().get_ref(),
+        claims: Vec::new(),
+        claim_spans: Vec::new(),
     };
     Ok((vec![listener], vec![cluster]))
 }

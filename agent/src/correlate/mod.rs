@@ -44,6 +44,7 @@ use crate::{
         registry::{Breakers, Transition},
     },
     config::signals::{Parsed, SignalUse, SignalsConfig},
+    grow::GrowList,
     signals::{
         GoStwPause, SignalKind, TcpReset,
         h2_frame::{FrameDetail, H2Frame},
@@ -244,8 +245,9 @@ pub trait Outlet: Send + Sync {
 /// `cluster/address` names.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointNames {
-    /// Each cluster's name and its endpoints' addresses.
-    pub clusters: Vec<(String, Vec<String>)>,
+    /// Each cluster's name and its endpoints' addresses (growing as the proxy finds
+    /// endpoints).
+    pub clusters: Vec<(String, Arc<GrowList<String>>)>,
 }
 
 impl EndpointNames {
@@ -257,7 +259,7 @@ impl EndpointNames {
     pub fn index(&self, endpoint: &str) -> Option<(usize, usize)> {
         let (cluster, address) = endpoint.split_once('/')?;
         let ci = self.clusters.iter().position(|(c, _)| c == cluster)?;
-        let ei = self.clusters[ci].1.iter().position(|a| a == address)?;
+        let ei = self.clusters.get(ci)?.1.iter().position(|a| a == address)?;
         Some((ci, ei))
     }
 }

@@ -48,6 +48,8 @@ fn setup(signals: SignalsConfig) -> (Targets, Arc<Recorder>, Correlator) {
             endpoints: &endpoints,
             endpoint_subset: &[0, 0],
             subsets: &[],
+            discovered: 0,
+            endpoints_only: false,
         }],
         Instant::now(),
     );
@@ -55,7 +57,10 @@ fn setup(signals: SignalsConfig) -> (Targets, Arc<Recorder>, Correlator) {
     let targets = Targets {
         breakers: Arc::new(breakers),
         endpoints: EndpointNames {
-            clusters: vec![("upstream".to_owned(), endpoints)],
+            clusters: vec![(
+                "upstream".to_owned(),
+                Arc::new(crate::grow::GrowList::new(endpoints, 0)),
+            )],
         },
         joins: Arc::new(Joins::new(true)),
         outlet: recorder.clone(),

@@ -65,6 +65,10 @@ pub struct StreamOutcome {
     /// Until the upstream's response headers (what the slow-call rule measures).
     #[serde(with = "opt_micros", skip_serializing_if = "Option::is_none")]
     pub first_byte: Option<Duration>,
+    /// Where the application dialed, when the kernel steered its connection here
+    /// (interception); absent for connections made to a listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_destination: Option<SocketAddr>,
 }
 
 mod opt_micros {

@@ -7,6 +7,7 @@ pub mod environment;
 pub mod go_binary;
 pub mod go_processes;
 pub mod h2_hooks;
+pub mod intercept;
 pub mod kernel_layout;
 pub mod pipeline;
 pub mod ring;

@@ -72,6 +72,21 @@ pub struct ConnInfo {
     /// This connection in the correlation table (when kernel signals are joined); marked
     /// closed when the connection and its last stream are done.
     pub tracked: Option<ConnGuard>,
+    /// Set when the kernel steered the connection here: its calls go where this says, not
+    /// by the listener's routes.
+    pub intercepted: Option<Intercepted>,
+}
+
+/// Where an intercepted connection's calls go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Intercepted {
+    /// What the application dialed.
+    pub original: SocketAddr,
+    /// The cluster that claims it, or the passthrough cluster.
+    pub cluster: usize,
+    /// In the passthrough cluster, the original destination's endpoint; None: the claiming
+    /// cluster picks among its endpoints.
+    pub endpoint: Option<usize>,
 }
 
 /// Why a pump stopped early.
@@ -796,6 +811,9 @@ struct Call<'a> {
     transitions: Vec<Transition>,
     /// The client had sent all of its request (for whose fault a deadline was).
     request_complete: bool,
+    /// The only endpoint the call may go to (an intercepted connection's original
+    /// destination, in the passthrough cluster).
+    pinned: Option<usize>,
 }
 
 impl<'a> Call<'a> {
@@ -834,6 +852,7 @@ impl<'a> Call<'a> {
             breaker: None,
             blame: None,
             first_byte: None,
+            original_destination: conn.intercepted.map(|i| i.original),
         };
         Call {
             shared,
@@ -846,6 +865,7 @@ impl<'a> Call<'a> {
             client_key: None,
             transitions: Vec::new(),
             request_complete: false,
+            pinned: conn.intercepted.and_then(|i| i.endpoint),
         }
     }
 
@@ -869,11 +889,14 @@ impl<'a> Call<'a> {
         respond: &mut SendResponse<Bytes>,
     ) -> Option<usize> {
         let shared = self.shared;
-        let routed = route(
-            &conn.routes,
-            parts.uri.authority().map(|a| a.as_str()),
-            parts.uri.path(),
-        )
+        let routed = match conn.intercepted {
+            Some(i) => Some(i.cluster),
+            None => route(
+                &conn.routes,
+                parts.uri.authority().map(|a| a.as_str()),
+                parts.uri.path(),
+            ),
+        }
         .filter(|&i| i < shared.clusters.len());
         let Some(cluster) = routed else {
             self.out.ending = Ending::NoRoute;
@@ -1019,10 +1042,13 @@ fn pick_endpoint(cluster: usize, tried: &[usize], call: &mut Call<'_>) -> Result
     // the admission.
     for _ in 0..3 {
         let admissible = |i: usize| breakers.endpoint_admissible(cluster, class, i, now);
-        let Some(i) = pool
-            .pick(|i| !tried.contains(&i) && admissible(i))
-            .or_else(|| pool.pick(admissible))
-        else {
+        let picked = match call.pinned {
+            Some(i) => admissible(i).then_some(i),
+            None => pool
+                .pick(|i| !tried.contains(&i) && admissible(i))
+                .or_else(|| pool.pick(admissible)),
+        };
+        let Some(i) = picked else {
             break;
         };
         let Some(permits) = call.permits.as_mut() else {
@@ -1033,17 +1059,19 @@ fn pick_endpoint(cluster: usize, tried: &[usize], call: &mut Call<'_>) -> Result
             Err(_) => continue,
         }
     }
-    Err(breakers
-        .no_endpoint(cluster, class, now)
-        .unwrap_or_else(|| Rejected {
-            breaker: Arc::new(BreakerId {
-                scope: Scope::Cluster,
-                name: pool.name.clone(),
-                class: None,
-            }),
-            reason: BreakerReason::OpenElapsed,
-            retry_after: std::time::Duration::from_secs(1),
-        }))
+    let refusal = match call.pinned {
+        Some(i) => breakers.endpoint_refusal(cluster, class, i, now),
+        None => breakers.no_endpoint(cluster, class, now),
+    };
+    Err(refusal.unwrap_or_else(|| Rejected {
+        breaker: Arc::new(BreakerId {
+            scope: Scope::Cluster,
+            name: pool.name.clone(),
+            class: None,
+        }),
+        reason: BreakerReason::OpenElapsed,
+        retry_after: std::time::Duration::from_secs(1),
+    }))
 }
 
 /// Whether this call may retry (the first retry takes a place in the budget, kept until

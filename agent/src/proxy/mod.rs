@@ -4,6 +4,7 @@ mod coalesce;
 pub mod forward;
 mod goaway_watch;
 pub mod grpc;
+pub mod intercept;
 mod publish;
 pub mod retry;
 pub mod route;

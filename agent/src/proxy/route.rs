@@ -1,7 +1,20 @@
 //! Routing: which cluster a request goes to, by its `:authority` and `:path` (the listener's
-//! `[[listener.route]]` entries, first match wins).
+//! `[[listener.route]]` entries, first match wins); and which cluster claims an intercepted
+//! connection's original destination (the most specific claim wins).
 
-use crate::config::proxy::Route;
+use std::net::SocketAddr;
+
+use crate::config::{intercept::Destinations, proxy::Route};
+
+/// The cluster whose claim on `to` is the most specific: the longest prefix, then one that
+/// names the port. None: no cluster claims it (the passthrough cluster serves it).
+pub fn claimant(claims: &[(usize, Destinations)], to: SocketAddr) -> Option<usize> {
+    claims
+        .iter()
+        .filter_map(|(cluster, d)| Some((d.specificity(to)?, *cluster)))
+        .max_by_key(|&(specificity, _)| specificity)
+        .map(|(_, cluster)| cluster)
+}
 
 /// The first route that matches the request, as an index into the clusters.
 pub fn route(routes: &[Route], authority: Option<&str>, path: &str) -> Option<usize> {

@@ -27,19 +27,22 @@ use crate::{
     breaker::registry::{Breakers, ClusterShape, Snapshot},
     config::{
         AgentConfig,
+        intercept::PASSTHROUGH_CLUSTER,
         proxy::{Limits, Listener, Timeouts},
     },
     context::{ContextStats, Extractor},
     correlate::{Joins, table::Side},
     events::bus::{BreakerEvents, Bus, Outcomes},
+    probes::intercept::InterceptKernel,
 };
 
 use super::{
     coalesce::Coalesce,
     forward::{self, ConnInfo, Shared},
+    intercept::{self, InterceptFigures, InterceptPlan, InterceptServing},
     retry::RetryBudget,
     tls::{self, TlsError},
-    upstream::ClusterPool,
+    upstream::{ClusterPool, PoolOptions},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +66,15 @@ pub enum ServerError {
 
 /// Live connections (and streams), so a drain knows when it is done.
 #[derive(Default)]
-struct Live {
+pub(super) struct Live {
     count: AtomicUsize,
     idle: Notify,
 }
 
-struct LiveGuard(Arc<Live>);
+pub(super) struct LiveGuard(Arc<Live>);
 
 impl Live {
-    fn enter(self: &Arc<Self>) -> LiveGuard {
+    pub(super) fn enter(self: &Arc<Self>) -> LiveGuard {
         self.count.fetch_add(1, Ordering::SeqCst);
         LiveGuard(self.clone())
     }
@@ -103,6 +106,11 @@ impl Drop for LiveGuard {
 /// A bound proxy, ready to serve.
 pub struct Proxy {
     listeners: Vec<(Listener, TcpListener, Option<TlsAcceptor>)>,
+    /// `[intercept]`'s listeners (IPv4, then IPv6), bound before the kernel programs are
+    /// attached so that no redirected connect finds nobody listening.
+    intercept_listeners: Vec<TcpListener>,
+    intercept_plan: Option<Arc<InterceptPlan>>,
+    intercept_kernel: Option<Arc<InterceptKernel>>,
     shared: Arc<Shared>,
     limits: Limits,
     timeouts: Timeouts,
@@ -125,12 +133,16 @@ pub struct ProxyStats {
     pub untracked_clients: u64,
     pub untracked_methods: u64,
     pub context: ContextStats,
+    /// What interception did, when it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<InterceptFigures>,
 }
 
 /// Takes [`ProxyStats`] while the proxy serves.
 #[derive(Clone)]
 pub struct StatsSource {
     shared: Arc<Shared>,
+    intercept: Option<(Arc<InterceptPlan>, Option<Arc<InterceptKernel>>)>,
     connections: Arc<Live>,
     streams: Arc<Live>,
 }
@@ -162,6 +174,10 @@ impl StatsSource {
                 .untracked_methods
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
+            intercept: self
+                .intercept
+                .as_ref()
+                .map(|(plan, kernel)| plan.stats.figures(kernel.as_deref())),
         }
     }
 }
@@ -169,6 +185,28 @@ impl StatsSource {
 impl Proxy {
     /// Binds every listener (so a taken port fails at start, not later).
     pub async fn bind(config: &AgentConfig) -> Result<Proxy, ServerError> {
+        // Room for the original destinations the passthrough cluster meets.
+        let discovered = |c: &crate::config::proxy::Cluster| match &config.intercept {
+            Some(i) if c.name == PASSTHROUGH_CLUSTER => i.max_passthrough_endpoints,
+            _ => 0,
+        };
+        let mut intercept_listeners = Vec::new();
+        if let Some(i) = &config.intercept {
+            for address in std::iter::once(i.listen).chain(i.listen6) {
+                let tcp = TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        listener: "intercept".into(),
+                        address,
+                        source,
+                    })?;
+                intercept_listeners.push(tcp);
+            }
+        }
+        let intercept_plan = config
+            .intercept
+            .as_ref()
+            .map(|i| Arc::new(InterceptPlan::new(i, &config.clusters)));
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let tls = l
@@ -197,8 +235,11 @@ impl Proxy {
                 endpoints: &c.endpoints,
                 endpoint_subset: &c.endpoint_subset,
                 subsets: &c.subsets,
+                discovered: discovered(c),
+                endpoints_only: config.intercept.is_some() && c.name == PASSTHROUGH_CLUSTER,
             })
             .collect();
+        let mark = config.intercept.as_ref().map(|i| i.own_mark);
         // Connections and streams are tracked only when kernel signals are joined to them.
         let joins = Arc::new(Joins::new(!config.signals.probes.is_empty()));
         let shared = Arc::new(Shared {
@@ -206,7 +247,13 @@ impl Proxy {
                 .clusters
                 .iter()
                 .enumerate()
-                .map(|(i, c)| ClusterPool::new(i, c, config.limits, joins.clone()))
+                .map(|(i, c)| {
+                    let options = PoolOptions {
+                        discovered: discovered(c),
+                        mark,
+                    };
+                    ClusterPool::new(i, c, config.limits, joins.clone(), &options)
+                })
                 .collect(),
             bus: Arc::new(Bus::default()),
             breakers: Arc::new(Breakers::new(
@@ -222,12 +269,29 @@ impl Proxy {
         });
         Ok(Proxy {
             listeners,
+            intercept_listeners,
+            intercept_plan,
+            intercept_kernel: None,
             shared,
             limits: config.limits,
             timeouts: config.timeouts,
             connections: Arc::default(),
             streams: Arc::default(),
         })
+    }
+
+    /// Hands the proxy the loaded interception programs, whose listener it serves; without
+    /// them the intercept listener is not served (nothing would be redirected to it).
+    pub fn set_interception(&mut self, kernel: Arc<InterceptKernel>) {
+        self.intercept_kernel = Some(kernel);
+    }
+
+    /// The intercept listeners' addresses (port 0 resolved): IPv4, then IPv6.
+    pub fn intercept_addrs(&self) -> Vec<SocketAddr> {
+        self.intercept_listeners
+            .iter()
+            .filter_map(|t| t.local_addr().ok())
+            .collect()
     }
 
     /// The address each listener is bound to (port 0 resolved), by name.
@@ -254,6 +318,10 @@ impl Proxy {
     pub fn stats(&self) -> StatsSource {
         StatsSource {
             shared: self.shared.clone(),
+            intercept: self
+                .intercept_plan
+                .clone()
+                .map(|p| (p, self.intercept_kernel.clone())),
             connections: self.connections.clone(),
             streams: self.streams.clone(),
         }
@@ -281,6 +349,23 @@ impl Proxy {
                 live.clone(),
                 streams.clone(),
             )));
+        }
+        if let (Some(plan), Some(kernel)) =
+            (self.intercept_plan.clone(), self.intercept_kernel.clone())
+        {
+            let serving = Arc::new(InterceptServing {
+                plan,
+                kernel,
+                shared: self.shared.clone(),
+                limits: self.limits,
+                timeouts: self.timeouts,
+                shutdown: shutdown.clone(),
+                live: live.clone(),
+                streams: streams.clone(),
+            });
+            for tcp in self.intercept_listeners {
+                accept_tasks.push(tokio::spawn(intercept::accept_loop(tcp, serving.clone())));
+            }
         }
         // Open breakers whose period passed turn half-open even with no call to notice.
         let shared = self.shared.clone();
@@ -366,6 +451,7 @@ async fn accept_loop(
             client: peer,
             routes: info.routes.clone(),
             tracked,
+            intercepted: None,
         });
         let guard = live.enter();
         let _ = socket.set_nodelay(true);
@@ -408,7 +494,7 @@ async fn accept_loop(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
 )]
-async fn serve_connection<T>(
+pub(super) async fn serve_connection<T>(
     socket: T,
     info: Arc<ConnInfo>,
     shared: Arc<Shared>,

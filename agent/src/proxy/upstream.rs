@@ -8,7 +8,9 @@
 //! the upstream's limit is never exceeded on the wire.
 
 use std::{
+    collections::HashMap,
     future::Future as _,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -18,7 +20,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::correlate::{
@@ -26,7 +28,10 @@ use crate::correlate::{
     table::{Side, TrackedConn},
 };
 
-use crate::config::proxy::{Cluster, Limits};
+use crate::{
+    config::proxy::{Cluster, Limits},
+    grow::GrowList,
+};
 
 use super::{
     coalesce::Coalesce,
@@ -81,7 +86,14 @@ pub struct ClusterPool {
     /// Its place among the proxy's clusters (as the breakers and the correlation table name it).
     index: usize,
     joins: Arc<Joins>,
-    endpoints: Vec<Arc<Endpoint>>,
+    endpoints: GrowList<Arc<Endpoint>>,
+    /// The endpoints' addresses by index, shared with the correlation stage (which names
+    /// endpoints by them).
+    addresses: Arc<GrowList<String>>,
+    /// Index by address of endpoints found while running (the passthrough cluster's).
+    discovered: Mutex<HashMap<String, usize>>,
+    /// `SO_MARK` of the upstream sockets: the interception programs leave them alone.
+    mark: Option<u32>,
     connect_timeout: Duration,
     max_connections: usize,
     limits: Limits,
@@ -152,27 +164,52 @@ impl Drop for Lease {
     }
 }
 
+impl Endpoint {
+    fn new(address: String, index: usize) -> Arc<Self> {
+        Arc::new(Endpoint {
+            address,
+            index,
+            in_flight: AtomicUsize::new(0),
+            connections: Mutex::new(Vec::new()),
+            connecting: AtomicUsize::new(0),
+            opened: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+/// How a pool is set up beyond its cluster's configuration.
+#[derive(Clone, Debug, Default)]
+pub struct PoolOptions {
+    /// Room for endpoints found while running (see [`ClusterPool::find_or_add`]).
+    pub discovered: usize,
+    /// `SO_MARK` of its upstream sockets.
+    pub mark: Option<u32>,
+}
+
 impl ClusterPool {
-    pub fn new(index: usize, cluster: &Cluster, limits: Limits, joins: Arc<Joins>) -> Self {
+    pub fn new(
+        index: usize,
+        cluster: &Cluster,
+        limits: Limits,
+        joins: Arc<Joins>,
+        options: &PoolOptions,
+    ) -> Self {
+        let endpoints = cluster
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Endpoint::new(a.clone(), i));
         Self {
             name: cluster.name.clone(),
             index,
             joins,
-            endpoints: cluster
-                .endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, a)| {
-                    Arc::new(Endpoint {
-                        address: a.clone(),
-                        index: i,
-                        in_flight: AtomicUsize::new(0),
-                        connections: Mutex::new(Vec::new()),
-                        connecting: AtomicUsize::new(0),
-                        opened: tokio::sync::Notify::new(),
-                    })
-                })
-                .collect(),
+            endpoints: GrowList::new(endpoints, options.discovered),
+            addresses: Arc::new(GrowList::new(
+                cluster.endpoints.iter().cloned(),
+                options.discovered,
+            )),
+            discovered: Mutex::new(HashMap::new()),
+            mark: options.mark,
             connect_timeout: cluster.connect_timeout,
             max_connections: cluster.max_connections_per_endpoint,
             limits,
@@ -204,9 +241,36 @@ impl ClusterPool {
         self.endpoints.get(index).cloned()
     }
 
-    /// Every endpoint's address, in index order.
-    pub fn addresses(&self) -> Vec<String> {
-        self.endpoints.iter().map(|e| e.address.clone()).collect()
+    /// Every endpoint's address by index, as it grows.
+    pub fn addresses(&self) -> Arc<GrowList<String>> {
+        self.addresses.clone()
+    }
+
+    /// The index of the endpoint at `address`, added when it is new (then `added` runs with
+    /// its index before any call can use it: the breakers make theirs). None when the pool has
+    /// no room left.
+    pub fn find_or_add(&self, address: &str, added: impl FnOnce(usize)) -> Option<usize> {
+        let mut discovered = lock(&self.discovered);
+        if let Some(&i) = discovered.get(address) {
+            return Some(i);
+        }
+        if let Some(i) = self.endpoints.iter().position(|e| e.address == address) {
+            return Some(i);
+        }
+        let index = self.endpoints.len();
+        if self.endpoints.full() || self.addresses.full() {
+            return None;
+        }
+        added(index);
+        self.addresses.push(address.to_owned()).ok()?;
+        let pushed = self
+            .endpoints
+            .push(Endpoint::new(address.to_owned(), index));
+        if !matches!(pushed, Ok(i) if i == index) {
+            return None;
+        }
+        discovered.insert(address.to_owned(), index);
+        Some(index)
     }
 
     /// Picks an endpoint among those `allowed` (their breakers closed, say): the one with
@@ -226,7 +290,11 @@ impl ClusterPool {
         let Some(b) = first_from(fastrand::usize(..n), Some(a)) else {
             return Some(a);
         };
-        let load = |i: usize| self.endpoints[i].in_flight.load(Ordering::Relaxed);
+        let load = |i: usize| {
+            self.endpoints
+                .get(i)
+                .map_or(usize::MAX, |e| e.in_flight.load(Ordering::Relaxed))
+        };
         Some(if load(b) < load(a) { b } else { a })
     }
 
@@ -330,7 +398,7 @@ impl ClusterPool {
                 })?;
         let mut tcp = None;
         for a in addrs {
-            match TcpStream::connect(a).await {
+            match dial(a, self.mark).await {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -399,6 +467,20 @@ impl ClusterPool {
             tracked: tracked_conn,
         }))
     }
+}
+
+/// A TCP connection to `address`, its socket marked (`SO_MARK`) before it connects.
+pub async fn dial(address: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(address).await;
+    };
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket2::SockRef::from(&socket).set_mark(mark)?;
+    socket.connect(address).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

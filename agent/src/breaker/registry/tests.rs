@@ -27,6 +27,8 @@ fn breakers(cfg: BreakerConfig, subsets: &[usize], names: &[String]) -> Breakers
             endpoints: &eps,
             endpoint_subset: subsets,
             subsets: names,
+            discovered: 0,
+            endpoints_only: false,
         }],
         Instant::now(),
     )
@@ -328,7 +330,7 @@ proptest::proptest! {
         let eps = vec!["a:1".to_owned()];
         let b = Breakers::new(
             cfg,
-            &[ClusterShape { name: "c", endpoints: &eps, endpoint_subset: &[0], subsets: &[] }],
+            &[ClusterShape { name: "c", endpoints: &eps, endpoint_subset: &[0], subsets: &[], discovered: 0, endpoints_only: false }],
             epoch,
         );
         let mut pure = Breaker::new(policy, epoch, 0);
@@ -365,7 +367,7 @@ fn a_healthy_breaker_counts_successes_without_its_lock() {
     for _ in 0..100 {
         call(&b, 0, None, 0, OK, now, &mut out).unwrap();
     }
-    let cell = &b.clusters[0].classes[0].endpoints[0];
+    let cell = b.clusters[0].classes[0].endpoints.get(0).unwrap();
     let pending: u64 = cell
         .successes
         .iter()

@@ -25,6 +25,8 @@ fn a_trip_carries_the_breaker_the_upstream_and_the_calls_context() {
             endpoints: &eps,
             endpoint_subset: &[0],
             subsets: &[],
+            discovered: 0,
+            endpoints_only: false,
         }],
         Instant::now(),
     );
@@ -63,6 +65,7 @@ fn a_trip_carries_the_breaker_the_upstream_and_the_calls_context() {
         breaker: None,
         blame: Some("upstream"),
         first_byte: None,
+        original_destination: None,
     };
     let e = breaker_trip(
         &BreakerEvent {
