@@ -127,6 +127,7 @@ async fn run(opts: &Options) -> anyhow::Result<()> {
                 method: "/orders.v1.Orders/Create".into(),
                 client,
                 client_key: context.client_key().map(|k| k.to_string()),
+                original_destination: None,
                 context,
             }));
         }

@@ -22,9 +22,11 @@ use std::{
     collections::HashMap,
     os::unix::process::ExitStatusExt as _,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use test_support::supervised::{Supervised, Supervision};
 
 const EVENTS: &[&str] = &[
     "sched:sched_switch",
@@ -43,9 +45,10 @@ const EVENTS: &[&str] = &[
     "irq_vectors:call_function_single_exit",
 ];
 
-/// `perf record` of every CPU, running until [`Witness::stop`].
+/// `perf record` of every CPU, running until [`Witness::stop`] (killed if dropped before: a
+/// failed test leaves no recording running).
 pub struct Witness {
-    perf: Child,
+    perf: Supervised,
     data: PathBuf,
 }
 
@@ -84,22 +87,25 @@ impl Witness {
         for e in EVENTS {
             cmd.args(["-e", e]);
         }
-        let mut perf = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "the witness needs perf (Debian's linux-perf, from `cargo xtask setup`): {e}"
-                )
-            });
+        let mut perf = Supervised::spawn(
+            "perf record",
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+            Supervision::KILL,
+        )
+        .unwrap_or_else(|e| {
+            panic!("the witness needs perf (Debian's linux-perf, from `cargo xtask setup`): {e}")
+        });
         // perf writes its header once every event is open; until then nothing is recorded.
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::fs::metadata(&data).map_or(0, |m| m.len()) == 0 {
-            if let Ok(Some(status)) = perf.try_wait() {
+            if let Some(status) = perf.exited() {
                 let mut err = String::new();
-                let _ = std::io::Read::read_to_string(&mut perf.stderr.take().unwrap(), &mut err);
+                let _ = std::io::Read::read_to_string(
+                    &mut perf.child_mut().stderr.take().unwrap(),
+                    &mut err,
+                );
                 panic!("perf record exited ({status}): {err}");
             }
             assert!(Instant::now() < deadline, "perf record did not start");
@@ -111,8 +117,7 @@ impl Witness {
 
     /// Stops recording and reads what was recorded.
     pub fn stop(mut self) -> Record {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        self.perf.signal(libc::SIGINT);
         let status = self.perf.wait().unwrap();
         // perf record writes its data on SIGINT, then dies of the signal it caught.
         assert!(

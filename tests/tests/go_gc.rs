@@ -6,23 +6,25 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{ChildStdin, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use e2e::{
-    Trace,
+    Trace, collect_lines,
     gc::{Agreement, agent_cycles, gctrace_cycles},
     go_peer,
 };
 use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
 
 const CYCLES: usize = 60;
 
-/// gcstress waiting on stdin with gctrace on; stderr (gctrace) is collected.
+/// gcstress waiting on stdin with gctrace on; stderr (gctrace) is collected. Killed if dropped
+/// before [`GcStress::finish`] waited for it (a failed test).
 struct GcStress {
-    child: Child,
+    child: Supervised,
     stdin: Option<ChildStdin>,
     stdout: BufReader<std::process::ChildStdout>,
     stderr: Arc<Mutex<String>>,
@@ -30,24 +32,20 @@ struct GcStress {
 
 impl GcStress {
     fn start(binary: &Path) -> GcStress {
-        let mut child = Command::new(binary)
-            .args(["-wait", "-cycles", &CYCLES.to_string()])
-            .env("GODEBUG", "gctrace=1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
+        let mut child = Supervised::spawn(
+            "gcstress",
+            Command::new(binary)
+                .args(["-wait", "-cycles", &CYCLES.to_string()])
+                .env("GODEBUG", "gctrace=1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            Supervision::KILL,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let stdin = child.child_mut().stdin.take();
+        let mut stdout = BufReader::new(child.child_mut().stdout.take().unwrap());
+        let stderr = collect_lines(child.child_mut().stderr.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
@@ -60,7 +58,7 @@ impl GcStress {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     fn go(&mut self) {
@@ -246,16 +244,19 @@ fn short_lived_go_processes_leave_nothing_behind() {
     let mut peak_uprobes = 0;
     let mut pids = Vec::new();
     for _wave in 0..10 {
-        let mut wave: Vec<Child> = (0..10)
+        // Killed if a failed assertion drops them before they are waited for.
+        let mut wave: Vec<Supervised> = (0..10)
             .map(|_| {
-                Command::new(&binary)
-                    .args(["-sleep", "300ms"])
-                    .spawn()
-                    .unwrap()
+                Supervised::spawn(
+                    "gcstress",
+                    Command::new(&binary).args(["-sleep", "300ms"]),
+                    Supervision::KILL,
+                )
+                .unwrap_or_else(|e| panic!("{e}"))
             })
             .collect();
-        pids.extend(wave.iter().map(Child::id));
-        let last = wave.last().unwrap().id();
+        pids.extend(wave.iter().map(Supervised::pid));
+        let last = wave.last().unwrap().pid();
         assert!(
             trace.wait_for(Duration::from_secs(10), |ev| attached(ev, last).is_some()),
             "process {last} not attached; agent log:\n{}",

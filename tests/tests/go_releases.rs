@@ -15,7 +15,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -32,6 +32,7 @@ use e2e::{
     witness::{self, Witness},
 };
 use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
 
 const CYCLES: usize = 10;
 /// How long each process lives before its first GC: the time the agent has to attach.
@@ -75,9 +76,10 @@ fn fresh_copies(bins: &[(String, PathBuf)], tag: &str) -> Vec<(String, PathBuf)>
         .collect()
 }
 
+/// A gcstress process; killed if dropped before [`finish`] waited for it (a failed test).
 struct Running {
     label: String,
-    child: Child,
+    child: Supervised,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -88,22 +90,25 @@ struct Finished {
 }
 
 fn spawn(label: &str, binary: &Path, cycles: usize, interval: &str) -> Running {
-    let mut child = Command::new(binary)
-        .args([
-            "-cycles",
-            &cycles.to_string(),
-            "-delay",
-            DELAY,
-            "-interval",
-            interval,
-        ])
-        .env("GODEBUG", "gctrace=1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = collect_lines(child.stderr.take().unwrap());
+    let mut child = Supervised::spawn(
+        label,
+        Command::new(binary)
+            .args([
+                "-cycles",
+                &cycles.to_string(),
+                "-delay",
+                DELAY,
+                "-interval",
+                interval,
+            ])
+            .env("GODEBUG", "gctrace=1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        Supervision::KILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = collect_lines(child.child_mut().stderr.take().unwrap());
     Running {
         label: label.to_owned(),
         child,
@@ -295,15 +300,19 @@ fn agent_run_attaches_every_go_process_of_every_release() {
 fn a_stdout_nobody_reads_holds_up_no_process() {
     require_root();
     let binary = go_peer_built_by(None, "gcstress", false);
-    let mut agent = Command::new(agent_bin())
-        .args(["trace", "--json", "--probes", "go-gc", "--go-linger", "0s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = collect_lines(agent.stderr.take().unwrap());
-    let mut stdout = BufReader::new(agent.stdout.take().unwrap());
+    // Killed when dropped: a failed assertion must not leave it running with probes attached.
+    let mut agent = Supervised::spawn(
+        "agent trace",
+        Command::new(agent_bin())
+            .args(["trace", "--json", "--probes", "go-gc", "--go-linger", "0s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        Supervision::KILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = collect_lines(agent.child_mut().stderr.take().unwrap());
+    let mut stdout = BufReader::new(agent.child_mut().stdout.take().unwrap());
     let mut ready = String::new();
     stdout.read_line(&mut ready).unwrap();
     assert!(ready.contains("\"ready\""), "{ready}");
@@ -312,8 +321,7 @@ fn a_stdout_nobody_reads_holds_up_no_process() {
     let finished: Vec<Finished> = (0..7)
         .map(|i| finish(spawn(&format!("process {i}"), &binary, 30, "20ms"), 30))
         .collect();
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGINT) };
+    agent.signal(libc::SIGINT);
     let events: Vec<Value> = stdout
         .lines()
         .map_while(Result::ok)
@@ -346,7 +354,7 @@ fn a_stdout_nobody_reads_holds_up_no_process() {
 
 /// Waits for the process; its gctrace figures, `cycles` of them.
 fn finish(mut r: Running, cycles: usize) -> Finished {
-    let pid = r.child.id();
+    let pid = r.child.pid();
     assert!(r.child.wait().unwrap().success(), "{} failed", r.label);
     // The stderr thread reads to EOF; give it a moment after the exit.
     std::thread::sleep(Duration::from_millis(20));

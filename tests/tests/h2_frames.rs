@@ -17,6 +17,7 @@ use e2e::{
     Trace, WireFrame, grpc_server, json_lines, nghttpd, of_kind, parse_nghttp, workspace_root,
 };
 use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
 
 /// (direction as the client saw it: "send" / "recv", frame type) -> frames.
 type Counts = BTreeMap<(String, String), u64>;
@@ -104,12 +105,18 @@ fn run_case(trace: &mut Trace, case: Case<'_>) -> Result<(Vec<WireFrame>, Vec<Va
             (c, parse_h2py)
         }
     };
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run the client (nghttp2-client and python3-h2; cargo xtask setup installs them)");
-    let stdout = child.stdout.take().unwrap();
+    // Killed if `during` fails the test before the client is waited for.
+    let mut child = Supervised::spawn(
+        "client",
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null()),
+        Supervision::KILL,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "run the client (nghttp2-client and python3-h2; cargo xtask setup installs them): {e}"
+        )
+    });
+    let stdout = child.child_mut().stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
         for line in BufReader::new(stdout).lines() {

@@ -42,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",             // scrapes the agent's metrics endpoint in the metrics tests
     "openssl",                // throwaway certificates for the proxy's TLS listener test
     "linux-perf", // the kernel's record of context switches, the Go pause tests' witness
+    "nftables",   // a Service address as kube-proxy makes one (DNAT), in the interception tests
+    "curl",       // an HTTP/1.1 client spliced through interception
 ];
 
 /// Python packages, each with what the tests use it for.

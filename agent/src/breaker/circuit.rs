@@ -6,6 +6,8 @@
 //! a call admitted before a trip that fails after it does not extend the open period, and one
 //! admitted before a breaker closed does not count in its fresh window.
 
+use crate::signals::SignalKind;
+
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -46,14 +48,14 @@ pub enum Reason {
     ProbeFailed,
     /// Enough half-open probes succeeded.
     ProbesSucceeded,
-    /// An outside signal (a kernel event: `tcp_reset`, `goaway`, `go_stw_pause`, ...).
-    Signal(String),
+    /// An outside signal: a kernel event (`tcp_reset`, `goaway`, `go_stw`, ...).
+    Signal(SignalKind),
     /// An operator, through the API.
     Admin,
 }
 
 impl Reason {
-    pub fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Reason::ConsecutiveFailures => "consecutive_failures",
             Reason::FailureRatio => "failure_ratio",
@@ -61,7 +63,7 @@ impl Reason {
             Reason::OpenElapsed => "open_elapsed",
             Reason::ProbeFailed => "probe_failed",
             Reason::ProbesSucceeded => "probes_succeeded",
-            Reason::Signal(kind) => kind,
+            Reason::Signal(kind) => kind.as_str(),
             Reason::Admin => "admin",
         }
     }
@@ -407,9 +409,14 @@ impl Breaker {
     }
 
     /// An outside signal about what this breaker guards.
-    pub fn signal(&mut self, now: Instant, kind: &str, action: SignalAction) -> Option<Change> {
+    pub fn signal(
+        &mut self,
+        now: Instant,
+        kind: SignalKind,
+        action: SignalAction,
+    ) -> Option<Change> {
         let t = self.clock(now);
-        let reason = Reason::Signal(kind.to_owned());
+        let reason = Reason::Signal(kind);
         match (self.state, action) {
             (State::Closed, SignalAction::Trip) => Some(self.open(t, reason, 0)),
             (State::HalfOpen, SignalAction::Trip) => {

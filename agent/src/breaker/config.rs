@@ -20,39 +20,51 @@ use serde::Deserialize;
 
 use super::{
     classify::Attribution,
-    policy::{Policy, PolicyOverrides},
+    policy::{Policy, PolicyError, PolicyOverrides},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scope {
-    Endpoint,
-    Subset,
-    Cluster,
-    Method,
-    Client,
+/// Declares [`Scope`] from one list, so that its variants, [`Scope::ALL`], [`Scope::COUNT`]
+/// and the names cannot disagree: a scope is added by adding its line, and nowhere else (the
+/// matches on scopes below are exhaustive, so the compiler asks for the rest).
+macro_rules! scopes {
+    ($($variant:ident => $name:literal),+ $(,)?) => {
+        /// What a breaker guards, each with its own policy.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+        pub enum Scope {
+            $(#[serde(rename = $name)] $variant,)+
+        }
+
+        impl Scope {
+            /// How many scopes there are.
+            pub const COUNT: usize = [$($name),+].len();
+
+            /// Every scope, in declaration order: each at its [`index`](Self::index).
+            pub const ALL: [Scope; Scope::COUNT] = [$(Scope::$variant),+];
+
+            /// The scope's name, in the configuration, the breaker names and the API.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Scope::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+scopes! {
+    Endpoint => "endpoint",
+    Subset => "subset",
+    Cluster => "cluster",
+    Method => "method",
+    Client => "client",
 }
 
 impl Scope {
-    /// How many scopes there are: the enum's variants, each its own index (`scope as usize`).
-    pub const COUNT: usize = Scope::Client as usize + 1;
-
-    pub const ALL: [Scope; Scope::COUNT] = [
-        Scope::Endpoint,
-        Scope::Subset,
-        Scope::Cluster,
-        Scope::Method,
-        Scope::Client,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Endpoint => "endpoint",
-            Scope::Subset => "subset",
-            Scope::Cluster => "cluster",
-            Scope::Method => "method",
-            Scope::Client => "client",
-        }
+    /// Where the scope is in [`Scope::ALL`] and in a class's policies
+    /// ([`BreakerConfig::policies`]): the variants are numbered in the order declared, the
+    /// order `ALL` lists them in.
+    pub const fn index(self) -> usize {
+        self as usize
     }
 
     fn defaults(self) -> PolicyOverrides {
@@ -102,6 +114,26 @@ struct RawClass {
     policy: PolicyOverrides,
 }
 
+/// What is wrong in `[breakers]`; each names the key.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BreakersError {
+    #[error("breakers.priority_header {0:?} is not a header name")]
+    PriorityHeader(String),
+    #[error("breakers.class {0:?} is empty or defined twice")]
+    Class(String),
+    /// `[breakers.policy]` itself, on the built-in policy.
+    #[error("breakers.policy: {0}")]
+    Policy(PolicyError),
+    /// The policy of one scope and class, made of the built-in scope defaults,
+    /// `[breakers.policy]`, the scope's and the class's changes.
+    #[error("breakers ({} scope, class {class:?}): {problem}", scope.as_str())]
+    ScopePolicy {
+        scope: Scope,
+        class: String,
+        problem: PolicyError,
+    },
+}
+
 /// The validated breaker settings.
 #[derive(Clone, Debug)]
 pub struct BreakerConfig {
@@ -133,7 +165,7 @@ impl Default for BreakerConfig {
 
 impl BreakerConfig {
     pub fn policy(&self, class: usize, scope: Scope) -> Option<Policy> {
-        self.policies.get(class).and_then(|p| p[scope as usize])
+        self.policies.get(class).and_then(|p| p[scope.index()])
     }
 
     /// Every breaker off.
@@ -150,15 +182,13 @@ impl BreakerConfig {
             .unwrap_or(0)
     }
 
-    /// Every problem, as messages naming the key.
-    pub fn from_raw(raw: RawBreakers) -> Result<Self, Vec<String>> {
+    /// Every problem, each naming the key.
+    pub fn from_raw(raw: RawBreakers) -> Result<Self, Vec<BreakersError>> {
         let mut errors = Vec::new();
         let header = raw.priority_header.as_deref().unwrap_or("x-priority");
         let priority_header = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
             .unwrap_or_else(|_| {
-                errors.push(format!(
-                    "breakers.priority_header {header:?} is not a header name"
-                ));
+                errors.push(BreakersError::PriorityHeader(header.to_owned()));
                 http::HeaderName::from_static("x-priority")
             });
         let all_on = raw.enabled.unwrap_or(true);
@@ -166,10 +196,7 @@ impl BreakerConfig {
         let mut class_overrides = vec![PolicyOverrides::default()];
         for c in raw.classes {
             if c.name.is_empty() || classes.contains(&c.name) && c.name != "default" {
-                errors.push(format!(
-                    "breakers.class {:?} is empty or defined twice",
-                    c.name
-                ));
+                errors.push(BreakersError::Class(c.name));
                 continue;
             }
             if c.name == "default" {
@@ -212,17 +239,18 @@ impl BreakerConfig {
                         }
                     });
                 match policy {
-                    Ok(p) => per_scope[scope as usize] = on.then_some(p),
-                    Err(e) => errors.push(format!(
-                        "breakers ({} scope, class {name:?}): {e}",
-                        scope.as_str()
-                    )),
+                    Ok(p) => per_scope[scope.index()] = on.then_some(p),
+                    Err(problem) => errors.push(BreakersError::ScopePolicy {
+                        scope,
+                        class: name.clone(),
+                        problem,
+                    }),
                 }
             }
             policies.push(per_scope);
         }
         if let Err(e) = base {
-            errors.insert(0, format!("breakers.policy: {e}"));
+            errors.insert(0, BreakersError::Policy(e));
         }
         errors.dedup();
         if !errors.is_empty() {
@@ -242,14 +270,69 @@ impl BreakerConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::Scope;
+    #![allow(clippy::unwrap_used)]
 
-    /// Policies are indexed by `scope as usize`: ALL must hold every scope at its own index.
+    use super::*;
+
+    /// Policies are indexed by [`Scope::index`]: ALL must hold every scope at its own index.
     #[test]
     fn every_scope_is_at_its_index() {
         for (i, scope) in Scope::ALL.into_iter().enumerate() {
-            assert_eq!(scope as usize, i, "{scope:?}");
+            assert_eq!(scope.index(), i, "{scope:?}");
         }
         assert_eq!(Scope::ALL.len(), Scope::COUNT);
+    }
+
+    #[test]
+    fn scopes_serialize_as_their_names() {
+        for scope in Scope::ALL {
+            let json = serde_json::to_string(&scope).unwrap();
+            assert_eq!(json, format!("\"{}\"", scope.as_str()));
+        }
+    }
+
+    fn errors(text: &str) -> Vec<BreakersError> {
+        let raw: RawBreakers = toml::from_str(text).unwrap();
+        BreakerConfig::from_raw(raw).unwrap_err()
+    }
+
+    #[test]
+    fn errors_are_typed_and_name_the_key() {
+        assert_eq!(
+            errors("priority_header = \"bad header\""),
+            [BreakersError::PriorityHeader("bad header".into())]
+        );
+        let e = errors("[[class]]\nname = \"a\"\n[[class]]\nname = \"a\"\n[[class]]\nname = \"a\"");
+        assert_eq!(e, [BreakersError::Class("a".into())], "reported once");
+        assert_eq!(
+            e[0].to_string(),
+            "breakers.class \"a\" is empty or defined twice"
+        );
+
+        let e = errors("[endpoint]\nfailure_ratio = 1.5");
+        assert_eq!(
+            e,
+            [BreakersError::ScopePolicy {
+                scope: Scope::Endpoint,
+                class: "default".into(),
+                problem: PolicyError::Ratio {
+                    key: "failure_ratio",
+                    value: 1.5
+                },
+            }]
+        );
+        assert_eq!(
+            e[0].to_string(),
+            "breakers (endpoint scope, class \"default\"): failure_ratio must be between 0 and 1, \
+             not 1.5"
+        );
+
+        let e = errors("[policy]\nbuckets = 0");
+        assert_eq!(e[0], BreakersError::Policy(PolicyError::Buckets(0)));
+        assert_eq!(
+            e[0].to_string(),
+            "breakers.policy: buckets must be 1..=1000, not 0"
+        );
+        assert_eq!(e.len(), 1 + Scope::COUNT, "{e:?}");
     }
 }

@@ -108,7 +108,7 @@ pub struct PolicyOverrides {
 
 impl PolicyOverrides {
     /// `base` with what this gives replaced. Errors name the key.
-    pub fn apply(&self, base: &Policy) -> Result<Policy, String> {
+    pub fn apply(&self, base: &Policy) -> Result<Policy, PolicyError> {
         let mut p = *base;
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { p.$field = v; } )* };
@@ -136,8 +136,11 @@ impl PolicyOverrides {
                     SlowThreshold::Fixed(_) => Policy::default().slow_threshold,
                 }
             } else {
-                SlowThreshold::Fixed(humantime::parse_duration(t).map_err(|e| {
-                    format!("slow_threshold {t:?} is neither \"adaptive\" nor a duration ({e})")
+                SlowThreshold::Fixed(humantime::parse_duration(t).map_err(|reason| {
+                    PolicyError::SlowThreshold {
+                        text: t.clone(),
+                        reason,
+                    }
                 })?)
             };
         }
@@ -154,43 +157,70 @@ impl PolicyOverrides {
     }
 }
 
+/// A policy that cannot be: each names the key at fault.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("slow_threshold {text:?} is neither \"adaptive\" nor a duration ({reason})")]
+    SlowThreshold {
+        text: String,
+        reason: humantime::DurationError,
+    },
+    /// `failure_ratio`, `slow_ratio` or `jitter` outside 0..=1.
+    #[error("{key} must be between 0 and 1, not {value}")]
+    Ratio { key: &'static str, value: f64 },
+    #[error("buckets must be 1..=1000, not {0}")]
+    Buckets(u32),
+    #[error("window {window:?} is too short for {buckets} buckets (at least 1 ms each)")]
+    WindowTooShort { window: Duration, buckets: u32 },
+    #[error("latency_window must be at least 2ms")]
+    LatencyWindow,
+    #[error("open_for must be above 0 and max_open_for at least open_for")]
+    OpenFor,
+    #[error("backoff_multiplier must be at least 1")]
+    BackoffMultiplier,
+    #[error("half_open_probes and half_open_successes must be at least 1")]
+    HalfOpen,
+    #[error("slow_factor must be at least 1")]
+    SlowFactor,
+}
+
 /// The rules a policy must keep, whatever it was made of.
-fn check(p: &Policy) -> Result<(), String> {
-    let ratio = |name: &str, v: f64| {
-        if (0.0..=1.0).contains(&v) {
+fn check(p: &Policy) -> Result<(), PolicyError> {
+    let ratio = |key: &'static str, value: f64| {
+        if (0.0..=1.0).contains(&value) {
             Ok(())
         } else {
-            Err(format!("{name} must be between 0 and 1, not {v}"))
+            Err(PolicyError::Ratio { key, value })
         }
     };
     ratio("failure_ratio", p.failure_ratio)?;
     ratio("slow_ratio", p.slow_ratio)?;
     ratio("jitter", p.jitter)?;
     if p.buckets == 0 || p.buckets > 1000 {
-        return Err(format!("buckets must be 1..=1000, not {}", p.buckets));
+        return Err(PolicyError::Buckets(p.buckets));
     }
     if p.window < Duration::from_millis(u64::from(p.buckets)) {
-        return Err(format!(
-            "window {:?} is too short for {} buckets (at least 1 ms each)",
-            p.window, p.buckets
-        ));
+        return Err(PolicyError::WindowTooShort {
+            window: p.window,
+            buckets: p.buckets,
+        });
     }
     if p.latency_window < Duration::from_millis(2) {
-        return Err("latency_window must be at least 2ms".into());
+        return Err(PolicyError::LatencyWindow);
     }
     if p.open_for.is_zero() || p.max_open_for < p.open_for {
-        return Err("open_for must be above 0 and max_open_for at least open_for".into());
+        return Err(PolicyError::OpenFor);
     }
     if p.backoff_multiplier < 1.0 || !p.backoff_multiplier.is_finite() {
-        return Err("backoff_multiplier must be at least 1".into());
+        return Err(PolicyError::BackoffMultiplier);
     }
     if p.half_open_probes == 0 || p.half_open_successes == 0 {
-        return Err("half_open_probes and half_open_successes must be at least 1".into());
+        return Err(PolicyError::HalfOpen);
     }
     if let SlowThreshold::Adaptive { factor, .. } = p.slow_threshold
         && (factor < 1.0 || !factor.is_finite())
     {
-        return Err("slow_factor must be at least 1".into());
+        return Err(PolicyError::SlowFactor);
     }
     Ok(())
 }

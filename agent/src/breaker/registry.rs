@@ -16,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::grow::GrowList;
+use crate::{grow::GrowList, signals::SignalKind};
 
 use super::{
     circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction, State, nanos},
@@ -852,7 +852,7 @@ impl Breakers {
         &self,
         cluster: usize,
         endpoint: usize,
-        kind: &str,
+        kind: SignalKind,
         action: SignalAction,
         now: Instant,
         out: &mut Vec<Transition>,
@@ -872,7 +872,7 @@ impl Breakers {
     pub fn signal_client(
         &self,
         key: &str,
-        kind: &str,
+        kind: SignalKind,
         action: SignalAction,
         now: Instant,
         out: &mut Vec<Transition>,

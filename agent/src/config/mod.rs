@@ -17,7 +17,7 @@ pub mod retries;
 pub mod signals;
 pub mod tls;
 
-use std::{net::SocketAddr, ops::Range};
+use std::{net::SocketAddr, ops::Range, sync::Arc};
 
 use serde::Deserialize;
 
@@ -31,8 +31,8 @@ use self::{
     signals::{SignalsConfig, SignalsError},
 };
 use crate::{
-    breaker::config::{BreakerConfig, RawBreakers},
-    context::ContextConfig,
+    breaker::config::{BreakerConfig, BreakersError, RawBreakers},
+    context::{ContextConfig, ContextError},
 };
 
 /// A validated configuration.
@@ -73,8 +73,8 @@ pub enum ConfigErrorKind {
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     /// `[breakers]`.
-    #[error("{0}")]
-    Breakers(String),
+    #[error(transparent)]
+    Breakers(#[from] BreakersError),
     #[error(transparent)]
     Retries(#[from] RetriesError),
     #[error(transparent)]
@@ -88,8 +88,50 @@ pub enum ConfigErrorKind {
     #[error(transparent)]
     Intercept(#[from] InterceptError),
     /// `[context]`: a JWT key that cannot be loaded, a bad header name.
-    #[error("context: {0}")]
-    Context(String),
+    #[error(transparent)]
+    Context(#[from] ContextConfigError),
+}
+
+/// A `[context]` problem: the request context's own [`ContextError`], shared so that
+/// [`ConfigErrorKind`] can be `Clone` and `PartialEq` (it holds the `io::Error` or the
+/// `InvalidHeaderName` it came from, which are neither). Displays as `context: ` and the error;
+/// its source is the error's.
+#[derive(Clone, Debug)]
+pub struct ContextConfigError(Arc<ContextError>);
+
+impl ContextConfigError {
+    pub fn error(&self) -> &ContextError {
+        &self.0
+    }
+}
+
+impl From<ContextError> for ContextConfigError {
+    fn from(e: ContextError) -> Self {
+        Self(Arc::new(e))
+    }
+}
+
+impl std::fmt::Display for ContextConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "context: {}", self.0)
+    }
+}
+
+impl std::error::Error for ContextConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
+    }
+}
+
+/// The same error, or two that say the same, down to their causes.
+impl PartialEq for ContextConfigError {
+    fn eq(&self, other: &Self) -> bool {
+        fn said(e: &ContextError) -> (String, Option<String>) {
+            use std::error::Error as _;
+            (e.to_string(), e.source().map(ToString::to_string))
+        }
+        Arc::ptr_eq(&self.0, &other.0) || said(&self.0) == said(&other.0)
+    }
 }
 
 impl ConfigError {
@@ -254,7 +296,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> AgentConfig {
     raw.limits.check(p);
     let breakers = BreakerConfig::from_raw(raw.breakers).unwrap_or_else(|errors| {
         for e in errors {
-            p.keyed(ConfigErrorKind::Breakers(e));
+            p.keyed(e);
         }
         BreakerConfig::default()
     });
@@ -275,7 +317,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> AgentConfig {
     }
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
-        p.keyed(ConfigErrorKind::Context(e.to_string()));
+        p.keyed(ContextConfigError::from(e));
     }
     AgentConfig {
         listeners,

@@ -183,3 +183,51 @@ fn breaker_retry_and_context_mistakes_are_reported() {
             || errors(&text)[0].message().contains("maybe")
     );
 }
+
+#[test]
+fn breaker_and_context_errors_keep_their_type() {
+    use crate::{
+        breaker::{
+            config::{BreakersError, Scope},
+            policy::PolicyError,
+        },
+        context::ContextError,
+    };
+
+    let text = format!(
+        "{MINIMAL}\n[breakers.client]\njitter = 2.0\n\
+         [context.jwt]\nhmac_secret_file = \"/nonexistent/secret\"\n"
+    );
+    let e = errors(&text);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert_eq!(
+        e[0].kind,
+        ConfigErrorKind::Breakers(BreakersError::ScopePolicy {
+            scope: Scope::Client,
+            class: "default".into(),
+            problem: PolicyError::Ratio {
+                key: "jitter",
+                value: 2.0
+            },
+        })
+    );
+    assert_eq!(
+        e[0].message(),
+        "breakers (client scope, class \"default\"): jitter must be between 0 and 1, not 2"
+    );
+    let ConfigErrorKind::Context(context) = &e[1].kind else {
+        panic!("not a context error: {e:?}");
+    };
+    assert!(
+        matches!(context.error(), ContextError::ReadFile { .. }),
+        "{context:?}"
+    );
+    assert!(
+        e[1].message().starts_with("context: cannot read ")
+            && e[1].message().contains("/nonexistent/secret"),
+        "{e:?}"
+    );
+    // Equal to itself, cloned, and to the same problem found again.
+    assert_eq!(e[1].clone(), e[1]);
+    assert_eq!(errors(&text)[1], e[1]);
+}

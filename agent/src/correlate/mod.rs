@@ -581,13 +581,9 @@ impl Correlator {
             now,
         );
         let mut out = Vec::new();
-        self.targets.breakers.signal_client(
-            &key,
-            SignalKind::RapidReset.as_str(),
-            action,
-            now,
-            &mut out,
-        );
+        self.targets
+            .breakers
+            .signal_client(&key, SignalKind::RapidReset, action, now, &mut out);
         bump(&stats.acted);
         let stream = conn.affected_stream();
         self.publish_all(out, stream);
@@ -690,14 +686,9 @@ impl Correlator {
             SignalUse::Annotate | SignalUse::Off => return false,
         };
         let mut out = Vec::new();
-        self.targets.breakers.signal_endpoint(
-            cluster,
-            endpoint,
-            kind.as_str(),
-            action,
-            now,
-            &mut out,
-        );
+        self.targets
+            .breakers
+            .signal_endpoint(cluster, endpoint, kind, action, now, &mut out);
         self.publish_all(out, stream);
         true
     }
@@ -731,6 +722,10 @@ pub fn stream_json(s: &StreamTag) -> Value {
     }
     if let Some(t) = &s.context.session_id {
         v["session_id"] = t.as_str().into();
+    }
+    if let Some(to) = s.original_destination {
+        v["intercepted"] = true.into();
+        v["original_destination"] = to.to_string().into();
     }
     v
 }

@@ -43,6 +43,8 @@ pub struct StreamTag {
     pub client: SocketAddr,
     pub context: RequestContext,
     pub client_key: Option<String>,
+    /// Where the application dialed, when its connection was intercepted.
+    pub original_destination: Option<SocketAddr>,
 }
 
 pub struct TrackedConn {
@@ -278,6 +280,7 @@ mod tests {
             client: addr("127.0.0.1:1"),
             context: RequestContext::default(),
             client_key: Some("session:s1".into()),
+            original_destination: None,
         })
     }
 

@@ -146,6 +146,7 @@ async fn both_ends_of_one_upstream_reset_trip_its_endpoint_once_with_the_stream(
                 ..RequestContext::default()
             },
             client_key: None,
+            original_destination: None,
         }),
     );
     // The peer's socket sent it (seen from the mirror), then ours received it.

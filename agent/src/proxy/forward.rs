@@ -299,41 +299,88 @@ pub async fn forward(
     let Some(cluster) = call.admit(&conn, &parts, &mut down.respond) else {
         return call.finish();
     };
+    // The upstream stream's entry in the correlation table, kept to the end like the lease.
+    let mut _upstream_stream: Option<StreamGuard> = None;
+    let Tried::Final {
+        ended,
+        up_send,
+        lease: _lease,
+    } = attempt(
+        &mut call,
+        &mut down,
+        &parts,
+        cluster,
+        tag.as_ref(),
+        &mut _upstream_stream,
+    )
+    .await
+    else {
+        return call.finish();
+    };
+    match ended {
+        Ok(()) => {
+            if let Some(t) = &down.trailers {
+                call.out.grpc_status = grpc::status_of(t).or(call.out.grpc_status);
+            }
+        }
+        Err(failure) => call.fail(&mut down, Some(up_send), failure),
+    }
+    call.finish();
+}
+
+/// How a call's tries ended.
+enum Tried {
+    /// The last try's result on its upstream stream, with the endpoint's slot while the
+    /// answer is finished (None when it was let go to wait for a retry that did not come).
+    Final {
+        ended: Result<(), Failure>,
+        up_send: SendStream<Bytes>,
+        lease: Option<Lease>,
+    },
+    /// The call was answered already: every breaker open, or no upstream reached.
+    Answered,
+}
+
+/// Tries the call on an endpoint until one try is final: a try ends early, for another, only
+/// when the call never reached an upstream (no connection, a stream refused unprocessed) or,
+/// for an idempotent call, the upstream answered UNAVAILABLE before anything else.
+async fn attempt<'a>(
+    call: &mut Call<'a>,
+    down: &mut Downstream,
+    parts: &http::request::Parts,
+    cluster: usize,
+    tag: Option<&Arc<StreamTag>>,
+    upstream_stream: &mut Option<StreamGuard>,
+) -> Tried {
+    let shared = call.shared;
     let mut attempts = Attempts {
         count: 0,
         tried: Vec::new(),
         retrying: None,
         idempotent: shared.retries.idempotent(&call.out.method),
     };
-    let mut _upstream_stream: Option<StreamGuard> = None;
-    // Each try picks an endpoint, opens an upstream stream and forwards the call on it; a
-    // try ends early, for another, only when the call never reached an upstream (no
-    // connection, a stream refused unprocessed) or, for an idempotent call, the upstream
-    // answered UNAVAILABLE before anything else.
-    let (ended, up_send, _lease) = loop {
+    loop {
         attempts.count += 1;
         let now = Instant::now();
-        let endpoint = match pick_endpoint(cluster, &attempts.tried, &mut call) {
+        let endpoint = match pick_endpoint(cluster, &attempts.tried, call) {
             Ok(i) => i,
             Err(rejected) => {
                 // Every endpoint's breaker is open: the call never reaches one.
                 call.permits = None;
                 refuse(&mut down.respond, &mut call.out, call.grpc, &rejected);
-                return call.finish();
+                return Tried::Answered;
             }
         };
         attempts.tried.push(endpoint);
         let request_in_headers = lock(&down.replay).fits_in_headers();
-        let mut up = match open_upstream(&mut call, cluster, endpoint, &parts, request_in_headers)
-            .await
-        {
+        let mut up = match open_upstream(call, cluster, endpoint, parts, request_in_headers).await {
             Ok(up) => up,
             Err(failure) => {
                 // Nothing was sent: safe to try another endpoint, if the budget allows.
                 if failure.retry == RetryKind::NotReached
                     && attempts.count < shared.retries.max_attempts
-                    && retry_allowed(&shared, &mut attempts.retrying)
-                    && wait_backoff(&shared, attempts.count, call.deadline).await
+                    && retry_allowed(shared, &mut attempts.retrying)
+                    && wait_backoff(shared, attempts.count, call.deadline).await
                 {
                     debug!(method = %call.out.method, endpoint = ?call.out.endpoint, "upstream not reached: retrying");
                     call.attempt_failed(Mark::Failure, now);
@@ -342,15 +389,15 @@ pub async fn forward(
                 }
                 // The upstream was too slow to connect: its fault, not the client's.
                 call.request_complete = true;
-                call.fail(&mut down, None, failure);
-                return call.finish();
+                call.fail(down, None, failure);
+                return Tried::Answered;
             }
         };
         let stream_id = up.response.stream_id();
-        _upstream_stream = up
+        *upstream_stream = up
             .lease
             .tracked()
-            .zip(tag.as_ref())
+            .zip(tag)
             .map(|(c, t)| c.stream(stream_id.as_u32(), t.clone()));
         // A GOAWAY that came while the stream was being opened already refused it.
         let ended = if up.lease.refused(stream_id) {
@@ -359,14 +406,7 @@ pub async fn forward(
                 attempts.count,
             ))
         } else {
-            exchange(
-                &mut call,
-                &mut down,
-                &mut up,
-                request_in_headers,
-                &mut attempts,
-            )
-            .await
+            exchange(call, down, &mut up, request_in_headers, &mut attempts).await
         };
         let replayable = lock(&down.replay).intact();
         // Whether to go again, and whether to wait before.
@@ -377,7 +417,7 @@ pub async fn forward(
                 if f.retry == RetryKind::Refused
                     && attempts.count < shared.retries.max_attempts.max(MAX_ATTEMPTS)
                     && replayable
-                    && retry_allowed(&shared, &mut attempts.retrying) =>
+                    && retry_allowed(shared, &mut attempts.retrying) =>
             {
                 debug!(method = %call.out.method, endpoint = ?call.out.endpoint, "upstream refused the stream unprocessed: retrying");
                 call.attempt_failed(Mark::Neutral, now);
@@ -392,13 +432,21 @@ pub async fn forward(
         };
         call.request_complete = lock(&down.replay).ended;
         let Some(wait) = again else {
-            break (ended, up.send, Some(up.lease));
+            return Tried::Final {
+                ended,
+                up_send: up.send,
+                lease: Some(up.lease),
+            };
         };
         // The endpoint's slot is not held while waiting.
         drop(up.lease);
-        if wait && !wait_backoff(&shared, attempts.count, call.deadline).await {
+        if wait && !wait_backoff(shared, attempts.count, call.deadline).await {
             // Too close to the deadline to try again: the client gets the upstream's answer.
-            break (ended, up.send, None);
+            return Tried::Final {
+                ended,
+                up_send: up.send,
+                lease: None,
+            };
         }
         call.out.retries += 1;
         call.out.grpc_status = None;
@@ -407,16 +455,7 @@ pub async fn forward(
         // A send cut short left its bytes unreleased: they are in the replay now.
         let n = std::mem::take(&mut lock(&down.replay).unreleased);
         let _ = down.body.flow_control().release_capacity(n);
-    };
-    match ended {
-        Ok(()) => {
-            if let Some(t) = &down.trailers {
-                call.out.grpc_status = grpc::status_of(t).or(call.out.grpc_status);
-            }
-        }
-        Err(failure) => call.fail(&mut down, Some(up_send), failure),
     }
-    call.finish();
 }
 
 /// One try on an opened upstream stream, both directions at once, until the response has
@@ -876,6 +915,7 @@ impl<'a> Call<'a> {
             client: self.out.client,
             context: self.out.context.clone(),
             client_key: self.out.context.client_key().map(|k| k.to_string()),
+            original_destination: self.out.original_destination,
         })
     }
 

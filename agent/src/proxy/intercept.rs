@@ -238,6 +238,38 @@ fn reset(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
+/// Tells the intercepted connections pinned to a passthrough endpoint when its breaker opens
+/// (whatever opened it: calls, a kernel signal, an operator), for them to send GOAWAY.
+pub(super) async fn watch_passthrough_breakers(shared: Arc<Shared>, passthrough: usize) {
+    let mut events = shared.bus.breaker_events.subscribe();
+    let Some(pool) = shared.clusters.get(passthrough) else {
+        return;
+    };
+    let prefix = format!("{}/", pool.name);
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                warn!(
+                    missed = n,
+                    "intercept: breaker events missed; connections to endpoints that opened meanwhile stay until they fail"
+                );
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let id = &event.transition.breaker;
+        if id.scope != crate::breaker::config::Scope::Endpoint
+            || event.transition.change.to != crate::breaker::circuit::State::Open
+        {
+            continue;
+        }
+        if let Some(endpoint) = id.name.strip_prefix(&prefix).and_then(|a| pool.find(a)) {
+            endpoint.breaker_opened.send_modify(|n| *n += 1);
+        }
+    }
+}
+
 /// What an intercept accept loop serves with.
 pub(super) struct InterceptServing {
     pub plan: Arc<InterceptPlan>,

@@ -366,6 +366,10 @@ impl Proxy {
             for tcp in self.intercept_listeners {
                 accept_tasks.push(tokio::spawn(intercept::accept_loop(tcp, serving.clone())));
             }
+            accept_tasks.push(tokio::spawn(intercept::watch_passthrough_breakers(
+                self.shared.clone(),
+                serving.plan.passthrough,
+            )));
         }
         // Open breakers whose period passed turn half-open even with no call to notice.
         let shared = self.shared.clone();
@@ -404,6 +408,14 @@ impl Proxy {
             );
         }
         streams_left
+    }
+}
+
+/// Resolves when the watched endpoint's breaker opens again; never without a watch.
+async fn opened(watch: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    match watch {
+        Some(w) => w.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -529,6 +541,11 @@ pub(super) async fn serve_connection<T>(
         }
     };
     let mut ping_pong = conn.ping_pong();
+    // A passthrough connection ends (GOAWAY) when its endpoint's breaker opens.
+    let mut endpoint_opened = info.intercepted.and_then(|i| {
+        let e = shared.clusters.get(i.cluster)?.endpoint(i.endpoint?)?;
+        Some(e.breaker_opened.subscribe())
+    });
     // The connection's streams run inside this task, not spawned: one wake-up then serves
     // every stream that is ready and h2 writes their frames together (a spawned task per
     // stream made about two writes per call, and moved each stream's future into the heap).
@@ -580,6 +597,11 @@ pub(super) async fn serve_connection<T>(
                 }
             }
             _ = shutdown.wait_for(|s| *s), if drain_by.is_none() => {
+                conn.graceful_shutdown();
+                drain_by = Some(Instant::now() + timeouts.drain);
+            }
+            Some(()) = opened(&mut endpoint_opened), if drain_by.is_none() => {
+                debug!(client = %info.client, "endpoint's breaker opened: GOAWAY");
                 conn.graceful_shutdown();
                 drain_by = Some(Instant::now() + timeouts.drain);
             }

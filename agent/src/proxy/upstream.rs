@@ -109,6 +109,9 @@ pub struct Endpoint {
     connecting: AtomicUsize,
     /// Notified when an opening connection is ready or failed.
     opened: tokio::sync::Notify,
+    /// Counts the times this endpoint's breaker opened: the intercepted client connections
+    /// pinned to it watch it and send GOAWAY, so that the client's balancer moves on.
+    pub breaker_opened: tokio::sync::watch::Sender<u64>,
 }
 
 struct UpstreamConnection {
@@ -173,6 +176,7 @@ impl Endpoint {
             connections: Mutex::new(Vec::new()),
             connecting: AtomicUsize::new(0),
             opened: tokio::sync::Notify::new(),
+            breaker_opened: tokio::sync::watch::Sender::new(0),
         })
     }
 }
@@ -239,6 +243,14 @@ impl ClusterPool {
 
     pub fn endpoint(&self, index: usize) -> Option<Arc<Endpoint>> {
         self.endpoints.get(index).cloned()
+    }
+
+    /// The endpoint at `address`, if the pool has one.
+    pub fn find(&self, address: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints
+            .iter()
+            .find(|e| e.address == address)
+            .cloned()
     }
 
     /// Every endpoint's address by index, as it grows.

@@ -14,36 +14,43 @@ use agent_common::events::{EventHeader, EventKind};
 pub use go_stw::GoStwPause;
 pub use tcp_reset::{TcpReset, TcpResetDecoder};
 
-/// The kinds of signal the correlator acts on, by the name the stats, metrics, API and trip
-/// events use. Matches over it are exhaustive: a new kind must be given its counters and metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SignalKind {
-    TcpReset,
-    RstStream,
-    Goaway,
-    GoStw,
-    RapidReset,
+/// Declares [`SignalKind`] and its `ALL` from one list, so that a new kind cannot be left out
+/// of `ALL` (which the stats, the API's figures and the metrics walk).
+macro_rules! signal_kinds {
+    ($($(#[$doc:meta])* $kind:ident => $name:literal,)+) => {
+        /// The kinds of signal the correlator acts on, by the name the stats, metrics, API and
+        /// trip events use. Matches over it are exhaustive: a new kind must be given its
+        /// counters and metric.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum SignalKind {
+            $($(#[$doc])* $kind,)+
+        }
+
+        impl SignalKind {
+            pub const ALL: [SignalKind; [$(stringify!($kind)),+].len()] =
+                [$(SignalKind::$kind,)+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(SignalKind::$kind => $name,)+
+                }
+            }
+        }
+    };
 }
 
-impl SignalKind {
-    pub const ALL: [SignalKind; 5] = [
-        SignalKind::TcpReset,
-        SignalKind::RstStream,
-        SignalKind::Goaway,
-        SignalKind::GoStw,
-        SignalKind::RapidReset,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            SignalKind::TcpReset => "tcp_reset",
-            SignalKind::RstStream => "rst_stream",
-            SignalKind::Goaway => "goaway",
-            SignalKind::GoStw => "go_stw",
-            SignalKind::RapidReset => "rapid_reset",
-        }
-    }
+signal_kinds! {
+    /// A TCP reset on a proxied connection.
+    TcpReset => "tcp_reset",
+    /// RST_STREAM on a proxied connection.
+    RstStream => "rst_stream",
+    /// GOAWAY on a proxied connection.
+    Goaway => "goaway",
+    /// A Go stop-the-world pause of a process serving an endpoint.
+    GoStw => "go_stw",
+    /// A client resetting streams faster than allowed (CVE-2023-44487).
+    RapidReset => "rapid_reset",
 }
 
 impl std::fmt::Display for SignalKind {

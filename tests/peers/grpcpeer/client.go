@@ -15,11 +15,15 @@ import (
 	"io"
 	"io/ioutil"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
 )
 
@@ -52,6 +56,47 @@ func (d *oneDialer) dial(ctx context.Context, addr string) (net.Conn, error) {
 	return c, nil
 }
 
+// peerKey carries a *peer.Peer in a call's context for the call to fill (grpc.Peer).
+type peerKey struct{}
+
+func peerOption(ctx context.Context) []grpc.CallOption {
+	if p, ok := ctx.Value(peerKey{}).(*peer.Peer); ok {
+		return []grpc.CallOption{grpc.Peer(p)}
+	}
+	return nil
+}
+
+// loggingDialer opens a connection whenever grpc-go asks (reconnects included) and prints
+// "connected LOCAL REMOTE" for each: REMOTE is what getpeername says, which Go reads after
+// connect.
+func loggingDialer(ctx context.Context, addr string) (net.Conn, error) {
+	var nd net.Dialer
+	c, err := nd.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	say("connected %s %s", c.LocalAddr(), c.RemoteAddr())
+	return c, nil
+}
+
+// balancedConn dials every address of targets (comma-separated) as one channel with
+// round_robin, as grpc-go does with a headless service's addresses from its dns resolver.
+func balancedConn(targets string) (*grpc.ClientConn, error) {
+	r := manual.NewBuilderWithScheme("grpcpeer")
+	var addrs []resolver.Address
+	for _, a := range strings.Split(targets, ",") {
+		addrs = append(addrs, resolver.Address{Addr: a})
+	}
+	r.InitialState(resolver.State{Addresses: addrs})
+	return grpc.Dial("grpcpeer:///pods",
+		grpc.WithInsecure(),
+		grpc.WithResolvers(r),
+		grpc.WithContextDialer(loggingDialer),
+		grpc.WithDefaultServiceConfig(`{"loadBalancingPolicy":"round_robin"}`),
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMessage)),
+	)
+}
+
 func runClient(args []string) {
 	fs := flag.NewFlagSet("client", flag.ExitOnError)
 	addr := fs.String("addr", "", "server address, host:port (IPv6 as [::1]:port)")
@@ -69,6 +114,8 @@ func runClient(args []string) {
 	traceparent := fs.Bool("traceparent", false, "each call carries a W3C traceparent with a trace id of its own")
 	pause := fs.Duration("pause", 0, "each worker waits this long between its calls")
 	duration := fs.Duration("duration", 0, "make calls for this long, however many (-calls is then ignored); 0: -calls calls")
+	targets := fs.String("targets", "", "instead of -addr: addresses (comma-separated) balanced round_robin, reconnecting as grpc-go does; each call line ends with the peer it went to")
+	callTimeout := fs.Duration("call-timeout", 0, "each call's deadline; 0: none")
 	fs.Parse(args)
 	var secret []byte
 	if *tokenSecret != "" {
@@ -100,30 +147,38 @@ func runClient(args []string) {
 	default:
 		fatalf("unknown method %q (want unary, stream, slow or reset)", *method)
 	}
-	if *addr == "" {
-		fatalf("client needs -addr")
+	if *addr == "" && *targets == "" {
+		fatalf("client needs -addr or -targets")
 	}
 	if *concurrency < 1 {
 		*concurrency = 1
 	}
 
-	var d oneDialer
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	conn, err := grpc.DialContext(ctx, *addr,
-		grpc.WithInsecure(), // h2c
-		grpc.WithContextDialer(d.dial),
-		// Connect before the first call, so that "connected" describes a real connection, and
-		// give up at once if the server is not there.
-		grpc.WithBlock(),
-		grpc.FailOnNonTempDialError(true),
-		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMessage)),
-	)
-	cancel()
-	if err != nil {
-		fatalf("dial %s: %v", *addr, err)
+	var conn *grpc.ClientConn
+	var err error
+	if *targets != "" {
+		if conn, err = balancedConn(*targets); err != nil {
+			fatalf("dial %s: %v", *targets, err)
+		}
+	} else {
+		var d oneDialer
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		conn, err = grpc.DialContext(ctx, *addr,
+			grpc.WithInsecure(), // h2c
+			grpc.WithContextDialer(d.dial),
+			// Connect before the first call, so that "connected" describes a real connection, and
+			// give up at once if the server is not there.
+			grpc.WithBlock(),
+			grpc.FailOnNonTempDialError(true),
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMessage)),
+		)
+		cancel()
+		if err != nil {
+			fatalf("dial %s: %v", *addr, err)
+		}
+		say("connected %s %s", d.conn.LocalAddr(), d.conn.RemoteAddr())
 	}
 	defer conn.Close()
-	say("connected %s %s", d.conn.LocalAddr(), d.conn.RemoteAddr())
 
 	req := make([]byte, *size)
 	for i := range req {
@@ -147,12 +202,23 @@ func runClient(args []string) {
 				if *traceparent {
 					ctx = metadata.AppendToOutgoingContext(ctx, "traceparent", "00-"+randomHex(16)+"-"+randomHex(8)+"-01")
 				}
+				var p peer.Peer
+				ctx = context.WithValue(ctx, peerKey{}, &p)
+				var stop context.CancelFunc = func() {}
+				if *callTimeout > 0 {
+					ctx, stop = context.WithTimeout(ctx, *callTimeout)
+				}
 				err := runCall(ctx, conn, call, req, *cancelAfter)
+				stop()
 				code := status.Code(err).String()
 				if errors.Is(err, errMismatch) {
 					code = "EchoMismatch"
 				}
-				say("call %d %s", i, code)
+				if *targets != "" {
+					say("call %d %s %v", i, code, p.Addr)
+				} else {
+					say("call %d %s", i, code)
+				}
 				time.Sleep(*pause)
 			}
 		}()
@@ -210,7 +276,7 @@ func signToken(secret []byte, sub string, expired bool) string {
 
 func callUnary(ctx context.Context, conn *grpc.ClientConn, method string, req []byte) error {
 	var resp []byte
-	if err := conn.Invoke(ctx, method, req, &resp); err != nil {
+	if err := conn.Invoke(ctx, method, req, &resp, peerOption(ctx)...); err != nil {
 		return err
 	}
 	if !bytes.Equal(resp, req) {

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read},
-    os::unix::process::CommandExt as _,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Child, Command, ExitStatus},
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
@@ -165,6 +165,39 @@ impl Supervised {
         Ok(status)
     }
 
+    /// Waits for the exit as long as it takes, like [`Supervised::wait`], with what the kernel
+    /// counted of its resources (`wait4(2)`: user and system CPU time, peak RSS, ...). An error
+    /// when its exit was collected already: the usage went with it.
+    pub fn wait_with_usage(&mut self) -> std::io::Result<(ExitStatus, libc::rusage)> {
+        if self.status.is_some() {
+            return Err(std::io::Error::other(format!(
+                "{}: its exit was collected already, and its resource usage with it",
+                self.name
+            )));
+        }
+        let mut raw = 0;
+        // SAFETY: rusage is plain data, filled by the kernel.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: valid pointers, on our own child; if it was reaped behind our back
+            // (through `child_mut`), wait4 fails with ECHILD.
+            let rc =
+                unsafe { libc::wait4(self.child.id() as libc::pid_t, &mut raw, 0, &mut usage) };
+            if rc >= 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+        // Recorded, so that nothing signals its pid again (std's Child does not know it is
+        // reaped).
+        let status = ExitStatus::from_raw(raw);
+        self.status = Some(status);
+        Ok((status, usage))
+    }
+
     /// SIGKILL, and reaped.
     pub fn kill(&mut self) {
         if self.exited().is_none() {
@@ -243,4 +276,55 @@ pub fn command_line(cmd: &Command) -> String {
     parts.push(cmd.get_program().to_string_lossy().into_owned());
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Supervised {
+        Supervised::spawn(
+            "sh",
+            Command::new("sh").args(["-c", script]),
+            Supervision::KILL,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn wait_with_usage_reaps_once() {
+        let mut child = sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exit 3");
+        let (status, usage) = child.wait_with_usage().unwrap();
+        assert_eq!(status.code(), Some(3));
+        assert!(usage.ru_utime.tv_sec >= 0 && usage.ru_maxrss > 0);
+        // Known as exited from then on; the usage cannot be had twice.
+        assert_eq!(child.exited(), Some(status));
+        assert_eq!(child.wait().unwrap(), status);
+        assert!(child.wait_with_usage().is_err());
+    }
+
+    #[test]
+    fn a_signal_stops_it_and_its_status_says_so() {
+        let mut child = sh("exec sleep 60");
+        child.signal(libc::SIGINT);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGINT));
+    }
+
+    #[test]
+    fn dropping_it_kills_it() {
+        let child = sh("exec sleep 60");
+        let pid = child.pid();
+        let started = Instant::now();
+        drop(child);
+        // Reaped by the drop: no child of ours, not even a zombie, has that pid any more.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        assert_ne!(ppid, Some(std::process::id()), "{stat}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }

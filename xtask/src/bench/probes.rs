@@ -13,6 +13,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::ExitStatusExt as _,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -20,6 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
+use test_support::supervised::{Supervised, Supervision};
 
 use super::{agent::Agent, build_go_peer, median, quantile, reset_storm::run_storm_child, spread};
 use crate::util::workspace_root;
@@ -183,29 +185,33 @@ fn gc_run(
     alloc_mb: u64,
     before_work: impl FnOnce(u32) -> Result<()>,
 ) -> Result<GcRun> {
-    let mut child = Command::new(gcstress)
-        .args(["-wait", "-alloc-mb", &alloc_mb.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", gcstress.display()))?;
-    let pid = child.id();
-    let mut stdout = BufReader::new(child.stdout.take().context("gcstress stdout")?);
+    // Killed if the run fails before it is waited for.
+    let mut child = Supervised::spawn(
+        "gcstress",
+        Command::new(gcstress)
+            .args(["-wait", "-alloc-mb", &alloc_mb.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+        Supervision::KILL,
+    )?;
+    let pid = child.pid();
+    let mut stdout = BufReader::new(child.child_mut().stdout.take().context("gcstress stdout")?);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     if line.trim() != "ready" {
         bail!("gcstress printed {line:?} instead of ready");
     }
     before_work(pid)?;
-    let mut stdin = child.stdin.take().context("gcstress stdin")?;
+    let mut stdin = child.child_mut().stdin.take().context("gcstress stdin")?;
     let start = Instant::now();
     stdin.write_all(b"go\n")?;
     line.clear();
     stdout.read_line(&mut line)?;
-    let (status, cpu_seconds) = wait_with_cpu(pid)?;
+    let (status, usage) = child.wait_with_usage().context("wait4 gcstress")?;
     let seconds = start.elapsed().as_secs_f64();
-    if status != 0 {
-        bail!("gcstress exited with wait status {status:#x}");
+    let cpu_seconds = cpu_seconds(&usage);
+    if !status.success() {
+        bail!("gcstress exited with wait status {:#x}", status.into_raw());
     }
     let gc_cycles = line
         .trim()
@@ -220,18 +226,10 @@ fn gc_run(
     })
 }
 
-/// wait4(2): the exit status and the child's user + system CPU seconds.
-fn wait_with_cpu(pid: u32) -> Result<(i32, f64)> {
-    let mut status = 0;
-    // SAFETY: rusage is plain data, filled by the kernel.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers; pid is our own unreaped child.
-    let rc = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("wait4");
-    }
+/// A reaped child's user + system CPU seconds (wait4(2)'s usage).
+fn cpu_seconds(usage: &libc::rusage) -> f64 {
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((status, secs(usage.ru_utime) + secs(usage.ru_stime)))
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 fn gc_overhead(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<Value> {
@@ -380,11 +378,15 @@ fn exec_to_attach(agent_bin: &Path, gcstress: &Path, opts: &Options) -> Result<V
                 gcstress.to_path_buf()
             };
             let start = Instant::now();
-            let mut child = Command::new(&binary)
-                .args(["-sleep", "200ms"])
-                .stdout(Stdio::null())
-                .spawn()?;
-            let pid = child.id();
+            // Killed if the bench gives up before it is waited for.
+            let mut child = Supervised::spawn(
+                "gcstress",
+                Command::new(&binary)
+                    .args(["-sleep", "200ms"])
+                    .stdout(Stdio::null()),
+                Supervision::KILL,
+            )?;
+            let pid = child.pid();
             let attached = agent.wait_for(Duration::from_secs(10), Duration::from_secs(10), |t| {
                 t.attached.contains_key(&pid)
             });

@@ -484,21 +484,32 @@ fn signals_trip_or_count() {
         },
         &c,
     );
-    assert_eq!(b.signal(c.now, "goaway", SignalAction::CountFailure), None);
-    assert_eq!(b.signal(c.now, "goaway", SignalAction::CountFailure), None);
+    assert_eq!(
+        b.signal(c.now, SignalKind::Goaway, SignalAction::CountFailure),
+        None
+    );
+    assert_eq!(
+        b.signal(c.now, SignalKind::Goaway, SignalAction::CountFailure),
+        None
+    );
     let change = b
-        .signal(c.now, "goaway", SignalAction::CountFailure)
+        .signal(c.now, SignalKind::Goaway, SignalAction::CountFailure)
         .unwrap();
-    assert_eq!(change.reason, Reason::Signal("goaway".into()));
+    assert_eq!(change.reason, Reason::Signal(SignalKind::Goaway));
     assert_eq!(change.reason.as_str(), "goaway");
     c.advance(ms(5_000));
     let (_probe, _) = b.admit(c.now).unwrap();
     // A trip signal while half-open reopens, for longer.
-    let change = b.signal(c.now, "tcp_reset", SignalAction::Trip).unwrap();
+    let change = b
+        .signal(c.now, SignalKind::TcpReset, SignalAction::Trip)
+        .unwrap();
     assert_eq!((change.from, change.to), (State::HalfOpen, State::Open));
     assert_eq!(change.open_for, Some(ms(10_000)));
     // While open, signals change nothing.
-    assert_eq!(b.signal(c.now, "tcp_reset", SignalAction::Trip), None);
+    assert_eq!(
+        b.signal(c.now, SignalKind::TcpReset, SignalAction::Trip),
+        None
+    );
 }
 
 #[test]

@@ -256,11 +256,15 @@ fn a_dropped_call_gives_its_probe_back() {
 fn bad_policies_are_refused_with_the_key() {
     let raw: RawBreakers = toml::from_str("[endpoint]\nfailure_ratio = 1.5").unwrap();
     let errors = BreakerConfig::from_raw(raw).unwrap_err();
-    assert!(errors[0].contains("failure_ratio"), "{errors:?}");
-    assert!(errors[0].contains("endpoint"), "{errors:?}");
+    let message = errors[0].to_string();
+    assert!(message.contains("failure_ratio"), "{errors:?}");
+    assert!(message.contains("endpoint"), "{errors:?}");
     let raw: RawBreakers = toml::from_str("[policy]\nslow_threshold = \"soon\"").unwrap();
     let errors = BreakerConfig::from_raw(raw).unwrap_err();
-    assert!(errors[0].contains("slow_threshold"), "{errors:?}");
+    assert!(
+        errors[0].to_string().contains("slow_threshold"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -274,7 +278,14 @@ fn signals_reach_every_class_of_an_endpoint_and_one_client() {
     let b = breakers(cfg, &[0, 0, 0], &["default".into()]);
     let now = Instant::now();
     let mut out = Vec::new();
-    b.signal_endpoint(0, 1, "tcp_reset", SignalAction::Trip, now, &mut out);
+    b.signal_endpoint(
+        0,
+        1,
+        crate::signals::SignalKind::TcpReset,
+        SignalAction::Trip,
+        now,
+        &mut out,
+    );
     let names: Vec<_> = out.iter().map(|t| t.breaker.to_string()).collect();
     assert_eq!(
         names,
@@ -286,7 +297,7 @@ fn signals_reach_every_class_of_an_endpoint_and_one_client() {
     out.clear();
     b.signal_client(
         "session:s1",
-        "rapid_reset",
+        crate::signals::SignalKind::RapidReset,
         SignalAction::Trip,
         now,
         &mut out,
