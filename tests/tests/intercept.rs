@@ -1,0 +1,729 @@
+//! Transparent interception end to end (issue 18): the kernel steers an application's connects
+//! into the agent without the application being re-pointed.
+//!
+//! Everything lives in namespaces and cgroups this test creates, every address on interfaces it
+//! created:
+//!
+//! - a "node" network namespace where the agent runs (`nsenter --net`, which keeps the host's
+//!   `/sys/fs/cgroup`), with a Service address 10.96.0.10:50051 made as kube-proxy makes one:
+//!   nftables DNAT in the output hook to the two pods;
+//! - two "pods": namespaces joined to the node by veth pairs, each with a cgroup of its own and a
+//!   grpc-go server (Debian's grpc-go) on POD:50051; pod 1 also has an HTTP/1.1 server on
+//!   10.244.1.3:50051 and a TLS server on 10.244.1.4:50051 (the intercepted port, not HTTP/2);
+//! - an "app" cgroup, the only one interception is attached to, and an "other" one.
+//!
+//! The grpc-go client (tests/peers/grpcpeer, `-targets` balancing round_robin over the pods'
+//! addresses as grpc-go does with a headless service) runs in the app cgroup. Checked: its calls
+//! pass through the proxy (the agent's outcomes name the original destination); getpeername
+//! shows what it dialed; a killed pod trips that pod's breaker and the client's calls go on; the
+//! Service address is proxied; HTTP/1.1 and TLS are spliced byte for byte; a process in the other
+//! cgroup is not intercepted; and kill -9 of the agent is survived: new connections go where the
+//! application dialed (measured: the time until the first direct connection, and the client's
+//! failed calls).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use e2e::{
+    Peer, agent_bin, go_peer, grpc_server_from, proxy::JsonChild, require_root, sh, workspace_root,
+};
+use serde_json::Value;
+use test_support::supervised::{Supervised, Supervision};
+
+const PORT: u16 = 50051;
+const VIP: &str = "10.96.0.10";
+
+/// The cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` in hybrid mode).
+fn cgroup2_root() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            if right.split_whitespace().next() != Some("cgroup2") {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .expect("a cgroup v2 hierarchy (interception attaches to cgroup v2)")
+}
+
+/// The test's namespaces and cgroups; removed on drop.
+struct Topology {
+    id: u32,
+    node: String,
+    pods: Vec<String>,
+    cgroups: Vec<PathBuf>,
+    dir: PathBuf,
+}
+
+impl Topology {
+    fn create() -> Topology {
+        let id = std::process::id() % 100_000;
+        let root = cgroup2_root();
+        let t = Topology {
+            id,
+            node: format!("icnode{id}"),
+            pods: (1..=2).map(|k| format!("icpod{k}-{id}")).collect(),
+            cgroups: ["app", "other", "pod1", "pod2"]
+                .iter()
+                .map(|n| root.join(format!("e2e-intercept-{n}-{id}")))
+                .collect(),
+            dir: std::env::temp_dir().join(format!("e2e-intercept-{id}")),
+        };
+        let _ = std::fs::remove_dir_all(&t.dir);
+        std::fs::create_dir_all(&t.dir).unwrap();
+        for ns in std::iter::once(&t.node).chain(&t.pods) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+            sh("ip", &["netns", "add", ns]);
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (k, pod) in t.pods.iter().enumerate() {
+            let k = k + 1;
+            let (node_if, pod_if) = (format!("ic{id}n{k}"), format!("ic{id}p{k}"));
+            sh(
+                "ip",
+                &[
+                    "link", "add", &node_if, "netns", &t.node, "type", "veth", "peer", "name",
+                    &pod_if, "netns", pod,
+                ],
+            );
+            let node_ip = format!("10.244.{k}.1/24");
+            sh(
+                "ip",
+                &["-n", &t.node, "addr", "add", &node_ip, "dev", &node_if],
+            );
+            sh("ip", &["-n", &t.node, "link", "set", &node_if, "up"]);
+            let pod_ip = format!("10.244.{k}.2/24");
+            sh("ip", &["-n", pod, "addr", "add", &pod_ip, "dev", &pod_if]);
+            if k == 1 {
+                for extra in ["10.244.1.3/24", "10.244.1.4/24"] {
+                    sh("ip", &["-n", pod, "addr", "add", extra, "dev", &pod_if]);
+                }
+            }
+            sh("ip", &["-n", pod, "link", "set", &pod_if, "up"]);
+            let gw = format!("10.244.{k}.1");
+            sh("ip", &["-n", pod, "route", "add", "default", "via", &gw]);
+        }
+        // The Service address needs a route for the first lookup; DNAT then picks a pod.
+        sh(
+            "ip",
+            &[
+                "-n",
+                &t.node,
+                "route",
+                "add",
+                "10.96.0.0/16",
+                "via",
+                "10.244.1.2",
+            ],
+        );
+        let rules = format!(
+            "table ip e2esvc {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n  ip daddr {VIP} tcp dport {PORT} dnat to numgen inc mod 2 map {{ 0 : 10.244.1.2, 1 : 10.244.2.2 }}\n }}\n}}\n"
+        );
+        let rules_file = t.dir.join("svc.nft");
+        std::fs::write(&rules_file, rules).unwrap();
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &t.node,
+                "nft",
+                "-f",
+                rules_file.to_str().unwrap(),
+            ],
+        );
+        for cg in &t.cgroups {
+            let _ = std::fs::create_dir(cg);
+        }
+        t
+    }
+
+    fn cgroup(&self, name: &str) -> &Path {
+        let i = ["app", "other", "pod1", "pod2"]
+            .iter()
+            .position(|n| *n == name)
+            .unwrap();
+        &self.cgroups[i]
+    }
+
+    /// `program args` in network namespace `ns` (nsenter: the host's /sys stays) and cgroup
+    /// `cgroup`, started by a shell that moves itself into the cgroup first.
+    fn command(&self, ns: &str, cgroup: &str, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec nsenter --net=/run/netns/\"$@\"")
+            .arg("sh")
+            .arg(self.cgroup(cgroup))
+            .arg(ns)
+            .arg(program)
+            .args(args);
+        cmd
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for cg in &self.cgroups {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for cg in &self.cgroups {
+            let _ = std::fs::remove_dir(cg);
+        }
+        for ns in self.pods.iter().chain(std::iter::once(&self.node)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child whose stdout lines are kept with when they came.
+struct Lines {
+    child: Supervised,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Lines {
+    fn spawn(name: &str, cmd: &mut Command) -> Lines {
+        let mut child = Supervised::spawn(
+            name,
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()),
+            Supervision::KILL,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let out = child.child_mut().stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let keep = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Lines { child, lines }
+    }
+
+    fn wait_done(&mut self, timeout: Duration) -> Vec<(Instant, String)> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.lines.lock().unwrap().iter().any(|(_, l)| l == "done") {
+                let _ = self.child.wait();
+                return self.lines.lock().unwrap().clone();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "client not done in {timeout:?}; it said: {:?}",
+            self.lines.lock().unwrap()
+        );
+    }
+}
+
+/// Each "call I CODE PEER" line of a `-targets` client: (when, code, peer).
+fn calls(lines: &[(Instant, String)]) -> Vec<(Instant, String, String)> {
+    lines
+        .iter()
+        .filter_map(|(t, l)| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "call").then_some(())?;
+            let _i = w.next()?;
+            Some((*t, w.next()?.to_owned(), w.next().unwrap_or("").to_owned()))
+        })
+        .collect()
+}
+
+/// The REMOTE of each "connected LOCAL REMOTE" line: what getpeername said.
+fn remotes(lines: &[(Instant, String)]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("connected ")?.split_whitespace().nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn start_agent(t: &Topology, config: &Path) -> JsonChild {
+    let mut agent = JsonChild::spawn(
+        "agent run",
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.node))
+            .arg(agent_bin())
+            .args(["run", "--config", config.to_str().unwrap()])
+            .args(["--print-outcomes", "--print-breakers"])
+            .env("AGENT_LOG", "info"),
+    );
+    let ready = agent.wait_line(Duration::from_secs(30), |v| v["kind"] == "ready");
+    assert_eq!(
+        ready["intercept"]["listen"][0], "127.0.0.1:15001",
+        "ready line: {ready}"
+    );
+    agent
+}
+
+/// The agent's `intercept` figures (SIGUSR1 prints a stats line).
+fn intercept_stats(agent: &mut JsonChild) -> Value {
+    let from = agent.drain().len();
+    agent.signal(libc::SIGUSR1);
+    let line = agent.wait_line_from(from, Duration::from_secs(5), |v| v["kind"] == "stats");
+    line["intercept"].clone()
+}
+
+fn kernel_counter(stats: &Value, name: &str) -> u64 {
+    stats["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap()
+}
+
+fn outcomes_to(agent: &mut JsonChild, destination: &str) -> Vec<Value> {
+    agent
+        .drain()
+        .iter()
+        .filter(|v| v["kind"] == "stream" && v["original_destination"] == destination)
+        .cloned()
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root (eBPF cgroup programs, namespaces, nftables), the agent binary and the grpc-go peer: cargo xtask test"]
+fn interception_end_to_end() {
+    require_root();
+    let t = Topology::create();
+    let grpcpeer = go_peer("grpcpeer", false);
+    let splice_peer = workspace_root().join("tests/peers/splice/server.py");
+
+    // The pods' servers, each in its pod's namespace and cgroup.
+    let mut pods: Vec<Peer> = Vec::new();
+    for (k, pod) in t.pods.iter().enumerate() {
+        let addr = format!("10.244.{}.2:{PORT}", k + 1);
+        let cmd = t.command(
+            pod,
+            &format!("pod{}", k + 1),
+            &grpcpeer,
+            &["server", "-addr", &addr],
+        );
+        let (peer, listening) = grpc_server_from(cmd);
+        assert_eq!(listening.to_string(), addr);
+        pods.push(peer);
+    }
+    let cert = t.dir.join("cert.pem");
+    let key = t.dir.join("key.pem");
+    sh(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=splice",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    );
+    let python = Path::new("/usr/bin/python3");
+    let script = splice_peer.to_str().unwrap();
+    let mut http_server = JsonChild::spawn(
+        "http server",
+        &mut t.command(
+            &t.pods[0],
+            "pod1",
+            python,
+            &[script, "http", "10.244.1.3", "50051"],
+        ),
+    );
+    http_server.wait_line(Duration::from_secs(10), |v| v.get("listening").is_some());
+    let mut tls_server = JsonChild::spawn(
+        "tls server",
+        &mut t.command(
+            &t.pods[0],
+            "pod1",
+            python,
+            &[
+                script,
+                "tls",
+                "10.244.1.4",
+                "50051",
+                cert.to_str().unwrap(),
+                key.to_str().unwrap(),
+            ],
+        ),
+    );
+    tls_server.wait_line(Duration::from_secs(10), |v| v.get("listening").is_some());
+
+    let journal = t.dir.join("journal");
+    let config = t.dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[intercept]
+listen = "127.0.0.1:15001"
+cgroups = [{app:?}]
+detect_timeout = "200ms"
+
+[[intercept.destination]]
+cidr = "10.244.0.0/16"
+ports = [{PORT}]
+
+[[intercept.destination]]
+cidr = "{VIP}"
+ports = [{PORT}]
+
+[breakers.endpoint]
+consecutive_failures = 3
+open_for = "30s"
+
+[events]
+journal = {journal:?}
+
+[api]
+listen = "127.0.0.1:0"
+"#,
+            app = t.cgroup("app"),
+        ),
+    )
+    .unwrap();
+    let mut agent = start_agent(&t, &config);
+
+    // 1. Pods by address, balanced round_robin: every call through the proxy, getpeername
+    //    shows the pod dialed, both pods served.
+    let pod_targets = format!("10.244.1.2:{PORT},10.244.2.2:{PORT}");
+    let mut client = Lines::spawn(
+        "grpc-go client",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &[
+                "client",
+                "-targets",
+                &pod_targets,
+                "-calls",
+                "200",
+                "-concurrency",
+                "4",
+            ],
+        ),
+    );
+    let lines = client.wait_done(Duration::from_secs(30));
+    let made = calls(&lines);
+    assert_eq!(made.len(), 200, "{lines:?}");
+    assert!(made.iter().all(|(_, code, _)| code == "OK"), "{made:?}");
+    let mut seen_remotes = remotes(&lines);
+    seen_remotes.sort();
+    seen_remotes.dedup();
+    assert_eq!(
+        seen_remotes,
+        [format!("10.244.1.2:{PORT}"), format!("10.244.2.2:{PORT}")],
+        "getpeername must show the pods dialed, not the intercept listener"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let to_pod1 = outcomes_to(&mut agent, &format!("10.244.1.2:{PORT}"));
+    let to_pod2: Vec<Value> = agent
+        .seen
+        .iter()
+        .filter(|v| {
+            v["kind"] == "stream" && v["original_destination"] == format!("10.244.2.2:{PORT}")
+        })
+        .cloned()
+        .collect();
+    assert_eq!(
+        to_pod1.len() + to_pod2.len(),
+        200,
+        "every call is the proxy's"
+    );
+    assert!(!to_pod1.is_empty() && !to_pod2.is_empty());
+    assert!(to_pod1.iter().all(|o| o["cluster"] == "passthrough"
+        && o["endpoint"] == format!("10.244.1.2:{PORT}")
+        && o["listener"] == "intercept"));
+    let s = intercept_stats(&mut agent);
+    assert_eq!(s["proxied_passthrough"], 2, "{s}");
+    assert_eq!(kernel_counter(&s, "redirected"), 2, "{s}");
+    println!("pods by address: 200 calls proxied, stats {s}");
+
+    // 2. The Service address: proxied, getpeername shows the Service address.
+    let mut client = Lines::spawn(
+        "grpc-go client (service)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &["client", "-addr", &format!("{VIP}:{PORT}"), "-calls", "50"],
+        ),
+    );
+    let lines = client.wait_done(Duration::from_secs(30));
+    assert_eq!(remotes(&lines), [format!("{VIP}:{PORT}")]);
+    assert_eq!(
+        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
+        50,
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(outcomes_to(&mut agent, &format!("{VIP}:{PORT}")).len(), 50);
+
+    // 3. Another cgroup: not intercepted, the calls go straight to the pod.
+    let before = intercept_stats(&mut agent);
+    let mut other = Lines::spawn(
+        "grpc-go client (other cgroup)",
+        &mut t.command(
+            &t.node,
+            "other",
+            &grpcpeer,
+            &[
+                "client",
+                "-addr",
+                &format!("10.244.1.2:{PORT}"),
+                "-calls",
+                "10",
+            ],
+        ),
+    );
+    let lines = other.wait_done(Duration::from_secs(30));
+    assert_eq!(lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(), 10);
+    let after = intercept_stats(&mut agent);
+    assert_eq!(
+        after["accepted"], before["accepted"],
+        "another cgroup was intercepted"
+    );
+    assert_eq!(
+        kernel_counter(&after, "redirected"),
+        kernel_counter(&before, "redirected")
+    );
+
+    // 4. Not HTTP/2 on the intercepted port: HTTP/1.1 and TLS spliced byte for byte.
+    let body = t.dir.join("body.bin");
+    let payload: Vec<u8> = (0..1_048_576u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&body, &payload).unwrap();
+    let echoed = t.dir.join("echoed.bin");
+    let curl = t
+        .command(
+            &t.node,
+            "app",
+            Path::new("/usr/bin/curl"),
+            &[
+                "-sS",
+                "--http1.1",
+                "--data-binary",
+                &format!("@{}", body.display()),
+                "-H",
+                "Content-Type: application/octet-stream",
+                "-o",
+                echoed.to_str().unwrap(),
+                "-w",
+                "%{http_code} %{remote_ip}:%{remote_port}",
+                "http://10.244.1.3:50051/echo",
+            ],
+        )
+        .output()
+        .unwrap();
+    let curl_said = String::from_utf8_lossy(&curl.stdout);
+    assert_eq!(curl_said, "200 10.244.1.3:50051", "{curl:?}");
+    assert_eq!(
+        std::fs::read(&echoed).unwrap(),
+        payload,
+        "HTTP/1.1 body changed on the way"
+    );
+    let got = http_server.wait_line(Duration::from_secs(5), |v| v.get("received").is_some());
+    assert_eq!(got["received"], payload.len());
+    assert_eq!(got["protocol"], "HTTP/1.1");
+    let tls = t
+        .command(
+            &t.node,
+            "app",
+            python,
+            &[script, "tls-client", "10.244.1.4", "50051", "1048576"],
+        )
+        .output()
+        .unwrap();
+    let tls_said: Value =
+        serde_json::from_slice(&tls.stdout).unwrap_or_else(|e| panic!("tls client: {e}: {tls:?}"));
+    assert_eq!(tls_said["echo_equal"], true, "{tls_said}");
+    assert_eq!(tls_said["peername"], "10.244.1.4:50051");
+    let got = tls_server.wait_line(Duration::from_secs(5), |v| v.get("received").is_some());
+    assert_eq!(
+        got["sha256"], tls_said["sha256"],
+        "TLS bytes changed on the way"
+    );
+    let s = intercept_stats(&mut agent);
+    assert_eq!(s["spliced_not_http2"], 2, "{s}");
+    assert!(
+        s["spliced_bytes_to_destination"].as_u64().unwrap() >= 2 * 1_048_576,
+        "{s}"
+    );
+    println!("splice: HTTP/1.1 and TLS 1 MiB each, byte-exact; stats {s}");
+
+    // 5. A pod killed under load: its breaker trips, the client's calls go on to the other.
+    let mut client = Lines::spawn(
+        "grpc-go client (pod killed)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &[
+                "client",
+                "-targets",
+                &pod_targets,
+                "-duration",
+                "6s",
+                "-concurrency",
+                "2",
+                "-pause",
+                "5ms",
+                "-call-timeout",
+                "1s",
+            ],
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = Instant::now();
+    pods[1].signal(libc::SIGKILL);
+    let trip = agent.wait_line(Duration::from_secs(10), |v| {
+        v["kind"] == "breaker"
+            && v["breaker"]["to"] == "open"
+            && v["breaker"]["name"] == format!("endpoint passthrough/10.244.2.2:{PORT}")
+    });
+    let lines = client.wait_done(Duration::from_secs(30));
+    let made = calls(&lines);
+    let failed_after_kill = made
+        .iter()
+        .filter(|(at, code, _)| *at >= killed_at && code != "OK")
+        .count();
+    let ok_late = made
+        .iter()
+        .filter(|(at, code, peer)| {
+            *at >= killed_at + Duration::from_secs(2)
+                && code == "OK"
+                && peer.starts_with("10.244.1.2")
+        })
+        .count();
+    let failed_late = made
+        .iter()
+        .filter(|(at, code, _)| *at >= killed_at + Duration::from_secs(2) && code != "OK")
+        .count();
+    println!(
+        "pod killed: trip {trip}; {} calls, {failed_after_kill} failed after the kill, {ok_late} OK and {failed_late} failed from 2 s after it",
+        made.len()
+    );
+    assert!(ok_late > 50, "the client's calls did not go on: {made:?}");
+    assert_eq!(failed_late, 0, "calls still failing 2 s after the pod died");
+    assert_eq!(trip["upstream"]["cluster"], "passthrough");
+    let journaled = e2e::proxy::journal_files(&journal);
+    assert!(
+        journaled
+            .iter()
+            .any(|(_, text)| text.contains("10.244.2.2:50051") && text.contains("\"open\"")),
+        "the trip is journaled: {journaled:?}"
+    );
+
+    // 6. kill -9 of the agent: new connections go where they were dialed.
+    let mut client = Lines::spawn(
+        "grpc-go client (agent killed)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &[
+                "client",
+                "-targets",
+                &format!("10.244.1.2:{PORT}"),
+                "-duration",
+                "5s",
+                "-concurrency",
+                "2",
+                "-pause",
+                "5ms",
+                "-call-timeout",
+                "1s",
+            ],
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let killed_at = Instant::now();
+    agent.signal(libc::SIGKILL);
+    // The first connect from the app cgroup that reaches the pod itself.
+    let probe = t.dir.join("probe.py");
+    std::fs::write(
+        &probe,
+        "import socket,sys,time\nt0=time.monotonic()\nwhile True:\n    try:\n        s=socket.create_connection(('10.244.1.2',50051),timeout=1)\n        print(s.getpeername()[0], round((time.monotonic()-t0)*1000,1)); break\n    except OSError:\n        time.sleep(0.005)\n",
+    )
+    .unwrap();
+    let direct = t
+        .command(&t.node, "app", python, &[probe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let direct_after = killed_at.elapsed();
+    let lines = client.wait_done(Duration::from_secs(30));
+    let made = calls(&lines);
+    let failed: Vec<_> = made.iter().filter(|(_, code, _)| code != "OK").collect();
+    let last_failure = failed.iter().map(|(at, _, _)| *at).max();
+    let recovered_after = last_failure.map(|t| t.saturating_duration_since(killed_at));
+    println!(
+        "agent kill -9: first direct connection {:?} after ({}), client: {} calls, {} failed, last failure {:?} after the kill, connections {:?}",
+        direct_after,
+        String::from_utf8_lossy(&direct.stdout).trim(),
+        made.len(),
+        failed.len(),
+        recovered_after,
+        remotes(&lines)
+    );
+    assert!(
+        direct_after < Duration::from_secs(1),
+        "fail-open took {direct_after:?}"
+    );
+    assert!(
+        made.iter()
+            .any(|(at, code, _)| *at > killed_at + Duration::from_secs(2) && code == "OK"),
+        "the client's calls did not go on after the agent died"
+    );
+    assert!(
+        recovered_after.is_none_or(|d| d < Duration::from_secs(2)),
+        "calls failed until {recovered_after:?} after the kill"
+    );
+    drop(agent);
+
+    // And a restarted agent intercepts again.
+    let mut agent = start_agent(&t, &config);
+    let mut client = Lines::spawn(
+        "grpc-go client (agent restarted)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &[
+                "client",
+                "-addr",
+                &format!("10.244.1.2:{PORT}"),
+                "-calls",
+                "5",
+            ],
+        ),
+    );
+    let lines = client.wait_done(Duration::from_secs(30));
+    assert_eq!(lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(), 5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        outcomes_to(&mut agent, &format!("10.244.1.2:{PORT}")).len(),
+        5
+    );
+    let _ = t.id;
+}
