@@ -725,5 +725,66 @@ listen = "127.0.0.1:0"
         outcomes_to(&mut agent, &format!("10.244.1.2:{PORT}")).len(),
         5
     );
+
+    // 7. Kernel signals on a passthrough endpoint: pod 1 resets the proxy's connection (as
+    //    `ss -K` aborts its sockets), and the TCP reset trips that pod's breaker with evidence.
+    let mut client = Lines::spawn(
+        "grpc-go client (pod resets)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &[
+                "client",
+                "-targets",
+                &format!("10.244.1.2:{PORT}"),
+                "-duration",
+                "3s",
+                "-concurrency",
+                "2",
+                "-pause",
+                "5ms",
+                "-call-timeout",
+                "1s",
+            ],
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &t.pods[0],
+            "ss",
+            "-K",
+            "-t",
+            "state",
+            "established",
+            "sport",
+            "=",
+            ":50051",
+        ],
+    );
+    let trip = agent.wait_line(Duration::from_secs(10), |v| {
+        v["kind"] == "breaker"
+            && v["breaker"]["to"] == "open"
+            && v["breaker"]["name"] == format!("endpoint passthrough/10.244.1.2:{PORT}")
+    });
+    println!("pod reset: trip {trip}");
+    assert_eq!(trip["breaker"]["reason"], "tcp_reset", "{trip}");
+    let evidence = trip["evidence"].as_array().unwrap();
+    assert!(
+        evidence.iter().any(|e| e["kind"] == "tcp_reset"),
+        "the trip carries the kernel's evidence: {trip}"
+    );
+    if let Some(stream) = trip.get("stream") {
+        assert_eq!(
+            stream["original_destination"],
+            format!("10.244.1.2:{PORT}"),
+            "{trip}"
+        );
+    }
+    let _ = client.wait_done(Duration::from_secs(30));
     let _ = t.id;
 }
