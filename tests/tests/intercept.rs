@@ -103,8 +103,20 @@ impl Topology {
                 &["-n", &t.node, "addr", "add", &node_ip, "dev", &node_if],
             );
             sh("ip", &["-n", &t.node, "link", "set", &node_if, "up"]);
+            let node_ip6 = format!("fd00:244:{k}::1/64");
+            sh(
+                "ip",
+                &[
+                    "-n", &t.node, "addr", "add", &node_ip6, "dev", &node_if, "nodad",
+                ],
+            );
             let pod_ip = format!("10.244.{k}.2/24");
             sh("ip", &["-n", pod, "addr", "add", &pod_ip, "dev", &pod_if]);
+            let pod_ip6 = format!("fd00:244:{k}::2/64");
+            sh(
+                "ip",
+                &["-n", pod, "addr", "add", &pod_ip6, "dev", &pod_if, "nodad"],
+            );
             if k == 1 {
                 for extra in ["10.244.1.3/24", "10.244.1.4/24"] {
                     sh("ip", &["-n", pod, "addr", "add", extra, "dev", &pod_if]);
@@ -318,6 +330,11 @@ fn interception_end_to_end() {
         assert_eq!(listening.to_string(), addr);
         pods.push(peer);
     }
+    // Pod 1 over IPv6 too.
+    let addr6 = format!("[fd00:244:1::2]:{PORT}");
+    let (_pod1_v6, listening) =
+        grpc_server_from(t.command(&t.pods[0], "pod1", &grpcpeer, &["server", "-addr", &addr6]));
+    assert_eq!(listening.to_string(), addr6);
     let cert = t.dir.join("cert.pem");
     let key = t.dir.join("key.pem");
     sh(
@@ -376,6 +393,7 @@ fn interception_end_to_end() {
             r#"
 [intercept]
 listen = "127.0.0.1:15001"
+listen6 = "[::1]:15001"
 cgroups = [{app:?}]
 detect_timeout = "200ms"
 
@@ -384,7 +402,17 @@ cidr = "10.244.0.0/16"
 ports = [{PORT}]
 
 [[intercept.destination]]
-cidr = "{VIP}"
+cidr = "10.96.0.0/16"
+ports = [{PORT}]
+
+# A cluster claiming a second Service address: its calls go to the cluster's endpoints.
+[[cluster]]
+name = "echo"
+endpoints = ["10.244.1.2:{PORT}", "10.244.2.2:{PORT}"]
+claims = [{{ cidr = "10.96.0.11", ports = [{PORT}] }}]
+
+[[intercept.destination]]
+cidr = "fd00:244::/32"
 ports = [{PORT}]
 
 [breakers.endpoint]
@@ -459,6 +487,56 @@ listen = "127.0.0.1:0"
     assert_eq!(kernel_counter(&s, "redirected"), 2, "{s}");
     println!("pods by address: 200 calls proxied, stats {s}");
 
+    // 1b. IPv6: connect6 to the IPv6 listener, getpeername6 as dialed.
+    let mut client = Lines::spawn(
+        "grpc-go client (IPv6)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &["client", "-addr", &addr6, "-calls", "20"],
+        ),
+    );
+    let lines = client.wait_done(Duration::from_secs(30));
+    assert_eq!(remotes(&lines), [addr6.clone()], "{lines:?}");
+    assert_eq!(
+        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
+        20,
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(outcomes_to(&mut agent, &addr6).len(), 20);
+
+    // 1c. A dual-stack socket dialing an IPv4 address (v4-mapped): steered to the IPv4
+    //     listener, getpeername6 gives the mapped address back, and the bytes (HTTP/1.1 here)
+    //     reach the destination.
+    let mapped = t.dir.join("mapped.py");
+    std::fs::write(
+        &mapped,
+        "import socket,json\ns=socket.socket(socket.AF_INET6)\ns.connect(('::ffff:10.244.1.3',50051))\nbody=b'x'*1000\ns.sendall(b'POST /echo HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 1000\\r\\nConnection: close\\r\\n\\r\\n'+body)\nr=b''\nwhile True:\n    d=s.recv(65536)\n    if not d: break\n    r+=d\nprint(json.dumps({'peername': s.getpeername()[0], 'echoed': r.endswith(body), 'status': r.split(b' ')[1].decode()}))\n",
+    )
+    .unwrap();
+    let before = intercept_stats(&mut agent);
+    let out = t
+        .command(
+            &t.node,
+            "app",
+            Path::new("/usr/bin/python3"),
+            &[mapped.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+    let said: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("mapped client: {e}: {out:?}"));
+    assert_eq!(said["peername"], "::ffff:10.244.1.3", "{said}");
+    assert_eq!(said["echoed"], true, "{said}");
+    let after = intercept_stats(&mut agent);
+    assert_eq!(
+        after["spliced_not_http2"].as_u64().unwrap(),
+        before["spliced_not_http2"].as_u64().unwrap() + 1,
+        "{after}"
+    );
+
     // 2. The Service address: proxied, getpeername shows the Service address.
     let mut client = Lines::spawn(
         "grpc-go client (service)",
@@ -478,6 +556,52 @@ listen = "127.0.0.1:0"
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(outcomes_to(&mut agent, &format!("{VIP}:{PORT}")).len(), 50);
+
+    // 2b. A claimed address: the claiming cluster serves it, balanced over its endpoints.
+    let mut client = Lines::spawn(
+        "grpc-go client (claimed)",
+        &mut t.command(
+            &t.node,
+            "app",
+            &grpcpeer,
+            &[
+                "client",
+                "-addr",
+                &format!("10.96.0.11:{PORT}"),
+                "-calls",
+                "40",
+                "-concurrency",
+                "4",
+            ],
+        ),
+    );
+    let lines = client.wait_done(Duration::from_secs(30));
+    assert_eq!(remotes(&lines), [format!("10.96.0.11:{PORT}")]);
+    assert_eq!(
+        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
+        40,
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let claimed = outcomes_to(&mut agent, &format!("10.96.0.11:{PORT}"));
+    assert_eq!(claimed.len(), 40);
+    assert!(
+        claimed.iter().all(|o| o["cluster"] == "echo"),
+        "{claimed:?}"
+    );
+    let mut endpoints: Vec<&str> = claimed
+        .iter()
+        .filter_map(|o| o["endpoint"].as_str())
+        .collect();
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    assert_eq!(
+        endpoints.len(),
+        2,
+        "balanced over the cluster's endpoints: {endpoints:?}"
+    );
+    let s = intercept_stats(&mut agent);
+    assert!(s["proxied_claimed"].as_u64().unwrap() >= 1, "{s}");
 
     // 3. Another cgroup: not intercepted, the calls go straight to the pod.
     let before = intercept_stats(&mut agent);
@@ -543,7 +667,7 @@ listen = "127.0.0.1:0"
         payload,
         "HTTP/1.1 body changed on the way"
     );
-    let got = http_server.wait_line(Duration::from_secs(5), |v| v.get("received").is_some());
+    let got = http_server.wait_line(Duration::from_secs(5), |v| v["received"] == 1_048_576);
     assert_eq!(got["received"], payload.len());
     assert_eq!(got["protocol"], "HTTP/1.1");
     let tls = t
@@ -565,7 +689,7 @@ listen = "127.0.0.1:0"
         "TLS bytes changed on the way"
     );
     let s = intercept_stats(&mut agent);
-    assert_eq!(s["spliced_not_http2"], 2, "{s}");
+    assert_eq!(s["spliced_not_http2"], 3, "{s}");
     assert!(
         s["spliced_bytes_to_destination"].as_u64().unwrap() >= 2 * 1_048_576,
         "{s}"
