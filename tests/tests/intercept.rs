@@ -498,7 +498,7 @@ listen = "127.0.0.1:0"
         ),
     );
     let lines = client.wait_done(Duration::from_secs(30));
-    assert_eq!(remotes(&lines), [addr6.clone()], "{lines:?}");
+    assert_eq!(remotes(&lines), std::slice::from_ref(&addr6), "{lines:?}");
     assert_eq!(
         lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
         20,
