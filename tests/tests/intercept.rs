@@ -263,15 +263,24 @@ fn remotes(lines: &[(Instant, String)]) -> Vec<String> {
         .collect()
 }
 
+/// The agent, in the node's namespace and inside the intercepted cgroup itself (as a
+/// DaemonSet's agent is under the host's cgroup root): its own connects must be left alone.
 fn start_agent(t: &Topology, config: &Path) -> JsonChild {
     let mut agent = JsonChild::spawn(
         "agent run",
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", t.node))
-            .arg(agent_bin())
-            .args(["run", "--config", config.to_str().unwrap()])
-            .args(["--print-outcomes", "--print-breakers"])
-            .env("AGENT_LOG", "info"),
+        t.command(
+            &t.node,
+            "app",
+            &agent_bin(),
+            &[
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--print-outcomes",
+                "--print-breakers",
+            ],
+        )
+        .env("AGENT_LOG", "info"),
     );
     let ready = agent.wait_line(Duration::from_secs(30), |v| v["kind"] == "ready");
     assert_eq!(
@@ -485,6 +494,8 @@ listen = "127.0.0.1:0"
     let s = intercept_stats(&mut agent);
     assert_eq!(s["proxied_passthrough"], 2, "{s}");
     assert_eq!(kernel_counter(&s, "redirected"), 2, "{s}");
+    // The agent's upstream connections to the pods, from the intercepted cgroup, marked.
+    assert!(kernel_counter(&s, "own_skipped") >= 2, "{s}");
     println!("pods by address: 200 calls proxied, stats {s}");
 
     // 1b. IPv6: connect6 to the IPv6 listener, getpeername6 as dialed.
