@@ -20,8 +20,15 @@ pub struct InterceptConfig {
     /// connections): never redirected, so the agent cannot loop into itself.
     pub own_mark: u32,
     /// The agent's network namespace (`SO_NETNS_COOKIE`): the listener is on its loopback, so a
-    /// socket of another namespace is left alone (redirected there it would reach nothing).
+    /// socket of another namespace (a pod's) goes to the node listener below instead, or is
+    /// left alone when there is none (redirected to loopback it would reach nothing).
     pub netns_cookie: u64,
+    /// The node listener: an address of the agent's namespace that other namespaces reach
+    /// (the pods' gateway on their veth, say); port 0: none.
+    pub node4_addr: u32,
+    pub node4_port: u32,
+    pub node6_addr: [u32; 4],
+    pub node6_port: u32,
 }
 
 impl InterceptConfig {
@@ -34,6 +41,10 @@ impl InterceptConfig {
         listen6_port: 0,
         own_mark: 0,
         netns_cookie: 0,
+        node4_addr: 0,
+        node4_port: 0,
+        node6_addr: [0; 4],
+        node6_port: 0,
     };
 }
 
@@ -78,7 +89,8 @@ pub enum InterceptCounter {
     Redirected = 0,
     /// Connects of the agent's own sockets (marked) to a selected destination, left alone.
     OwnSkipped = 1,
-    /// Connects to a selected destination from another network namespace, left alone.
+    /// Connects to a selected destination from another network namespace with no node
+    /// listener for it, left alone.
     OtherNetnsSkipped = 2,
     /// IPv6 connects to a selected destination with no IPv6 listener, left alone.
     NoListenerSkipped = 3,
@@ -90,10 +102,12 @@ pub enum InterceptCounter {
     PeerPublished = 6,
     /// ... and could not be (map full): the agent will splice it nowhere and count it.
     PeerPublishFailed = 7,
+    /// Of `Redirected`: from another network namespace, to the node listener.
+    RedirectedToNode = 8,
 }
 
 impl InterceptCounter {
-    pub const ALL: [InterceptCounter; 8] = [
+    pub const ALL: [InterceptCounter; 9] = [
         InterceptCounter::Redirected,
         InterceptCounter::OwnSkipped,
         InterceptCounter::OtherNetnsSkipped,
@@ -102,6 +116,7 @@ impl InterceptCounter {
         InterceptCounter::PeerNameRestored,
         InterceptCounter::PeerPublished,
         InterceptCounter::PeerPublishFailed,
+        InterceptCounter::RedirectedToNode,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -114,6 +129,7 @@ impl InterceptCounter {
             InterceptCounter::PeerNameRestored => "peer_name_restored",
             InterceptCounter::PeerPublished => "peer_published",
             InterceptCounter::PeerPublishFailed => "peer_publish_failed",
+            InterceptCounter::RedirectedToNode => "redirected_to_node",
         }
     }
 }

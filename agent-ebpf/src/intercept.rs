@@ -105,9 +105,23 @@ fn selected(addr: &[u8; 16], port_be: u16) -> Option<u32> {
     DESTINATIONS.get(Key::new(bits, data)).copied()
 }
 
-/// Whether this connect is one to steer, and the rule that selected it.
+/// Which of the agent's listeners a steered connect goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The agent's own namespace: its loopback listener.
+    Loopback,
+    /// Another namespace (a pod's): the node listener, if there is one.
+    Node,
+}
+
+/// Whether this connect is one to steer, the rule that selected it, and where it goes.
 #[inline(always)]
-fn select(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: &[u8; 16], port_be: u16) -> Option<u32> {
+fn select(
+    ctx: &SockAddrContext,
+    sa: &bpf_sock_addr,
+    addr: &[u8; 16],
+    port_be: u16,
+) -> Option<(u32, Via)> {
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return None;
     }
@@ -120,11 +134,8 @@ fn select(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: &[u8; 16], port_be: u
         return None;
     }
     // SAFETY: helper on the program's own context.
-    if unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != cfg.netns_cookie {
-        bump(InterceptCounter::OtherNetnsSkipped);
-        return None;
-    }
-    Some(rule)
+    let own_netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == cfg.netns_cookie;
+    Some((rule, if own_netns { Via::Loopback } else { Via::Node }))
 }
 
 /// Keeps what was dialed under the socket's cookie; false when it could not be kept (the
@@ -146,10 +157,18 @@ pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let addr = mapped_v4(sa.user_ip4);
     let port_be = sa.user_port as u16;
-    let Some(rule) = select(&ctx, sa, &addr, port_be) else {
+    let Some((rule, via)) = select(&ctx, sa, &addr, port_be) else {
         return 1;
     };
     let cfg = config();
+    let (to_addr, to_port) = match via {
+        Via::Loopback => (cfg.listen4_addr, cfg.listen4_port),
+        Via::Node => (cfg.node4_addr, cfg.node4_port),
+    };
+    if to_port == 0 {
+        bump(InterceptCounter::OtherNetnsSkipped);
+        return 1;
+    }
     let orig = OriginalDestination {
         addr,
         port: port_be,
@@ -157,11 +176,19 @@ pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
         rule,
     };
     if remember(&ctx, &orig) {
-        sa.user_ip4 = cfg.listen4_addr;
-        sa.user_port = cfg.listen4_port;
-        bump(InterceptCounter::Redirected);
+        sa.user_ip4 = to_addr;
+        sa.user_port = to_port;
+        redirected(via);
     }
     1
+}
+
+#[inline(always)]
+fn redirected(via: Via) {
+    bump(InterceptCounter::Redirected);
+    if via == Via::Node {
+        bump(InterceptCounter::RedirectedToNode);
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -176,14 +203,31 @@ pub fn intercept_connect6(ctx: SockAddrContext) -> i32 {
     ];
     let addr = v6_bytes(words);
     let port_be = sa.user_port as u16;
-    let Some(rule) = select(&ctx, sa, &addr, port_be) else {
+    let Some((rule, via)) = select(&ctx, sa, &addr, port_be) else {
         return 1;
     };
     let cfg = config();
+    let (to4, to4_port, to6, to6_port) = match via {
+        Via::Loopback => (
+            cfg.listen4_addr,
+            cfg.listen4_port,
+            cfg.listen6_addr,
+            cfg.listen6_port,
+        ),
+        Via::Node => (
+            cfg.node4_addr,
+            cfg.node4_port,
+            cfg.node6_addr,
+            cfg.node6_port,
+        ),
+    };
     // A dual-stack socket dialing an IPv4 address goes to the IPv4 listener, mapped.
     let mapped = is_v4_mapped(&addr);
-    if !mapped && cfg.listen6_port == 0 {
-        bump(InterceptCounter::NoListenerSkipped);
+    if (mapped && to4_port == 0) || (!mapped && to6_port == 0) {
+        bump(match via {
+            Via::Loopback => InterceptCounter::NoListenerSkipped,
+            Via::Node => InterceptCounter::OtherNetnsSkipped,
+        });
         return 1;
     }
     let orig = OriginalDestination {
@@ -199,16 +243,16 @@ pub fn intercept_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
         sa.user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-        sa.user_ip6[3] = cfg.listen4_addr;
-        sa.user_port = cfg.listen4_port;
+        sa.user_ip6[3] = to4;
+        sa.user_port = to4_port;
     } else {
-        sa.user_ip6[0] = cfg.listen6_addr[0];
-        sa.user_ip6[1] = cfg.listen6_addr[1];
-        sa.user_ip6[2] = cfg.listen6_addr[2];
-        sa.user_ip6[3] = cfg.listen6_addr[3];
-        sa.user_port = cfg.listen6_port;
+        sa.user_ip6[0] = to6[0];
+        sa.user_ip6[1] = to6[1];
+        sa.user_ip6[2] = to6[2];
+        sa.user_ip6[3] = to6[3];
+        sa.user_port = to6_port;
     }
-    bump(InterceptCounter::Redirected);
+    redirected(via);
     1
 }
 

@@ -70,8 +70,8 @@ impl Topology {
         let t = Topology {
             id,
             node: format!("icnode{id}"),
-            pods: (1..=2).map(|k| format!("icpod{k}-{id}")).collect(),
-            cgroups: ["app", "other", "pod1", "pod2"]
+            pods: (1..=3).map(|k| format!("icpod{k}-{id}")).collect(),
+            cgroups: ["app", "other", "pod1", "pod2", "pod3"]
                 .iter()
                 .map(|n| root.join(format!("e2e-intercept-{n}-{id}")))
                 .collect(),
@@ -126,6 +126,18 @@ impl Topology {
             let gw = format!("10.244.{k}.1");
             sh("ip", &["-n", pod, "route", "add", "default", "via", &gw]);
         }
+        // Pod to pod goes through the node, as with a CNI's routes.
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &t.node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
         // The Service address needs a route for the first lookup; DNAT then picks a pod.
         sh(
             "ip",
@@ -162,7 +174,7 @@ impl Topology {
     }
 
     fn cgroup(&self, name: &str) -> &Path {
-        let i = ["app", "other", "pod1", "pod2"]
+        let i = ["app", "other", "pod1", "pod2", "pod3"]
             .iter()
             .position(|n| *n == name)
             .unwrap();
@@ -308,9 +320,9 @@ fn kernel_counter(stats: &Value, name: &str) -> u64 {
         .unwrap()
 }
 
-fn outcomes_to(agent: &mut JsonChild, destination: &str) -> Vec<Value> {
-    agent
-        .drain()
+/// The agent's outcomes of calls to `destination`, among the lines from the `since`th on.
+fn outcomes_to(agent: &mut JsonChild, since: usize, destination: &str) -> Vec<Value> {
+    agent.drain()[since..]
         .iter()
         .filter(|v| v["kind"] == "stream" && v["original_destination"] == destination)
         .cloned()
@@ -325,9 +337,9 @@ fn interception_end_to_end() {
     let grpcpeer = go_peer("grpcpeer", false);
     let splice_peer = workspace_root().join("tests/peers/splice/server.py");
 
-    // The pods' servers, each in its pod's namespace and cgroup.
+    // The pods' servers, each in its pod's namespace and cgroup (pod 3 is a client's).
     let mut pods: Vec<Peer> = Vec::new();
-    for (k, pod) in t.pods.iter().enumerate() {
+    for (k, pod) in t.pods.iter().take(2).enumerate() {
         let addr = format!("10.244.{}.2:{PORT}", k + 1);
         let cmd = t.command(
             pod,
@@ -403,7 +415,8 @@ fn interception_end_to_end() {
 [intercept]
 listen = "127.0.0.1:15001"
 listen6 = "[::1]:15001"
-cgroups = [{app:?}]
+cgroups = [{app:?}, {client_pod:?}]
+node_listen = "10.244.3.1:15001"
 detect_timeout = "200ms"
 
 [[intercept.destination]]
@@ -435,6 +448,7 @@ journal = {journal:?}
 listen = "127.0.0.1:0"
 "#,
             app = t.cgroup("app"),
+            client_pod = t.cgroup("pod3"),
         ),
     )
     .unwrap();
@@ -473,7 +487,7 @@ listen = "127.0.0.1:0"
         "getpeername must show the pods dialed, not the intercept listener"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let to_pod1 = outcomes_to(&mut agent, &format!("10.244.1.2:{PORT}"));
+    let to_pod1 = outcomes_to(&mut agent, 0, &format!("10.244.1.2:{PORT}"));
     let to_pod2: Vec<Value> = agent
         .seen
         .iter()
@@ -516,7 +530,7 @@ listen = "127.0.0.1:0"
         "{lines:?}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(outcomes_to(&mut agent, &addr6).len(), 20);
+    assert_eq!(outcomes_to(&mut agent, 0, &addr6).len(), 20);
 
     // 1c. A dual-stack socket dialing an IPv4 address (v4-mapped): steered to the IPv4
     //     listener, getpeername6 gives the mapped address back, and the bytes (HTTP/1.1 here)
@@ -566,7 +580,10 @@ listen = "127.0.0.1:0"
         "{lines:?}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(outcomes_to(&mut agent, &format!("{VIP}:{PORT}")).len(), 50);
+    assert_eq!(
+        outcomes_to(&mut agent, 0, &format!("{VIP}:{PORT}")).len(),
+        50
+    );
 
     // 2b. A claimed address: the claiming cluster serves it, balanced over its endpoints.
     let mut client = Lines::spawn(
@@ -594,7 +611,7 @@ listen = "127.0.0.1:0"
         "{lines:?}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let claimed = outcomes_to(&mut agent, &format!("10.96.0.11:{PORT}"));
+    let claimed = outcomes_to(&mut agent, 0, &format!("10.96.0.11:{PORT}"));
     assert_eq!(claimed.len(), 40);
     assert!(
         claimed.iter().all(|o| o["cluster"] == "echo"),
@@ -613,6 +630,48 @@ listen = "127.0.0.1:0"
     );
     let s = intercept_stats(&mut agent);
     assert!(s["proxied_claimed"].as_u64().unwrap() >= 1, "{s}");
+
+    // 2c. A client in a pod of its own (its namespace, its cgroup): steered to the node
+    //     listener, as a DaemonSet's agent serves the pods of its node.
+    let before = intercept_stats(&mut agent);
+    let seen_before = agent.drain().len();
+    let mut client = Lines::spawn(
+        "grpc-go client (in a pod)",
+        &mut t.command(
+            &t.pods[2],
+            "pod3",
+            &grpcpeer,
+            &[
+                "client",
+                "-addr",
+                &format!("10.244.2.2:{PORT}"),
+                "-calls",
+                "30",
+            ],
+        ),
+    );
+    let lines = client.wait_done(Duration::from_secs(30));
+    assert_eq!(remotes(&lines), [format!("10.244.2.2:{PORT}")], "{lines:?}");
+    assert_eq!(
+        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
+        30,
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let from_pod = outcomes_to(&mut agent, seen_before, &format!("10.244.2.2:{PORT}"));
+    assert_eq!(from_pod.len(), 30);
+    assert!(
+        from_pod
+            .iter()
+            .all(|o| o["client"].as_str().unwrap().starts_with("10.244.3.2:")),
+        "{from_pod:?}"
+    );
+    let after = intercept_stats(&mut agent);
+    assert_eq!(
+        kernel_counter(&after, "redirected_to_node"),
+        kernel_counter(&before, "redirected_to_node") + 1,
+        "{after}"
+    );
 
     // 3. Another cgroup: not intercepted, the calls go straight to the pod.
     let before = intercept_stats(&mut agent);
@@ -857,7 +916,7 @@ listen = "127.0.0.1:0"
     assert_eq!(lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(), 5);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        outcomes_to(&mut agent, &format!("10.244.1.2:{PORT}")).len(),
+        outcomes_to(&mut agent, 0, &format!("10.244.1.2:{PORT}")).len(),
         5
     );
 

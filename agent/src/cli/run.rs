@@ -125,12 +125,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // is tracked and correlated from its first byte.
     let intercept_line = match &config.intercept {
         Some(i) => {
-            let settings = crate::config::intercept::InterceptSettings {
-                listen: proxy.intercept_addrs().first().copied().unwrap_or(i.listen),
-                listen6: proxy.intercept_addrs().get(1).copied(),
-                ..i.kernel_settings()
-            };
-            let loaded = crate::probes::intercept::InterceptKernel::load(&settings)
+            let loaded = crate::probes::intercept::InterceptKernel::load(&i.kernel_settings())
                 .context("interception ([intercept]) cannot start")?;
             proxy.set_interception(Arc::new(loaded));
             json!({

@@ -32,6 +32,11 @@ pub struct InterceptConfig {
     pub listen: SocketAddr,
     /// IPv6 connects are redirected only with an IPv6 listener.
     pub listen6: Option<SocketAddr>,
+    /// Where connects from other network namespaces (pods) are steered: an address of the
+    /// agent's namespace that they reach, such as the pods' gateway. None: such connects are
+    /// left alone.
+    pub node_listen: Option<SocketAddr>,
+    pub node_listen6: Option<SocketAddr>,
     /// cgroup v2 directories whose processes (and their descendants') are intercepted; the
     /// v2 root when the file names none.
     pub cgroups: Vec<PathBuf>,
@@ -53,6 +58,18 @@ pub enum InterceptError {
     Listen,
     #[error("intercept.listen6 must be an IPv6 address and port, e.g. [::1]:15001")]
     Listen6,
+    #[error(
+        "intercept.node_listen must be an IPv4 address and port of this namespace that pods reach, e.g. 10.244.0.1:15001"
+    )]
+    NodeListen,
+    #[error(
+        "intercept.node_listen6 must be an IPv6 address and port of this namespace that pods reach"
+    )]
+    NodeListen6,
+    #[error(
+        "the intercept listeners need fixed ports (the kernel programs are loaded with them), not 0"
+    )]
+    ListenPortZero,
     #[error("[intercept] has no [[intercept.destination]]: nothing would be intercepted")]
     NoDestinations,
     #[error("{0:?} is not an address or CIDR (10.96.0.0/12, fd00::/108, 10.0.0.7)")]
@@ -87,6 +104,8 @@ pub(super) struct RawIntercept {
     #[serde(default = "default_listen")]
     listen: Spanned<String>,
     listen6: Option<Spanned<String>>,
+    node_listen: Option<Spanned<String>>,
+    node_listen6: Option<Spanned<String>>,
     /// Empty: the cgroup v2 root (every process of the node).
     #[serde(default)]
     cgroups: Vec<Spanned<PathBuf>>,
@@ -166,6 +185,8 @@ impl InterceptConfig {
         InterceptSettings {
             listen: self.listen,
             listen6: self.listen6,
+            node_listen: self.node_listen,
+            node_listen6: self.node_listen6,
             cgroups: &self.cgroups,
             destinations: &self.destinations,
             own_mark: self.own_mark,
@@ -183,15 +204,32 @@ impl RawIntercept {
                 fallback
             }
         };
+        let mut address = |l: Spanned<String>, v6: bool, error: InterceptError| match l
+            .get_ref()
+            .parse::<SocketAddr>(
+        ) {
+            Ok(a) if a.is_ipv6() == v6 && a.port() != 0 => a,
+            Ok(a) if a.is_ipv6() == v6 => {
+                p.at(l.span(), InterceptError::ListenPortZero);
+                a
+            }
+            _ => {
+                p.at(l.span(), error);
+                fallback
+            }
+        };
         let listen6 = self
             .listen6
-            .map(|l| match l.get_ref().parse::<SocketAddr>() {
-                Ok(a) if a.is_ipv6() => a,
-                _ => {
-                    p.at(l.span(), InterceptError::Listen6);
-                    fallback
-                }
-            });
+            .map(|l| address(l, true, InterceptError::Listen6));
+        let node_listen = self
+            .node_listen
+            .map(|l| address(l, false, InterceptError::NodeListen));
+        let node_listen6 = self
+            .node_listen6
+            .map(|l| address(l, true, InterceptError::NodeListen6));
+        if listen.port() == 0 {
+            p.at(self.listen.span(), InterceptError::ListenPortZero);
+        }
         let mut cgroups = self.cgroups;
         if cgroups.is_empty() {
             let root = std::fs::read_to_string("/proc/self/mountinfo")
@@ -226,6 +264,8 @@ impl RawIntercept {
         InterceptConfig {
             listen,
             listen6,
+            node_listen,
+            node_listen6,
             cgroups: cgroups.into_iter().map(Spanned::into_inner).collect(),
             destinations,
             own_mark: self.own_mark.into_inner(),

@@ -106,6 +106,9 @@ pub struct InterceptSettings<'a> {
     /// The intercept listener's addresses, already bound.
     pub listen: SocketAddr,
     pub listen6: Option<SocketAddr>,
+    /// For connects from other network namespaces (see `[intercept] node_listen`).
+    pub node_listen: Option<SocketAddr>,
+    pub node_listen6: Option<SocketAddr>,
     pub cgroups: &'a [PathBuf],
     pub destinations: &'a [Destinations],
     pub own_mark: u32,
@@ -277,14 +280,14 @@ fn own_netns_cookie() -> Result<u64, InterceptLoadError> {
 
 /// The programs' settings: addresses and ports as the kernel has them (network byte order).
 fn kernel_config(config: &InterceptSettings<'_>, netns_cookie: u64) -> KernelConfig {
-    let (listen4_addr, listen4_port) = match config.listen {
-        SocketAddr::V4(a) => (
+    let v4 = |a: Option<SocketAddr>| match a {
+        Some(SocketAddr::V4(a)) => (
             u32::from_ne_bytes(a.ip().octets()),
             u32::from(a.port().to_be()),
         ),
-        SocketAddr::V6(_) => (0, 0),
+        _ => (0, 0),
     };
-    let (listen6_addr, listen6_port) = match config.listen6 {
+    let v6 = |a: Option<SocketAddr>| match a {
         Some(SocketAddr::V6(a)) => {
             let o = a.ip().octets();
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
@@ -295,6 +298,10 @@ fn kernel_config(config: &InterceptSettings<'_>, netns_cookie: u64) -> KernelCon
         }
         _ => ([0; 4], 0),
     };
+    let (listen4_addr, listen4_port) = v4(Some(config.listen));
+    let (listen6_addr, listen6_port) = v6(config.listen6);
+    let (node4_addr, node4_port) = v4(config.node_listen);
+    let (node6_addr, node6_port) = v6(config.node_listen6);
     KernelConfig {
         listen4_addr,
         listen4_port,
@@ -302,6 +309,10 @@ fn kernel_config(config: &InterceptSettings<'_>, netns_cookie: u64) -> KernelCon
         listen6_port,
         own_mark: config.own_mark,
         netns_cookie,
+        node4_addr,
+        node4_port,
+        node6_addr,
+        node6_port,
     }
 }
 

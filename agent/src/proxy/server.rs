@@ -192,7 +192,8 @@ impl Proxy {
         };
         let mut intercept_listeners = Vec::new();
         if let Some(i) = &config.intercept {
-            for address in std::iter::once(i.listen).chain(i.listen6) {
+            let addresses = [Some(i.listen), i.listen6, i.node_listen, i.node_listen6];
+            for address in addresses.into_iter().flatten() {
                 let tcp = TcpListener::bind(address)
                     .await
                     .map_err(|source| ServerError::Bind {
@@ -286,7 +287,7 @@ impl Proxy {
         self.intercept_kernel = Some(kernel);
     }
 
-    /// The intercept listeners' addresses (port 0 resolved): IPv4, then IPv6.
+    /// The intercept listeners' addresses: loopback (IPv4, IPv6), then the node's.
     pub fn intercept_addrs(&self) -> Vec<SocketAddr> {
         self.intercept_listeners
             .iter()
