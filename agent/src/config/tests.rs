@@ -231,3 +231,93 @@ fn breaker_and_context_errors_keep_their_type() {
     assert_eq!(e[1].clone(), e[1]);
     assert_eq!(errors(&text)[1], e[1]);
 }
+
+const INTERCEPT: &str = r#"
+[intercept]
+listen = "127.0.0.1:15001"
+cgroups = ["/proc/self"]
+
+[[intercept.destination]]
+cidr = "10.96.0.0/12"
+ports = [50051, 443]
+
+[[intercept.destination]]
+cidr = "fd00::7"
+"#;
+
+#[test]
+fn intercept_alone_is_a_whole_config_with_a_passthrough_cluster() {
+    // /proc/self has no cgroup.procs: the one error expected, at its place.
+    let e = errors(INTERCEPT);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].message().contains("not a cgroup v2 directory"),
+        "{e:?}"
+    );
+    assert_eq!((e[0].line, e[0].column), (4, 12));
+    let root = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| crate::probes::h2_hooks::cgroup2_root(&m));
+    let Some(root) = root else { return };
+    let text = INTERCEPT.replace("/proc/self", root.to_str().unwrap());
+    let c = parse(&text).unwrap();
+    let i = c.intercept.as_ref().unwrap();
+    assert_eq!(i.destinations.len(), 2);
+    assert_eq!(i.destinations[0].ports, [443, 50051]);
+    assert_eq!(i.destinations[1].net.to_string(), "fd00::7/128");
+    assert_eq!(c.clusters.last().unwrap().name, "passthrough");
+    assert!(c.listeners.is_empty());
+}
+
+#[test]
+fn intercept_mistakes_are_placed() {
+    let text = r#"
+[intercept]
+listen = "127.0.0.1:0"
+listen6 = "127.0.0.1:15002"
+own_mark = 0
+
+[[intercept.destination]]
+cidr = "10.96.0.0/33"
+ports = [0]
+
+[[cluster]]
+name = "passthrough"
+endpoints = ["127.0.0.1:50051"]
+claims = [{ cidr = "10.96.0.10" }, { cidr = "10.96.0.10/32" }]
+"#;
+    let messages: Vec<String> = errors(text).iter().map(ToString::to_string).collect();
+    let has = |want: &str| messages.iter().any(|m| m.contains(want));
+    assert!(
+        has("line 3, column 10: the intercept listeners need fixed ports"),
+        "{messages:?}"
+    );
+    assert!(
+        has("line 4, column 11: intercept.listen6 must be an IPv6"),
+        "{messages:?}"
+    );
+    assert!(
+        has("line 5, column 12: intercept.own_mark must not be 0"),
+        "{messages:?}"
+    );
+    assert!(
+        has("line 8, column 8: \"10.96.0.0/33\" is not an address or CIDR"),
+        "{messages:?}"
+    );
+    assert!(has("port 0 in ports"), "{messages:?}");
+    assert!(has("cannot be named \"passthrough\""), "{messages:?}");
+    assert!(
+        has("10.96.0.10/32 (every port) claimed by two clusters"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn claims_need_interception() {
+    let text = format!("{MINIMAL}claims = [{{ cidr = \"10.0.0.0/8\", ports = [50051] }}]\n");
+    let messages: Vec<String> = errors(&text).iter().map(ToString::to_string).collect();
+    assert!(
+        messages[0].contains("claims need an [intercept] section"),
+        "{messages:?}"
+    );
+}
