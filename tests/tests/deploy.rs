@@ -143,10 +143,21 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
 
     let bin = go_peer("grpcpeer", false);
     let (server, up) = grpc_server("127.0.0.1", &["-gc-every", "200ms"]);
+    // Interception too, from a cgroup of this test's: its programs, SO_MARK and the listener.
+    let cgroup = test_support::cgroup::cgroup2_root()
+        .expect("a cgroup v2 hierarchy")
+        .join(format!("e2e-deploy-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let intercept_listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let config = config_file(
         &dir,
         &format!(
-            "[[cluster]]\nname = \"svc\"\nendpoints = [\"{up}\"]\n[breakers.endpoint]\nopen_for = \"60s\"\n[signals]\nstw_threshold = \"1us\"\n"
+            "[[cluster]]\nname = \"svc\"\nendpoints = [\"{up}\"]\n[breakers.endpoint]\nopen_for = \"60s\"\n[signals]\nstw_threshold = \"1us\"\n\
+             [intercept]\nlisten = \"{intercept_listen}\"\ncgroups = [{cgroup:?}]\n[[intercept.destination]]\ncidr = \"127.0.0.1\"\nports = [{}]\n",
+            up.port()
         ),
     );
     let mut agent = JsonChild::spawn(
@@ -157,11 +168,17 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
                 "--api-listen",
                 "127.0.0.1:0",
                 "--print-breakers",
+                "--print-outcomes",
                 "--config",
             ])
             .arg(&config),
     );
     let ready = agent.wait_line(Duration::from_secs(30), |l| l["kind"] == "ready");
+    assert_eq!(
+        ready["intercept"]["listen"][0],
+        intercept_listen.to_string(),
+        "{ready}"
+    );
     let probes = ready["probes"].as_array().unwrap();
     assert_eq!(probes.len(), 3, "{ready}");
     assert!(
@@ -189,6 +206,25 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
         String::from_utf8_lossy(&calls.stderr)
     );
     let mut proxy = proxy;
+    let intercepted = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&cgroup)
+        .arg(&bin)
+        .args(["client", "-addr", &up.to_string(), "-calls", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        intercepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&intercepted.stderr)
+    );
+    let seen = proxy.process.wait_line(Duration::from_secs(10), |l| {
+        l["kind"] == "stream" && l["original_destination"] == up.to_string()
+    });
+    assert_eq!(seen["listener"], "intercept", "{seen}");
+    let _ = std::fs::remove_dir(&cgroup);
     let trip = proxy.process.wait_line(Duration::from_secs(30), |l| {
         l["kind"] == "breaker" && l["breaker"]["reason"] == "go_stw"
     });
@@ -197,7 +233,7 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
     assert!(status.success(), "{stderr}");
     assert!(!stderr.contains("Permission denied"), "{stderr}");
     eprintln!(
-        "with only {caps}: every probe attached, calls proxied, a Go GC pause tripped its endpoint"
+        "with only {caps}: every probe attached, interception attached and a connect steered, calls proxied, a Go GC pause tripped its endpoint"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

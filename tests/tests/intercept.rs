@@ -39,21 +39,6 @@ use test_support::supervised::{Supervised, Supervision};
 const PORT: u16 = 50051;
 const VIP: &str = "10.96.0.10";
 
-/// The cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` in hybrid mode).
-fn cgroup2_root() -> PathBuf {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            if right.split_whitespace().next() != Some("cgroup2") {
-                return None;
-            }
-            left.split_whitespace().nth(4).map(PathBuf::from)
-        })
-        .expect("a cgroup v2 hierarchy (interception attaches to cgroup v2)")
-}
-
 /// The test's namespaces and cgroups; removed on drop.
 struct Topology {
     id: u32,
@@ -66,7 +51,8 @@ struct Topology {
 impl Topology {
     fn create() -> Topology {
         let id = std::process::id() % 100_000;
-        let root = cgroup2_root();
+        let root = test_support::cgroup::cgroup2_root()
+            .expect("a cgroup v2 hierarchy (interception attaches to cgroup v2)");
         let t = Topology {
             id,
             node: format!("icnode{id}"),

@@ -45,6 +45,11 @@ pub struct Options {
 pub const DEFAULT_PHASE_SECS: u64 = 12;
 
 const CLUSTER: &str = "echo";
+/// The Service address the steady load client dials: made as kube-proxy makes one (nftables
+/// DNAT to the upstreams, for whoever is not intercepted), claimed by the cluster, and reached
+/// through interception, not by pointing the client at the agent.
+const SERVICE_IP: &str = "127.77.0.10";
+const SERVICE_PORT: u16 = 50051;
 
 /// Forced collections of a small grpc-go server pause it 3 µs to 1 ms, median ~15 µs, ~7% of
 /// them at least 100 µs (measured with `agent trace --probes go-gc`): a 10 ms collection loop
@@ -153,7 +158,8 @@ fn demo(setup: &Setup, check_dashboards: bool) -> Result<()> {
     );
     let mut a = GoServer::start(setup, "upstream-a", "127.0.0.1:0")?;
     let mut b = GoServer::start(setup, "upstream-b", "127.0.0.1:0")?;
-    let mut agent = Agent::start(setup, &secret, a.addr, b.addr)?;
+    let service = Service::create(a.addr, b.addr)?;
+    let mut agent = Agent::start(setup, &secret, a.addr, b.addr, &service)?;
     eprintln!(
         "demo: agent pid {} proxy {} metrics http://{}/metrics api {}; upstream A {} (pid {}), B {} (pid {})",
         agent.proc.pid(),
@@ -170,10 +176,15 @@ fn demo(setup: &Setup, check_dashboards: bool) -> Result<()> {
     } else {
         None
     };
-    let mut load = LoadClient::start(
+    eprintln!(
+        "demo: the load client dials the Service address {SERVICE_IP}:{SERVICE_PORT} from cgroup {}; interception steers it through the agent",
+        service.cgroup.display()
+    );
+    let mut load = LoadClient::start_in(
         setup,
         "load",
-        agent.proxy,
+        SocketAddr::from(([127, 77, 0, 10], SERVICE_PORT)),
+        Some(&service.cgroup),
         &[
             "-concurrency",
             "4",
@@ -581,9 +592,15 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(setup: &Setup, secret: &Path, a: SocketAddr, b: SocketAddr) -> Result<Agent> {
+    fn start(
+        setup: &Setup,
+        secret: &Path,
+        a: SocketAddr,
+        b: SocketAddr,
+        service: &Service,
+    ) -> Result<Agent> {
         let config = setup.dir.join("agent.toml");
-        std::fs::write(&config, agent_config(secret, a, b)?)?;
+        std::fs::write(&config, agent_config(secret, a, b, service)?)?;
         let log = setup.dir.join("agent.log");
         let mut proc = procs::spawn(
             "agent",
@@ -649,8 +666,10 @@ impl Agent {
     }
 }
 
-fn agent_config(secret: &Path, a: SocketAddr, b: SocketAddr) -> Result<String> {
+fn agent_config(secret: &Path, a: SocketAddr, b: SocketAddr, service: &Service) -> Result<String> {
     let secret = path_str(secret)?;
+    let cgroup = path_str(&service.cgroup)?;
+    let intercept_listen = service.listen;
     Ok(format!(
         r#"# Written by `cargo xtask demo`.
 [[listener]]
@@ -664,6 +683,16 @@ cluster = "{CLUSTER}"
 name = "{CLUSTER}"
 endpoints = ["{a}", "{b}"]
 connect_timeout = "1s"
+# The Service address: intercepted calls to it are this cluster's, balanced over its endpoints.
+claims = [{{ cidr = "{SERVICE_IP}", ports = [{SERVICE_PORT}] }}]
+
+# Connects to the Service from the demo's cgroup go through the agent.
+[intercept]
+listen = "{intercept_listen}"
+cgroups = [{cgroup:?}]
+[[intercept.destination]]
+cidr = "{SERVICE_IP}"
+ports = [{SERVICE_PORT}]
 
 # Verified tokens: the client breaker is keyed by their subject, and an expired one makes
 # UNAUTHENTICATED the client's fault.
@@ -687,6 +716,66 @@ rapid_reset_rate = 100
     ))
 }
 
+/// The demo's Service address: an nftables table DNATing it to the upstreams (as kube-proxy
+/// does, for processes that are not intercepted), the cgroup whose connects are intercepted,
+/// and the intercept listener's address. The table and the cgroup go on drop.
+struct Service {
+    cgroup: PathBuf,
+    listen: SocketAddr,
+}
+
+const NFT_TABLE: &str = "agent_demo";
+
+impl Service {
+    fn create(a: SocketAddr, b: SocketAddr) -> Result<Service> {
+        let rules = format!(
+            "table ip {NFT_TABLE} {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n  ip daddr {SERVICE_IP} tcp dport {SERVICE_PORT} dnat ip to numgen inc mod 2 map {{ 0 : {} . {}, 1 : {} . {} }}\n }}\n}}\n",
+            a.ip(),
+            a.port(),
+            b.ip(),
+            b.port()
+        );
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", NFT_TABLE])
+            .stderr(Stdio::null())
+            .status();
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("nft (nftables, installed by setup)")?;
+        std::io::Write::write_all(
+            &mut nft.stdin.take().context("nft stdin")?,
+            rules.as_bytes(),
+        )?;
+        if !nft.wait()?.success() {
+            bail!("nft refused the demo's Service rules:\n{rules}");
+        }
+        let root = cgroup2_root()?;
+        let cgroup = root.join(format!("agent-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        Ok(Service { cgroup, listen })
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", NFT_TABLE])
+            .status();
+    }
+}
+
+fn cgroup2_root() -> Result<PathBuf> {
+    test_support::cgroup::cgroup2_root()
+        .context("no cgroup v2 hierarchy mounted (interception attaches to cgroup v2)")
+}
+
 /// A `grpcpeer client`; the status codes of its calls are counted by a thread.
 struct LoadClient {
     proc: Proc,
@@ -695,11 +784,27 @@ struct LoadClient {
 
 impl LoadClient {
     fn start(setup: &Setup, name: &str, proxy: SocketAddr, args: &[&str]) -> Result<LoadClient> {
+        LoadClient::start_in(setup, name, proxy, None, args)
+    }
+
+    /// A client dialing `to`, from `cgroup` when given (the intercepted one).
+    fn start_in(
+        setup: &Setup,
+        name: &str,
+        to: SocketAddr,
+        cgroup: Option<&Path>,
+        args: &[&str],
+    ) -> Result<LoadClient> {
         let log = setup.dir.join(format!("client-{name}.log"));
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"[ -n "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec "$@""#)
+            .arg("sh")
+            .arg(cgroup.map(Path::as_os_str).unwrap_or_default())
+            .arg(&setup.grpcpeer);
         let mut proc = procs::spawn(
             name,
-            Command::new(&setup.grpcpeer)
-                .args(["client", "-addr", &proxy.to_string(), "-method", "unary"])
+            cmd.args(["client", "-addr", &to.to_string(), "-method", "unary"])
                 .args(args)
                 .stdout(Stdio::piped())
                 .stderr(std::fs::File::create(&log)?),

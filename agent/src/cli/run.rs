@@ -75,6 +75,10 @@ pub struct Options {
     /// No status API (as `[api] enabled = false`).
     #[arg(long)]
     no_api: bool,
+    /// The node listener of `[intercept]` (as `node_listen`): in a DaemonSet,
+    /// `$(NODE_IP):15002` from the downward API, since each node has its own address.
+    #[arg(long, value_name = "ADDR")]
+    intercept_node_listen: Option<SocketAddr>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -341,6 +345,18 @@ fn checked_config(opts: &Options) -> anyhow::Result<Checked> {
     }
     if opts.no_api {
         config.api.enabled = false;
+    }
+    if let Some(addr) = opts.intercept_node_listen {
+        let Some(intercept) = config.intercept.as_mut() else {
+            bail!("--intercept-node-listen needs an [intercept] section in the configuration");
+        };
+        if addr.port() == 0 {
+            bail!("--intercept-node-listen {addr}: the port must not be 0");
+        }
+        match addr {
+            SocketAddr::V4(_) => intercept.node_listen = Some(addr),
+            SocketAddr::V6(_) => intercept.node_listen6 = Some(addr),
+        }
     }
     let admin_token = config.api.check()?;
     let config_bytes = match &opts.config {

@@ -413,11 +413,13 @@ impl Proxy {
 }
 
 /// Resolves when the watched endpoint's breaker opens again; never without a watch.
-async fn opened(watch: &mut Option<watch::Receiver<u64>>) -> Option<()> {
-    match watch {
-        Some(w) => w.changed().await.ok(),
-        None => std::future::pending().await,
+async fn opened(watch: Option<watch::Receiver<u64>>) {
+    if let Some(mut w) = watch
+        && w.changed().await.is_ok()
+    {
+        return;
     }
+    std::future::pending().await
 }
 
 struct ListenerInfo {
@@ -543,10 +545,14 @@ pub(super) async fn serve_connection<T>(
     };
     let mut ping_pong = conn.ping_pong();
     // A passthrough connection ends (GOAWAY) when its endpoint's breaker opens.
-    let mut endpoint_opened = info.intercepted.and_then(|i| {
+    let watched = info.intercepted.and_then(|i| {
         let e = shared.clusters.get(i.cluster)?.endpoint(i.endpoint?)?;
         Some(e.breaker_opened.subscribe())
     });
+    // One future for the connection's life, not one per turn of the loop.
+    let endpoint_opened = opened(watched);
+    tokio::pin!(endpoint_opened);
+    let mut endpoint_open = false;
     // The connection's streams run inside this task, not spawned: one wake-up then serves
     // every stream that is ready and h2 writes their frames together (a spawned task per
     // stream made about two writes per call, and moved each stream's future into the heap).
@@ -601,7 +607,8 @@ pub(super) async fn serve_connection<T>(
                 conn.graceful_shutdown();
                 drain_by = Some(Instant::now() + timeouts.drain);
             }
-            Some(()) = opened(&mut endpoint_opened), if drain_by.is_none() => {
+            () = &mut endpoint_opened, if drain_by.is_none() && !endpoint_open => {
+                endpoint_open = true;
                 debug!(client = %info.client, "endpoint's breaker opened: GOAWAY");
                 conn.graceful_shutdown();
                 drain_by = Some(Instant::now() + timeouts.drain);

@@ -3,5 +3,6 @@
 //! ([`h2load`]). Plain std, so each user keeps its own error style (panics in tests, `anyhow`
 //! in xtask).
 
+pub mod cgroup;
 pub mod h2load;
 pub mod supervised;

@@ -6,6 +6,7 @@ mod agent;
 mod breaker;
 mod correlate;
 mod h2;
+mod intercept;
 mod probes;
 mod proxy;
 pub mod reset_storm;
@@ -43,6 +44,9 @@ enum Suite {
     /// endpoint that fails every call or is killed, through `agent run` vs HAProxy (`observe
     /// layer7 error-limit 5 on-error mark-down`); and the engine's cost per stream.
     Breaker(breaker::Options),
+    /// Transparent interception: connect()-to-first-response time and requests/s, direct vs
+    /// intercepted vs the agent's explicit listener (interleaved runs, medians).
+    Intercept(intercept::Options),
     /// Correlation: kernel signals joined per second with 10,000 live streams tracked (and
     /// with 100, for the ratio), and memory per tracked stream.
     Correlate(correlate::Options),
@@ -61,6 +65,7 @@ pub fn run(opts: Options) -> Result<()> {
         Suite::Proxy(o) => proxy::run(o),
         Suite::Breaker(o) => breaker::run(o),
         Suite::Correlate(o) => correlate::run(o),
+        Suite::Intercept(o) => intercept::run(o),
     }
 }
 
@@ -74,6 +79,9 @@ const AGENT_PROGRAMS: &[&str] = &[
     "h2_cgroup_ingress",
     "h2_tc_egress",
     "h2_tc_ingress",
+    "intercept_connect4",
+    "intercept_connect6",
+    "intercept_sock_ops",
 ];
 
 /// The "without the agent" side of every ratio is only that when no other agent runs: one left
