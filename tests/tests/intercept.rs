@@ -827,7 +827,7 @@ listen = "127.0.0.1:0"
                 "-targets",
                 &format!("10.244.1.2:{PORT}"),
                 "-duration",
-                "5s",
+                "7s",
                 "-concurrency",
                 "2",
                 "-pause",
@@ -852,13 +852,22 @@ listen = "127.0.0.1:0"
         .output()
         .unwrap();
     let direct_after = killed_at.elapsed();
+    drop(agent);
+    // The agent comes back while the client goes on: its direct connection is not touched.
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted_at = Instant::now();
+    let mut agent = start_agent(&t, &config);
     let lines = client.wait_done(Duration::from_secs(30));
     let made = calls(&lines);
     let failed: Vec<_> = made.iter().filter(|(_, code, _)| code != "OK").collect();
     let last_failure = failed.iter().map(|(at, _, _)| *at).max();
     let recovered_after = last_failure.map(|t| t.saturating_duration_since(killed_at));
+    let failed_after_restart = failed
+        .iter()
+        .filter(|(at, _, _)| *at >= restarted_at)
+        .count();
     println!(
-        "agent kill -9: first direct connection {:?} after ({}), client: {} calls, {} failed, last failure {:?} after the kill, connections {:?}",
+        "agent kill -9 and restart: first direct connection {:?} after the kill ({}), client: {} calls, {} failed, last failure {:?} after the kill, {failed_after_restart} failed from the restart on, connections {:?}",
         direct_after,
         String::from_utf8_lossy(&direct.stdout).trim(),
         made.len(),
@@ -866,6 +875,7 @@ listen = "127.0.0.1:0"
         recovered_after,
         remotes(&lines)
     );
+    assert_eq!(failed_after_restart, 0, "the restart broke calls");
     assert!(
         direct_after < Duration::from_secs(1),
         "fail-open took {direct_after:?}"
@@ -879,10 +889,8 @@ listen = "127.0.0.1:0"
         recovered_after.is_none_or(|d| d < Duration::from_secs(2)),
         "calls failed until {recovered_after:?} after the kill"
     );
-    drop(agent);
 
-    // And a restarted agent intercepts again.
-    let mut agent = start_agent(&t, &config);
+    // And the restarted agent intercepts new connections again.
     let mut client = Lines::spawn(
         "grpc-go client (agent restarted)",
         &mut t.command(
