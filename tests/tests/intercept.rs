@@ -432,6 +432,9 @@ journal = {journal:?}
 
 [api]
 listen = "127.0.0.1:0"
+
+[export]
+prometheus_listen = "127.0.0.1:0"
 "#,
             app = t.cgroup("app"),
             client_pod = t.cgroup("pod3"),
@@ -974,5 +977,29 @@ listen = "127.0.0.1:0"
         );
     }
     let _ = client.wait_done(Duration::from_secs(30));
+
+    // Interception's counters are metrics too.
+    let ready = agent
+        .seen
+        .iter()
+        .find(|v| v["kind"] == "ready")
+        .unwrap()
+        .clone();
+    let metrics_url = format!("http://{}/metrics", ready["prometheus"].as_str().unwrap());
+    let scraped = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", t.node))
+        .args(["curl", "-sS", &metrics_url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&scraped.stdout);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert!(value(r#"agent_intercept_connections_total{outcome="proxied_passthrough","#) >= 2.0);
+    assert!(value(r#"agent_intercept_kernel_total{counter="redirected","#) >= 2.0);
+    assert!(value(r#"agent_intercept_kernel_total{counter="own_skipped","#) >= 1.0);
     let _ = t.id;
 }

@@ -20,6 +20,9 @@
 //! | `agent_kernel_signals_total` | `kind` (`tcp_reset`, `rst_stream`, `goaway`, `go_stw`, `rapid_reset`), `stage` (`seen`, `joined`, `acted`, `duplicate`) |
 //! | `agent_tracked` | `what` (`connections`, `streams`) |
 //! | `agent_probe_events_total` | `counter` (the kernel programs' counters; drops end in `_dropped`) |
+//! | `agent_intercept_connections_total` | `outcome` (`accepted`, `proxied_claimed`, `proxied_passthrough`, `spliced_not_http2`, `spliced_silent`, `spliced_passthrough_full`, `splice_connect_failed`, `refused_breaker_open`, `no_original`) |
+//! | `agent_intercept_spliced_bytes_total` | `direction` (`to_destination`, `to_client`) |
+//! | `agent_intercept_kernel_total` | `counter` (`redirected`, `redirected_to_node`, `own_skipped`, `other_netns_skipped`, `no_listener_skipped`, `store_failed`, `peer_name_restored`, `peer_published`, `peer_publish_failed`) |
 //!
 //! Client breakers are in `agent_breaker_state` only while not closed (there may be
 //! thousands). Methods come from clients: past [`MAX_METHODS`] distinct ones, the rest are
@@ -188,6 +191,58 @@ impl Metrics {
                             ("class", b.id.class.unwrap_or_else(|| "default".into())),
                         ],
                     );
+                }
+            }),
+        );
+    }
+
+    /// Interception's counters, when it is on: connections by what became of them, bytes
+    /// spliced, and the kernel programs' own counts.
+    pub fn observe_intercept(&self, stats: StatsSource) {
+        let connections = stats.clone();
+        self.observe_counters(
+            "agent_intercept_connections",
+            "Intercepted connections, by what became of them",
+            Arc::new(move |observe| {
+                let Some(f) = connections.intercept() else {
+                    return;
+                };
+                let rows = [
+                    ("accepted", f.accepted),
+                    ("proxied_claimed", f.proxied_claimed),
+                    ("proxied_passthrough", f.proxied_passthrough),
+                    ("spliced_not_http2", f.spliced_not_http2),
+                    ("spliced_silent", f.spliced_silent),
+                    ("spliced_passthrough_full", f.spliced_passthrough_full),
+                    ("splice_connect_failed", f.splice_connect_failed),
+                    ("refused_breaker_open", f.refused_breaker_open),
+                    ("no_original", f.no_original),
+                ];
+                for (outcome, v) in rows {
+                    observe(v, &[("outcome", outcome.to_owned())]);
+                }
+            }),
+        );
+        let bytes = stats.clone();
+        self.observe_counters(
+            "agent_intercept_spliced_bytes",
+            "Bytes spliced between intercepted clients and their original destinations",
+            Arc::new(move |observe| {
+                if let Some(f) = bytes.intercept() {
+                    let to = |d: &str| [("direction", d.to_owned())];
+                    observe(f.spliced_bytes_to_destination, &to("to_destination"));
+                    observe(f.spliced_bytes_to_client, &to("to_client"));
+                }
+            }),
+        );
+        self.observe_counters(
+            "agent_intercept_kernel",
+            "The interception programs' counters (connects redirected, left alone, and why)",
+            Arc::new(move |observe| {
+                if let Some(f) = stats.intercept() {
+                    for (name, v) in f.kernel {
+                        observe(v, &[("counter", name.to_owned())]);
+                    }
                 }
             }),
         );

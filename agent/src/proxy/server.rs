@@ -148,6 +148,13 @@ pub struct StatsSource {
 }
 
 impl StatsSource {
+    /// What interception did, when it is on (the kernel's counters read now).
+    pub fn intercept(&self) -> Option<InterceptFigures> {
+        self.intercept
+            .as_ref()
+            .map(|(plan, kernel)| plan.stats.figures(kernel.as_deref()))
+    }
+
     pub fn snapshot(&self) -> ProxyStats {
         ProxyStats {
             client_connections: self.connections.count.load(Ordering::SeqCst),
@@ -174,10 +181,7 @@ impl StatsSource {
                 .untracked_methods
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
-            intercept: self
-                .intercept
-                .as_ref()
-                .map(|(plan, kernel)| plan.stats.figures(kernel.as_deref())),
+            intercept: self.intercept(),
         }
     }
 }
