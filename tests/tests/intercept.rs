@@ -104,7 +104,7 @@ impl Topology {
                 &["-n", pod, "addr", "add", &pod_ip6, "dev", &pod_if, "nodad"],
             );
             if k == 1 {
-                for extra in ["10.244.1.3/24", "10.244.1.4/24"] {
+                for extra in ["10.244.1.3/24", "10.244.1.4/24", "10.244.1.5/24"] {
                     sh("ip", &["-n", pod, "addr", "add", extra, "dev", &pod_if]);
                 }
             }
@@ -391,6 +391,16 @@ fn interception_end_to_end() {
         ),
     );
     tls_server.wait_line(Duration::from_secs(10), |v| v.get("listening").is_some());
+    let mut banner_server = JsonChild::spawn(
+        "banner server",
+        &mut t.command(
+            &t.pods[0],
+            "pod1",
+            python,
+            &[script, "banner", "10.244.1.5", "50051"],
+        ),
+    );
+    banner_server.wait_line(Duration::from_secs(10), |v| v.get("listening").is_some());
 
     let journal = t.dir.join("journal");
     let config = t.dir.join("agent.toml");
@@ -747,7 +757,30 @@ prometheus_listen = "127.0.0.1:0"
         got["sha256"], tls_said["sha256"],
         "TLS bytes changed on the way"
     );
+    // A server that speaks first: the client sends nothing until it has the banner, so the
+    // agent sees silence for detect_timeout and splices.
+    let banner = t
+        .command(
+            &t.node,
+            "app",
+            python,
+            &[script, "banner-client", "10.244.1.5", "50051", "100000"],
+        )
+        .output()
+        .unwrap();
+    let banner_said: Value = serde_json::from_slice(&banner.stdout)
+        .unwrap_or_else(|e| panic!("banner client: {e}: {banner:?}"));
+    assert_eq!(banner_said["banner_equal"], true, "{banner_said}");
+    assert_eq!(banner_said["echo_equal"], true, "{banner_said}");
+    assert_eq!(banner_said["peername"], "10.244.1.5:50051", "{banner_said}");
+    let got = banner_server.wait_line(Duration::from_secs(5), |v| v.get("received").is_some());
+    assert_eq!(got["received"], 100_000);
     let s = intercept_stats(&mut agent);
+    assert_eq!(s["spliced_silent"], 1, "{s}");
+    println!(
+        "server speaks first: the banner came after {} ms (detect_timeout 200 ms), then 100 kB both ways",
+        banner_said["banner_ms"]
+    );
     assert_eq!(s["spliced_not_http2"], 3, "{s}");
     assert!(
         s["spliced_bytes_to_destination"].as_u64().unwrap() >= 2 * 1_048_576,

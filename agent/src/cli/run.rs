@@ -127,19 +127,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     // Interception last before serving: its listener is bound, and a redirected connection
     // is tracked and correlated from its first byte.
-    let intercept_line = match &config.intercept {
-        Some(i) => {
-            let loaded = crate::probes::intercept::InterceptKernel::load(&i.kernel_settings())
-                .context("interception ([intercept]) cannot start")?;
-            proxy.set_interception(Arc::new(loaded));
-            json!({
-                "listen": proxy.intercept_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "cgroups": i.cgroups.iter().map(|c| c.display().to_string()).collect::<Vec<_>>(),
-                "own_mark": i.own_mark,
-            })
-        }
-        None => serde_json::Value::Null,
-    };
+    let intercept_line = start_interception(&config, &mut proxy)?;
     let probes_line = kernel
         .as_ref()
         .map(|k| json!(k.status))
@@ -278,6 +266,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 /// What the agent holds right now, the SIGUSR1 line.
+/// Loads and attaches interception's programs (`[intercept]`) for the bound proxy to serve;
+/// what the ready line says of it.
+fn start_interception(
+    config: &config::AgentConfig,
+    proxy: &mut Proxy,
+) -> anyhow::Result<serde_json::Value> {
+    let Some(i) = &config.intercept else {
+        return Ok(serde_json::Value::Null);
+    };
+    let loaded = crate::probes::intercept::InterceptKernel::load(&i.kernel_settings())
+        .context("interception ([intercept]) cannot start")?;
+    proxy.set_interception(Arc::new(loaded));
+    let listen: Vec<String> = proxy
+        .intercept_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let cgroups: Vec<String> = i.cgroups.iter().map(|c| c.display().to_string()).collect();
+    Ok(json!({"listen": listen, "cgroups": cgroups, "own_mark": i.own_mark}))
+}
+
 fn stats_line(
     stats: &crate::proxy::server::StatsSource,
     journal_stats: &JournalStats,

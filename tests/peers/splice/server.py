@@ -5,6 +5,8 @@ destination byte for byte.
     server.py http ADDR PORT   HTTP/1.1: a POST's body comes back as the response body
     server.py tls ADDR PORT CERT KEY   TLS: every byte read comes back, until the client closes
     server.py tls-client ADDR PORT BYTES   sends BYTES random bytes over TLS, reads them back
+    server.py banner ADDR PORT   a server that speaks first (a banner line), then echoes
+    server.py banner-client ADDR PORT BYTES   waits for the banner, sends BYTES, reads them back
 
 Servers print one JSON line when listening ({"listening": "ADDR:PORT"}) and one per exchange
 ({"received": N, "sha256": HEX, "peer": "ADDR:PORT"}); the client prints {"sent": N,
@@ -20,6 +22,7 @@ import socketserver
 import ssl
 import sys
 import threading
+import time
 
 
 def say(**fields):
@@ -118,6 +121,54 @@ def tls_client(addr, port, nbytes):
         echo_equal=bytes(got) == payload, peername=peername)
 
 
+BANNER = b"220 splice-test server speaks first\r\n"
+
+
+def serve_banner(addr, port):
+    lsock = socket.create_server((addr, port))
+    say(listening="%s:%d" % (addr, port))
+
+    def one(conn, peer):
+        with conn:
+            conn.sendall(BANNER)
+            n = 0
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                n += len(data)
+                conn.sendall(data)
+            say(received=n, peer="%s:%d" % peer[:2])
+
+    while True:
+        conn, peer = lsock.accept()
+        threading.Thread(target=one, args=(conn, peer), daemon=True).start()
+
+
+def banner_client(addr, port, nbytes):
+    payload = os.urandom(nbytes)
+    with socket.create_connection((addr, port), timeout=10) as s:
+        peername = "%s:%d" % s.getpeername()[:2]
+        t0 = time.monotonic()
+        banner = b""
+        while not banner.endswith(b"\r\n"):
+            data = s.recv(1024)
+            if not data:
+                break
+            banner += data
+        waited = time.monotonic() - t0
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            got.extend(data)
+        say(banner_equal=banner == BANNER, banner_ms=round(waited * 1000, 1),
+            echo_equal=bytes(got) == payload, peername=peername)
+
+
 def main():
     mode = sys.argv[1]
     if mode == "http":
@@ -126,6 +177,10 @@ def main():
         serve_tls(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif mode == "tls-client":
         tls_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "banner":
+        serve_banner(sys.argv[2], int(sys.argv[3]))
+    elif mode == "banner-client":
+        banner_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         sys.exit("unknown mode " + mode)
 
