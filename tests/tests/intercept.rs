@@ -182,6 +182,13 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// [`Topology::command`], started, its lines kept.
+    fn client(&self, name: &str, ns: &str, cgroup: &str, program: &Path, args: &[&str]) -> Lines {
+        Lines::spawn(name, &mut self.command(ns, cgroup, program, args))
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for cg in &self.cgroups {
@@ -250,6 +257,11 @@ fn calls(lines: &[(Instant, String)]) -> Vec<(Instant, String, String)> {
             Some((*t, w.next()?.to_owned(), w.next().unwrap_or("").to_owned()))
         })
         .collect()
+}
+
+/// Calls that ended OK.
+fn oks(lines: &[(Instant, String)]) -> usize {
+    lines.iter().filter(|(_, l)| l.ends_with(" OK")).count()
 }
 
 /// The REMOTE of each "connected LOCAL REMOTE" line: what getpeername said.
@@ -456,22 +468,20 @@ prometheus_listen = "127.0.0.1:0"
     // 1. Pods by address, balanced round_robin: every call through the proxy, getpeername
     //    shows the pod dialed, both pods served.
     let pod_targets = format!("10.244.1.2:{PORT},10.244.2.2:{PORT}");
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &[
-                "client",
-                "-targets",
-                &pod_targets,
-                "-calls",
-                "200",
-                "-concurrency",
-                "4",
-            ],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &[
+            "client",
+            "-targets",
+            &pod_targets,
+            "-calls",
+            "200",
+            "-concurrency",
+            "4",
+        ],
     );
     let lines = client.wait_done(Duration::from_secs(30));
     let made = calls(&lines);
@@ -512,22 +522,16 @@ prometheus_listen = "127.0.0.1:0"
     println!("pods by address: 200 calls proxied, stats {s}");
 
     // 1b. IPv6: connect6 to the IPv6 listener, getpeername6 as dialed.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (IPv6)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &["client", "-addr", &addr6, "-calls", "20"],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &["client", "-addr", &addr6, "-calls", "20"],
     );
     let lines = client.wait_done(Duration::from_secs(30));
     assert_eq!(remotes(&lines), std::slice::from_ref(&addr6), "{lines:?}");
-    assert_eq!(
-        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
-        20,
-        "{lines:?}"
-    );
+    assert_eq!(oks(&lines), 20, "{lines:?}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(outcomes_to(&mut agent, 0, &addr6).len(), 20);
 
@@ -562,22 +566,16 @@ prometheus_listen = "127.0.0.1:0"
     );
 
     // 2. The Service address: proxied, getpeername shows the Service address.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (service)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &["client", "-addr", &format!("{VIP}:{PORT}"), "-calls", "50"],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &["client", "-addr", &format!("{VIP}:{PORT}"), "-calls", "50"],
     );
     let lines = client.wait_done(Duration::from_secs(30));
     assert_eq!(remotes(&lines), [format!("{VIP}:{PORT}")]);
-    assert_eq!(
-        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
-        50,
-        "{lines:?}"
-    );
+    assert_eq!(oks(&lines), 50, "{lines:?}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         outcomes_to(&mut agent, 0, &format!("{VIP}:{PORT}")).len(),
@@ -585,30 +583,24 @@ prometheus_listen = "127.0.0.1:0"
     );
 
     // 2b. A claimed address: the claiming cluster serves it, balanced over its endpoints.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (claimed)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &[
-                "client",
-                "-addr",
-                &format!("10.96.0.11:{PORT}"),
-                "-calls",
-                "40",
-                "-concurrency",
-                "4",
-            ],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &[
+            "client",
+            "-addr",
+            &format!("10.96.0.11:{PORT}"),
+            "-calls",
+            "40",
+            "-concurrency",
+            "4",
+        ],
     );
     let lines = client.wait_done(Duration::from_secs(30));
     assert_eq!(remotes(&lines), [format!("10.96.0.11:{PORT}")]);
-    assert_eq!(
-        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
-        40,
-        "{lines:?}"
-    );
+    assert_eq!(oks(&lines), 40, "{lines:?}");
     std::thread::sleep(Duration::from_millis(300));
     let claimed = outcomes_to(&mut agent, 0, &format!("10.96.0.11:{PORT}"));
     assert_eq!(claimed.len(), 40);
@@ -634,28 +626,22 @@ prometheus_listen = "127.0.0.1:0"
     //     listener, as a DaemonSet's agent serves the pods of its node.
     let before = intercept_stats(&mut agent);
     let seen_before = agent.drain().len();
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (in a pod)",
-        &mut t.command(
-            &t.pods[2],
-            "pod3",
-            &grpcpeer,
-            &[
-                "client",
-                "-addr",
-                &format!("10.244.2.2:{PORT}"),
-                "-calls",
-                "30",
-            ],
-        ),
+        &t.pods[2],
+        "pod3",
+        &grpcpeer,
+        &[
+            "client",
+            "-addr",
+            &format!("10.244.2.2:{PORT}"),
+            "-calls",
+            "30",
+        ],
     );
     let lines = client.wait_done(Duration::from_secs(30));
     assert_eq!(remotes(&lines), [format!("10.244.2.2:{PORT}")], "{lines:?}");
-    assert_eq!(
-        lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(),
-        30,
-        "{lines:?}"
-    );
+    assert_eq!(oks(&lines), 30, "{lines:?}");
     std::thread::sleep(Duration::from_millis(300));
     let from_pod = outcomes_to(&mut agent, seen_before, &format!("10.244.2.2:{PORT}"));
     assert_eq!(from_pod.len(), 30);
@@ -674,23 +660,21 @@ prometheus_listen = "127.0.0.1:0"
 
     // 3. Another cgroup: not intercepted, the calls go straight to the pod.
     let before = intercept_stats(&mut agent);
-    let mut other = Lines::spawn(
+    let mut other = t.client(
         "grpc-go client (other cgroup)",
-        &mut t.command(
-            &t.node,
-            "other",
-            &grpcpeer,
-            &[
-                "client",
-                "-addr",
-                &format!("10.244.1.2:{PORT}"),
-                "-calls",
-                "10",
-            ],
-        ),
+        &t.node,
+        "other",
+        &grpcpeer,
+        &[
+            "client",
+            "-addr",
+            &format!("10.244.1.2:{PORT}"),
+            "-calls",
+            "10",
+        ],
     );
     let lines = other.wait_done(Duration::from_secs(30));
-    assert_eq!(lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(), 10);
+    assert_eq!(oks(&lines), 10);
     let after = intercept_stats(&mut agent);
     assert_eq!(
         after["accepted"], before["accepted"],
@@ -789,26 +773,24 @@ prometheus_listen = "127.0.0.1:0"
     println!("splice: HTTP/1.1 and TLS 1 MiB each, byte-exact; stats {s}");
 
     // 5. A pod killed under load: its breaker trips, the client's calls go on to the other.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (pod killed)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &[
-                "client",
-                "-targets",
-                &pod_targets,
-                "-duration",
-                "6s",
-                "-concurrency",
-                "2",
-                "-pause",
-                "5ms",
-                "-call-timeout",
-                "1s",
-            ],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &[
+            "client",
+            "-targets",
+            &pod_targets,
+            "-duration",
+            "6s",
+            "-concurrency",
+            "2",
+            "-pause",
+            "5ms",
+            "-call-timeout",
+            "1s",
+        ],
     );
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
@@ -852,26 +834,24 @@ prometheus_listen = "127.0.0.1:0"
     );
 
     // 6. kill -9 of the agent: new connections go where they were dialed.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (agent killed)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &[
-                "client",
-                "-targets",
-                &format!("10.244.1.2:{PORT}"),
-                "-duration",
-                "7s",
-                "-concurrency",
-                "2",
-                "-pause",
-                "5ms",
-                "-call-timeout",
-                "1s",
-            ],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &[
+            "client",
+            "-targets",
+            &format!("10.244.1.2:{PORT}"),
+            "-duration",
+            "7s",
+            "-concurrency",
+            "2",
+            "-pause",
+            "5ms",
+            "-call-timeout",
+            "1s",
+        ],
     );
     std::thread::sleep(Duration::from_secs(1));
     let killed_at = Instant::now();
@@ -927,23 +907,21 @@ prometheus_listen = "127.0.0.1:0"
     );
 
     // And the restarted agent intercepts new connections again.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (agent restarted)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &[
-                "client",
-                "-addr",
-                &format!("10.244.1.2:{PORT}"),
-                "-calls",
-                "5",
-            ],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &[
+            "client",
+            "-addr",
+            &format!("10.244.1.2:{PORT}"),
+            "-calls",
+            "5",
+        ],
     );
     let lines = client.wait_done(Duration::from_secs(30));
-    assert_eq!(lines.iter().filter(|(_, l)| l.ends_with(" OK")).count(), 5);
+    assert_eq!(oks(&lines), 5);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         outcomes_to(&mut agent, 0, &format!("10.244.1.2:{PORT}")).len(),
@@ -952,26 +930,24 @@ prometheus_listen = "127.0.0.1:0"
 
     // 7. Kernel signals on a passthrough endpoint: pod 1 resets the proxy's connection (as
     //    `ss -K` aborts its sockets), and the TCP reset trips that pod's breaker with evidence.
-    let mut client = Lines::spawn(
+    let mut client = t.client(
         "grpc-go client (pod resets)",
-        &mut t.command(
-            &t.node,
-            "app",
-            &grpcpeer,
-            &[
-                "client",
-                "-targets",
-                &format!("10.244.1.2:{PORT}"),
-                "-duration",
-                "3s",
-                "-concurrency",
-                "2",
-                "-pause",
-                "5ms",
-                "-call-timeout",
-                "1s",
-            ],
-        ),
+        &t.node,
+        "app",
+        &grpcpeer,
+        &[
+            "client",
+            "-targets",
+            &format!("10.244.1.2:{PORT}"),
+            "-duration",
+            "3s",
+            "-concurrency",
+            "2",
+            "-pause",
+            "5ms",
+            "-call-timeout",
+            "1s",
+        ],
     );
     std::thread::sleep(Duration::from_secs(1));
     sh(
