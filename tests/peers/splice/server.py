@@ -17,6 +17,7 @@ import hashlib
 import http.server
 import json
 import os
+import select
 import socket
 import socketserver
 import ssl
@@ -94,31 +95,36 @@ def tls_client(addr, port, nbytes):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    got = bytearray()
     with socket.create_connection((addr, port), timeout=10) as raw:
         peername = "%s:%d" % raw.getpeername()[:2]
         with ctx.wrap_socket(raw) as tls:
-            got = bytearray()
-
-            def reader():
-                while True:
+            # One thread: an SSL object must not be read and written at once. Each chunk sent,
+            # what has come back is read, so neither side's buffers fill.
+            def drain(wait):
+                while len(got) < nbytes:
+                    ready, _, _ = select.select([tls], [], [], wait)
+                    if not ready and not tls.pending():
+                        return
                     data = tls.recv(65536)
                     if not data:
                         return
                     got.extend(data)
-                    if len(got) >= nbytes:
-                        return
+                    wait = 0
 
-            t = threading.Thread(target=reader)
-            t.start()
-            tls.sendall(payload)
-            t.join(10)
+            for i in range(0, nbytes, 16384):
+                tls.sendall(payload[i:i + 16384])
+                drain(0)
+            deadline = time.monotonic() + 10
+            while len(got) < nbytes and time.monotonic() < deadline:
+                drain(1)
             # A TLS close_notify, then the TCP half-close the server's loop waits for.
             try:
                 tls.unwrap().shutdown(socket.SHUT_WR)
             except (ssl.SSLError, OSError):
                 pass
     say(sent=nbytes, sha256=hashlib.sha256(payload).hexdigest(),
-        echo_equal=bytes(got) == payload, peername=peername)
+        received=len(got), echo_equal=bytes(got) == payload, peername=peername)
 
 
 BANNER = b"220 splice-test server speaks first\r\n"
