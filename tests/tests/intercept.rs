@@ -1010,5 +1010,34 @@ prometheus_listen = "127.0.0.1:0"
     assert!(value(r#"agent_intercept_connections_total{outcome="proxied_passthrough","#) >= 2.0);
     assert!(value(r#"agent_intercept_kernel_total{counter="redirected","#) >= 2.0);
     assert!(value(r#"agent_intercept_kernel_total{counter="own_skipped","#) >= 1.0);
+
+    // And in the status API (`agent status`).
+    let status = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", t.node))
+        .arg(agent_bin())
+        .args([
+            "status",
+            "--output",
+            "json",
+            "--api",
+            ready["api"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("agent status: {e}: {status:?}"));
+    assert!(
+        status["intercept"]["accepted"].as_u64().unwrap() >= 2,
+        "{status}"
+    );
+    assert_eq!(status["dropped"]["intercept_store_failed"], 0, "{status}");
+    assert!(
+        status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "intercept 127.0.0.1:15001"),
+        "{status}"
+    );
     let _ = t.id;
 }

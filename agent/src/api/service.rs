@@ -245,6 +245,41 @@ impl AgentStatus for StatusService {
                 dropped.insert(name.clone(), *v);
             }
         }
+        let mut intercept = BTreeMap::new();
+        if let Some(f) = &proxy.intercept {
+            let rows = [
+                ("accepted", f.accepted),
+                ("no_original", f.no_original),
+                ("proxied_claimed", f.proxied_claimed),
+                ("proxied_passthrough", f.proxied_passthrough),
+                ("spliced_not_http2", f.spliced_not_http2),
+                ("spliced_silent", f.spliced_silent),
+                ("spliced_passthrough_full", f.spliced_passthrough_full),
+                ("splice_connect_failed", f.splice_connect_failed),
+                (
+                    "spliced_bytes_to_destination",
+                    f.spliced_bytes_to_destination,
+                ),
+                ("spliced_bytes_to_client", f.spliced_bytes_to_client),
+                ("refused_breaker_open", f.refused_breaker_open),
+            ];
+            for (name, v) in rows {
+                intercept.insert(name.to_owned(), v);
+            }
+            for (name, v) in &f.kernel {
+                intercept.insert(format!("kernel_{name}"), *v);
+            }
+            // What interception lost: a connect left alone for want of map room, a
+            // redirected connection whose destination could not be published.
+            for lost in ["store_failed", "peer_publish_failed"] {
+                let v = f
+                    .kernel
+                    .iter()
+                    .find(|(n, _)| *n == lost)
+                    .map_or(0, |(_, v)| *v);
+                dropped.insert(format!("intercept_{lost}"), v);
+            }
+        }
         let breakers_open = proxy
             .breakers
             .iter()
@@ -274,6 +309,7 @@ impl AgentStatus for StatusService {
             breakers_open,
             listeners: src.listeners.clone(),
             probe_counters: counters.into_iter().collect(),
+            intercept: intercept.into_iter().collect(),
         }))
     }
 

@@ -210,6 +210,7 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
             "listeners": s.listeners,
             "probes": s.probes.iter().map(|p| json!({"name": p.name, "attached": p.attached, "degraded": p.degraded})).collect::<Vec<_>>(),
             "probe_counters": s.probe_counters,
+            "intercept": s.intercept,
             "signals": s.signals.iter().map(|k| json!({"kind": k.kind, "seen": k.seen, "joined": k.joined, "acted": k.acted, "duplicates": k.duplicates})).collect::<Vec<_>>(),
             "journal": {"dir": journal.dir, "last_seq": journal.last_seq, "written": journal.written, "dropped": journal.dropped, "failed": journal.failed},
             "dropped": s.dropped,
@@ -229,6 +230,18 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
         println!("config sha256 {}", s.config_sha256);
     }
     println!("listeners: {}", s.listeners.join(", "));
+    if !s.intercept.is_empty() {
+        let get = |k: &str| s.intercept.get(k).copied().unwrap_or(0);
+        println!(
+            "intercept: {} connections accepted ({} proxied, {} spliced, {} refused: breaker open), {} connects redirected, {} of the agent's own left alone",
+            get("accepted"),
+            get("proxied_claimed") + get("proxied_passthrough"),
+            get("spliced_not_http2") + get("spliced_silent") + get("spliced_passthrough_full"),
+            get("refused_breaker_open"),
+            get("kernel_redirected"),
+            get("kernel_own_skipped"),
+        );
+    }
     println!(
         "clients: {} connections, {} streams; breakers not closed: {}",
         s.client_connections, s.client_streams, s.breakers_open

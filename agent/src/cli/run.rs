@@ -189,6 +189,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 .local_addrs()
                 .into_iter()
                 .map(|(name, addr)| format!("{name} {addr}"))
+                .chain(
+                    proxy
+                        .intercept_addrs()
+                        .iter()
+                        .map(|a| format!("intercept {a}")),
+                )
                 .collect(),
             admin_token,
             stopping: api_stopped.clone(),
