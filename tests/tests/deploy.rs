@@ -206,12 +206,7 @@ fn the_daemonsets_capabilities_are_enough_for_every_probe() {
         String::from_utf8_lossy(&calls.stderr)
     );
     let mut proxy = proxy;
-    let intercepted = Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
-        .arg("sh")
-        .arg(&cgroup)
-        .arg(&bin)
+    let intercepted = test_support::cgroup::command_in(Some(&cgroup), &bin)
         .args(["client", "-addr", &up.to_string(), "-calls", "5"])
         .output()
         .unwrap();

@@ -170,12 +170,8 @@ impl Topology {
     /// `program args` in network namespace `ns` (nsenter: the host's /sys stays) and cgroup
     /// `cgroup`, started by a shell that moves itself into the cgroup first.
     fn command(&self, ns: &str, cgroup: &str, program: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec nsenter --net=/run/netns/\"$@\"")
-            .arg("sh")
-            .arg(self.cgroup(cgroup))
-            .arg(ns)
+        let mut cmd = test_support::cgroup::command_in(Some(self.cgroup(cgroup)), "nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
             .arg(program)
             .args(args);
         cmd

@@ -796,12 +796,7 @@ impl LoadClient {
         args: &[&str],
     ) -> Result<LoadClient> {
         let log = setup.dir.join(format!("client-{name}.log"));
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(r#"[ -n "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec "$@""#)
-            .arg("sh")
-            .arg(cgroup.map(Path::as_os_str).unwrap_or_default())
-            .arg(&setup.grpcpeer);
+        let mut cmd = test_support::cgroup::command_in(cgroup, &setup.grpcpeer);
         let mut proc = procs::spawn(
             name,
             cmd.args(["client", "-addr", &to.to_string(), "-method", "unary"])

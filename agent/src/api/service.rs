@@ -247,24 +247,11 @@ impl AgentStatus for StatusService {
         }
         let mut intercept = BTreeMap::new();
         if let Some(f) = &proxy.intercept {
-            let rows = [
-                ("accepted", f.accepted),
-                ("no_original", f.no_original),
-                ("proxied_claimed", f.proxied_claimed),
-                ("proxied_passthrough", f.proxied_passthrough),
-                ("spliced_not_http2", f.spliced_not_http2),
-                ("spliced_silent", f.spliced_silent),
-                ("spliced_passthrough_full", f.spliced_passthrough_full),
-                ("splice_connect_failed", f.splice_connect_failed),
-                (
-                    "spliced_bytes_to_destination",
-                    f.spliced_bytes_to_destination,
-                ),
-                ("spliced_bytes_to_client", f.spliced_bytes_to_client),
-                ("refused_breaker_open", f.refused_breaker_open),
-            ];
-            for (name, v) in rows {
+            for (name, v) in f.outcomes() {
                 intercept.insert(name.to_owned(), v);
+            }
+            for (direction, v) in f.spliced_bytes() {
+                intercept.insert(format!("spliced_bytes_{direction}"), v);
             }
             for (name, v) in &f.kernel {
                 intercept.insert(format!("kernel_{name}"), *v);

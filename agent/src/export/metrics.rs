@@ -204,22 +204,10 @@ impl Metrics {
             "agent_intercept_connections",
             "Intercepted connections, by what became of them",
             Arc::new(move |observe| {
-                let Some(f) = connections.intercept() else {
-                    return;
-                };
-                let rows = [
-                    ("accepted", f.accepted),
-                    ("proxied_claimed", f.proxied_claimed),
-                    ("proxied_passthrough", f.proxied_passthrough),
-                    ("spliced_not_http2", f.spliced_not_http2),
-                    ("spliced_silent", f.spliced_silent),
-                    ("spliced_passthrough_full", f.spliced_passthrough_full),
-                    ("splice_connect_failed", f.splice_connect_failed),
-                    ("refused_breaker_open", f.refused_breaker_open),
-                    ("no_original", f.no_original),
-                ];
-                for (outcome, v) in rows {
-                    observe(v, &[("outcome", outcome.to_owned())]);
+                if let Some(f) = connections.intercept() {
+                    for (outcome, v) in f.outcomes() {
+                        observe(v, &[("outcome", outcome.to_owned())]);
+                    }
                 }
             }),
         );
@@ -229,9 +217,9 @@ impl Metrics {
             "Bytes spliced between intercepted clients and their original destinations",
             Arc::new(move |observe| {
                 if let Some(f) = bytes.intercept() {
-                    let to = |d: &str| [("direction", d.to_owned())];
-                    observe(f.spliced_bytes_to_destination, &to("to_destination"));
-                    observe(f.spliced_bytes_to_client, &to("to_client"));
+                    for (direction, v) in f.spliced_bytes() {
+                        observe(v, &[("direction", direction.to_owned())]);
+                    }
                 }
             }),
         );

@@ -24,10 +24,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{
-        intercept::{Destinations, InterceptConfig, canonical},
+        intercept::{Destinations, InterceptConfig, PASSTHROUGH_CLUSTER, canonical},
         proxy::{Limits, Timeouts},
     },
-    correlate::table::Side,
     probes::intercept::{InterceptKernel, Original},
 };
 
@@ -97,6 +96,31 @@ pub struct InterceptFigures {
     pub kernel: Vec<(&'static str, u64)>,
 }
 
+impl InterceptFigures {
+    /// Connections by what became of them, by the names the metrics and the API use.
+    pub fn outcomes(&self) -> [(&'static str, u64); 9] {
+        [
+            ("accepted", self.accepted),
+            ("proxied_claimed", self.proxied_claimed),
+            ("proxied_passthrough", self.proxied_passthrough),
+            ("spliced_not_http2", self.spliced_not_http2),
+            ("spliced_silent", self.spliced_silent),
+            ("spliced_passthrough_full", self.spliced_passthrough_full),
+            ("splice_connect_failed", self.splice_connect_failed),
+            ("refused_breaker_open", self.refused_breaker_open),
+            ("no_original", self.no_original),
+        ]
+    }
+
+    /// Bytes spliced, by direction.
+    pub fn spliced_bytes(&self) -> [(&'static str, u64); 2] {
+        [
+            ("to_destination", self.spliced_bytes_to_destination),
+            ("to_client", self.spliced_bytes_to_client),
+        ]
+    }
+}
+
 impl InterceptStats {
     pub fn figures(&self, kernel: Option<&InterceptKernel>) -> InterceptFigures {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -124,9 +148,14 @@ impl InterceptPlan {
             .enumerate()
             .flat_map(|(i, c)| c.claims.iter().map(move |d| (i, d.clone())))
             .collect();
+        // The configuration adds it whenever [intercept] is on.
+        let passthrough = clusters
+            .iter()
+            .position(|c| c.name == PASSTHROUGH_CLUSTER)
+            .unwrap_or(usize::MAX);
         Self {
             claims,
-            passthrough: clusters.len().saturating_sub(1),
+            passthrough,
             detect_timeout: config.detect_timeout,
             own_mark: config.own_mark,
             connect_timeout: Duration::from_secs(2),
@@ -363,22 +392,14 @@ async fn serve_intercepted(
     } else {
         stats.proxied_claimed.fetch_add(1, Ordering::Relaxed);
     }
-    let tracked = socket.local_addr().ok().and_then(|local| {
-        s.shared.joins.tracked.connection(
-            Side::Downstream {
-                listener: listener.clone(),
-            },
-            local,
-            peer,
-        )
-    });
-    let conn = Arc::new(ConnInfo {
+    let conn = ConnInfo::accepted(
+        &s.shared,
         listener,
-        client: peer,
-        routes: Arc::from(Vec::new()),
-        tracked,
-        intercepted: Some(route),
-    });
+        &socket,
+        peer,
+        Arc::from(Vec::new()),
+        Some(route),
+    );
     let _ = socket.set_nodelay(true);
     serve_connection(
         socket,

@@ -426,6 +426,36 @@ async fn opened(watch: Option<watch::Receiver<u64>>) {
     std::future::pending().await
 }
 
+impl ConnInfo {
+    /// A client connection just accepted on `listener`, entered in the correlation table
+    /// (when kernel signals are joined to the proxy's connections).
+    pub(super) fn accepted(
+        shared: &Shared,
+        listener: Arc<str>,
+        socket: &tokio::net::TcpStream,
+        peer: SocketAddr,
+        routes: Arc<[crate::config::proxy::Route]>,
+        intercepted: Option<forward::Intercepted>,
+    ) -> Arc<ConnInfo> {
+        let tracked = socket.local_addr().ok().and_then(|local| {
+            shared.joins.tracked.connection(
+                Side::Downstream {
+                    listener: listener.clone(),
+                },
+                local,
+                peer,
+            )
+        });
+        Arc::new(ConnInfo {
+            listener,
+            client: peer,
+            routes,
+            tracked,
+            intercepted,
+        })
+    }
+}
+
 struct ListenerInfo {
     name: Arc<str>,
     routes: Arc<[crate::config::proxy::Route]>,
@@ -456,22 +486,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        let tracked = socket.local_addr().ok().and_then(|local| {
-            shared.joins.tracked.connection(
-                Side::Downstream {
-                    listener: info.name.clone(),
-                },
-                local,
-                peer,
-            )
-        });
-        let conn = Arc::new(ConnInfo {
-            listener: info.name.clone(),
-            client: peer,
-            routes: info.routes.clone(),
-            tracked,
-            intercepted: None,
-        });
+        let conn = ConnInfo::accepted(
+            &shared,
+            info.name.clone(),
+            &socket,
+            peer,
+            info.routes.clone(),
+            None,
+        );
         let guard = live.enter();
         let _ = socket.set_nodelay(true);
         let (shared, shutdown, streams) = (shared.clone(), shutdown.clone(), streams.clone());
@@ -553,10 +575,11 @@ pub(super) async fn serve_connection<T>(
         let e = shared.clusters.get(i.cluster)?.endpoint(i.endpoint?)?;
         Some(e.breaker_opened.subscribe())
     });
-    // One future for the connection's life, not one per turn of the loop.
+    // One future for the connection's life, not one per turn of the loop; polled only for a
+    // connection that has an endpoint to watch.
+    let mut endpoint_watch_done = watched.is_none();
     let endpoint_opened = opened(watched);
     tokio::pin!(endpoint_opened);
-    let mut endpoint_open = false;
     // The connection's streams run inside this task, not spawned: one wake-up then serves
     // every stream that is ready and h2 writes their frames together (a spawned task per
     // stream made about two writes per call, and moved each stream's future into the heap).
@@ -611,8 +634,8 @@ pub(super) async fn serve_connection<T>(
                 conn.graceful_shutdown();
                 drain_by = Some(Instant::now() + timeouts.drain);
             }
-            () = &mut endpoint_opened, if drain_by.is_none() && !endpoint_open => {
-                endpoint_open = true;
+            () = &mut endpoint_opened, if drain_by.is_none() && !endpoint_watch_done => {
+                endpoint_watch_done = true;
                 debug!(client = %info.client, "endpoint's breaker opened: GOAWAY");
                 conn.graceful_shutdown();
                 drain_by = Some(Instant::now() + timeouts.drain);

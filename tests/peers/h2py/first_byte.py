@@ -3,16 +3,15 @@
 unary call (test.Echo/Unary, 32 bytes); for each, the times from the start of connect() to the
 first byte the server sent (its SETTINGS, usually) and to the response's headers.
 
-    first_byte.py N [--cgroup DIR] NAME=HOST:PORT [NAME=HOST:PORT ...]
+    first_byte.py N NAME=HOST:PORT [NAME=HOST:PORT ...]
 
 N connections to each target, the targets taking turns connection by connection (so that
-drift on a noisy machine hits them alike). With --cgroup, the process first moves itself into
-that cgroup v2 directory (the intercepted one in `cargo xtask bench intercept`). Prints one
+drift on a noisy machine hits them alike). `cargo xtask bench intercept` starts it inside the
+intercepted cgroup for the intercepted and explicit targets, outside for direct. Prints one
 JSON line: {"NAME": {"first_byte_us": [...], "response_us": [...], "failed": K}, ...}.
 """
 
 import json
-import os
 import socket
 import sys
 import time
@@ -61,10 +60,6 @@ def one(host, port, body):
 def main():
     args = sys.argv[1:]
     n = int(args.pop(0))
-    if args and args[0] == "--cgroup":
-        with open(args[1] + "/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-        args = args[2:]
     targets = []
     for a in args:
         name, addr = a.split("=", 1)

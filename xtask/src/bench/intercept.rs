@@ -333,17 +333,9 @@ fn setup_medians(run: &Value, name: &str) -> Result<(f64, f64)> {
 impl Load<'_> {
     /// h2load, from the intercepted cgroup for [`Mode::Intercepted`].
     fn h2load(&self, mode: Mode) -> Command {
-        let mut cmd = Command::new("sh");
-        let cgroup = if mode == Mode::Intercepted {
-            self.cgroup.display().to_string()
-        } else {
-            String::new()
-        };
-        cmd.arg("-c")
-            .arg(r#"[ -n "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec h2load "$@""#)
-            .arg("sh")
-            .arg(cgroup)
-            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        let cgroup = (mode == Mode::Intercepted).then_some(self.cgroup);
+        let mut cmd = test_support::cgroup::command_in(cgroup, "h2load");
+        cmd.args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
             .arg("-d")
             .arg(self.grpc_body);
         cmd
@@ -360,12 +352,9 @@ impl Load<'_> {
         cgroup: Option<&Path>,
         targets: &[(&str, std::net::SocketAddr)],
     ) -> Result<Value> {
-        let mut cmd = Command::new("python3");
+        let mut cmd = test_support::cgroup::command_in(cgroup, "python3");
         cmd.arg(&self.first_byte)
             .arg(self.opts.connections.to_string());
-        if let Some(cg) = cgroup {
-            cmd.arg("--cgroup").arg(cg);
-        }
         for (name, addr) in targets {
             cmd.arg(format!("{name}={addr}"));
         }
