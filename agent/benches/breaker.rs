@@ -15,6 +15,7 @@
 
 use std::{
     hint::black_box,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -24,7 +25,7 @@ use serde_json::json;
 use agent::breaker::{
     classify::{Ended, Facts, classify},
     config::BreakerConfig,
-    registry::{Breakers, ClusterShape, Transition},
+    registry::{Breakers, ClusterShape, EndpointBreakers, Transition},
 };
 
 fn main() -> anyhow::Result<()> {
@@ -73,19 +74,20 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         BreakerConfig::default(),
         &[ClusterShape {
             name: "bench",
-            endpoints: &endpoints,
-            endpoint_subset: &[0, 0, 0],
             subsets: &subsets,
-            discovered: 0,
             endpoints_only: false,
         }],
         Instant::now(),
     );
+    let eps: Vec<Arc<EndpointBreakers>> = endpoints
+        .iter()
+        .map(|e| breakers.endpoint(0, e, 0))
+        .collect();
     // Made before the clock starts: the proxy's own `to_string` of the key is not the engine's.
     let clients: Vec<String> = (0..CLIENTS).map(|i| format!("sub:user-{i}")).collect();
     // A warm-up pass creates the client and method breakers, so that the measured calls find
     // them, as in a proxy that has been running for a while.
-    one_loop(&breakers, &clients, CLIENTS.min(opts.calls), 0);
+    one_loop(&breakers, &eps, &clients, CLIENTS.min(opts.calls), 0);
     if opts.clients_with_breakers {
         let now = Instant::now();
         let mut out = Vec::new();
@@ -111,8 +113,8 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     let loops: Vec<Loop> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..opts.threads)
             .map(|t| {
-                let (breakers, clients) = (&breakers, &clients);
-                s.spawn(move || one_loop(breakers, clients, opts.calls, t as u64))
+                let (breakers, eps, clients) = (&breakers, &eps, &clients);
+                s.spawn(move || one_loop(breakers, eps, clients, opts.calls, t as u64))
             })
             .collect();
         handles
@@ -149,7 +151,13 @@ fn run(opts: &Options) -> anyhow::Result<()> {
 
 /// `calls` streams through the breakers, as the proxy admits and records one; thread `t`
 /// starts at another client than its peers.
-fn one_loop(breakers: &Breakers, clients: &[String], calls: u64, t: u64) -> Loop {
+fn one_loop(
+    breakers: &Breakers,
+    eps: &[Arc<EndpointBreakers>],
+    clients: &[String],
+    calls: u64,
+    t: u64,
+) -> Loop {
     let mut out: Vec<Transition> = Vec::with_capacity(4);
     let (mut rejected, mut transitions) = (0, 0);
     // An answered gRPC call with status 0, as `finish` describes it.
@@ -171,16 +179,16 @@ fn one_loop(breakers: &Breakers, clients: &[String], calls: u64, t: u64) -> Loop
             Ok(mut permits) => {
                 // Two candidates, as a power-of-two-choices pick looks at them.
                 let (a, b) = ((n % 3) as usize, ((n + 1) % 3) as usize);
-                let pick = if breakers.endpoint_admissible(0, 0, a, now) {
+                let pick = if breakers.endpoint_admissible(&eps[a], 0, now) {
                     a
-                } else if breakers.endpoint_admissible(0, 0, b, now) {
+                } else if breakers.endpoint_admissible(&eps[b], 0, now) {
                     b
                 } else {
                     rejected += 1;
                     continue;
                 };
                 if breakers
-                    .admit_endpoint(&mut permits, 0, 0, pick, now, &mut out)
+                    .admit_endpoint(&mut permits, &eps[pick], 0, now, &mut out)
                     .is_err()
                 {
                     rejected += 1;

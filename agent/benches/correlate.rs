@@ -153,8 +153,9 @@ async fn run(opts: &Options) -> anyhow::Result<()> {
             ),
             joins.tracked.connection(
                 Side::Upstream {
-                    cluster: 0,
-                    endpoint: (c % 10) as usize,
+                    endpoint: shared.clusters[0].endpoints()[(c % 10) as usize]
+                        .breakers
+                        .clone(),
                 },
                 up_local,
                 up_peer,

@@ -8,6 +8,7 @@
 //! - `probes`: the kernel programs, their ring buffer and the Go process discovery, feeding a
 //!   [`probes::pipeline::SignalSink`];
 //! - `config`: the agent's configuration file, each section validating itself;
+//! - `discovery`: the clusters' DNS names followed at their TTL, each address an endpoint;
 //! - `correlate`: kernel signals joined to the proxy's connections, streams and upstream
 //!   processes, and applied to the breakers;
 //! - `events`: the publish bus, durable breaker-trip events (journal) and their tail;
@@ -21,9 +22,9 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod correlate;
+pub mod discovery;
 pub mod events;
 pub mod export;
-pub mod grow;
 pub mod probes;
 pub mod proxy;
 pub mod signals;

@@ -16,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{grow::GrowList, signals::SignalKind};
+use crate::signals::SignalKind;
 
 use super::{
     circuit::{Breaker, Change, Figures, Mark, Permit, Reason, SignalAction, State, nanos},
@@ -384,19 +384,51 @@ impl<'a> CallPermits<'a> {
     }
 }
 
-/// The shape of one cluster, as the breakers need it.
+/// The shape of one cluster, as the breakers need it. (Its endpoints come and go: each gets
+/// its breakers from [`Breakers::endpoint`] when it joins.)
 pub struct ClusterShape<'a> {
     pub name: &'a str,
-    pub endpoints: &'a [String],
-    /// Subset index of each endpoint.
-    pub endpoint_subset: &'a [usize],
     pub subsets: &'a [String],
-    /// Room for endpoints found while the agent runs (an intercepted connection's original
-    /// destination in the passthrough cluster), beyond `endpoints`.
-    pub discovered: usize,
     /// Only endpoint breakers: the passthrough cluster's endpoints are unrelated services, so
     /// a cluster or method breaker over all of them would let one fail the others.
     pub endpoints_only: bool,
+}
+
+/// The breakers a call to one endpoint goes through, for every priority class: the endpoint's
+/// own and its subset's. Made by [`Breakers::endpoint`] when the endpoint joins its cluster
+/// (from the configuration, from DNS, or as an intercepted connection's original destination)
+/// and held by the endpoint and by the connections to it: a kernel signal about one of those
+/// reaches the breaker without an index into anything that may have changed since.
+pub struct EndpointBreakers {
+    /// `cluster/address`, as the breakers and the evidence name it.
+    pub name: Arc<str>,
+    /// By class.
+    classes: Box<[EndpointClass]>,
+}
+
+struct EndpointClass {
+    endpoint: Option<Arc<Cell>>,
+    /// None when the cluster has one subset only (its breaker would be the cluster's).
+    subset: Option<Arc<Cell>>,
+}
+
+impl EndpointBreakers {
+    fn class(&self, class: usize) -> Option<&EndpointClass> {
+        self.classes.get(class)
+    }
+
+    /// The endpoint's and its subset's breakers of one class.
+    fn cells(&self, class: usize) -> impl Iterator<Item = &Arc<Cell>> {
+        self.class(class)
+            .into_iter()
+            .flat_map(|c| c.endpoint.iter().chain(c.subset.iter()))
+    }
+}
+
+impl std::fmt::Debug for EndpointBreakers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("EndpointBreakers").field(&self.name).finish()
+    }
 }
 
 type Map<V> = HashMap<Box<str>, V, foldhash::quality::RandomState>;
@@ -470,9 +502,7 @@ impl MethodTable {
 struct ClassBreakers {
     cluster: Option<Cell>,
     /// Empty when the cluster has one subset only (its breaker would be the cluster's).
-    subsets: Vec<Cell>,
-    /// By endpoint index; empty when endpoints have no breaker policy.
-    endpoints: GrowList<Cell>,
+    subsets: Vec<Arc<Cell>>,
     methods: MethodTable,
 }
 
@@ -480,7 +510,6 @@ struct ClusterBreakers {
     name: String,
     /// No method breakers (see [`ClusterShape::endpoints_only`]).
     endpoints_only: bool,
-    endpoint_subset: Vec<usize>,
     classes: Vec<ClassBreakers>,
 }
 
@@ -488,6 +517,10 @@ pub struct Breakers {
     config: BreakerConfig,
     epoch: Instant,
     clusters: Vec<ClusterBreakers>,
+    /// Every endpoint's breakers by name (`cluster/address`), for the figures, the timer, the
+    /// operator and the signals that name an endpoint; calls reach them through their
+    /// endpoint, without this lock.
+    endpoints: Mutex<Map<Arc<EndpointBreakers>>>,
     /// Breakers of the clients that were at fault (a client that never was needs none).
     clients: Mutex<Map<Arc<Cell>>>,
     /// A bit per client key hash, set for the clients in `clients`: most calls learn that
@@ -508,6 +541,7 @@ impl Breakers {
             config,
             epoch,
             clusters: Vec::new(),
+            endpoints: Mutex::new(Map::default()),
             clients: Mutex::new(Map::default()),
             client_filter: (0..(max_clients * 16).next_power_of_two().max(1024) / 64)
                 .map(|_| AtomicU64::new(0))
@@ -554,23 +588,17 @@ impl Breakers {
                     c.subsets
                         .iter()
                         .filter_map(|s| self.cell(Scope::Subset, class, format!("{}/{s}", c.name)))
+                        .map(Arc::new)
                         .collect()
                 } else {
                     Vec::new()
                 },
-                endpoints: GrowList::new(
-                    c.endpoints.iter().filter_map(|e| {
-                        self.cell(Scope::Endpoint, class, format!("{}/{e}", c.name))
-                    }),
-                    c.discovered,
-                ),
                 methods: MethodTable::new(self.config.max_methods),
             })
             .collect();
         ClusterBreakers {
             endpoints_only: c.endpoints_only,
             name: c.name.to_owned(),
-            endpoint_subset: c.endpoint_subset.to_vec(),
             classes,
         }
     }
@@ -611,99 +639,106 @@ impl Breakers {
         Ok(permits)
     }
 
+    /// The breakers of the endpoint at `address` of `cluster`, in `subset` (an index into the
+    /// cluster's subsets): the ones it has if it is known, else new ones (closed).
+    pub fn endpoint(&self, cluster: usize, address: &str, subset: usize) -> Arc<EndpointBreakers> {
+        let cluster_name = self.clusters.get(cluster).map_or("", |c| c.name.as_str());
+        let name = format!("{cluster_name}/{address}");
+        let mut map = lock(&self.endpoints);
+        if let Some(e) = map.get(name.as_str()) {
+            return e.clone();
+        }
+        let classes = (0..self.config.classes.len())
+            .map(|class| EndpointClass {
+                endpoint: self
+                    .cell(Scope::Endpoint, class, name.clone())
+                    .map(Arc::new),
+                subset: self
+                    .class(cluster, class)
+                    .and_then(|cb| cb.subsets.get(subset))
+                    .cloned(),
+            })
+            .collect();
+        let made = Arc::new(EndpointBreakers {
+            name: name.as_str().into(),
+            classes,
+        });
+        map.insert(name.into(), made.clone());
+        made
+    }
+
+    /// An endpoint left its cluster: its breakers are no longer shown or looked up by name.
+    /// (The calls and connections still holding them may go on recording.)
+    pub fn forget_endpoint(&self, endpoint: &Arc<EndpointBreakers>) {
+        let mut map = lock(&self.endpoints);
+        if map
+            .get(&*endpoint.name)
+            .is_some_and(|e| Arc::ptr_eq(e, endpoint))
+        {
+            map.remove(&*endpoint.name);
+        }
+    }
+
+    /// The breakers of the endpoint named `cluster/address`, if it is in its cluster.
+    pub fn endpoint_named(&self, name: &str) -> Option<Arc<EndpointBreakers>> {
+        lock(&self.endpoints).get(name).cloned()
+    }
+
     /// Whether an endpoint (and its subset) would take a call now; changes nothing.
-    pub fn endpoint_admissible(
-        &self,
-        cluster: usize,
-        class: usize,
-        endpoint: usize,
-        now: Instant,
-    ) -> bool {
-        let Some(cb) = self.class(cluster, class) else {
-            return true;
-        };
-        let subset = self.subset_of(cluster, endpoint);
-        [
-            cb.endpoints.get(endpoint),
-            subset.and_then(|s| cb.subsets.get(s)),
-        ]
-        .into_iter()
-        .flatten()
-        .all(|c| c.closed().is_some() || c.lock().admissible(now))
+    pub fn endpoint_admissible(&self, e: &EndpointBreakers, class: usize, now: Instant) -> bool {
+        e.cells(class)
+            .all(|c| c.closed().is_some() || c.lock().admissible(now))
     }
 
     /// Takes the picked endpoint's (and its subset's) permits for the call.
     pub fn admit_endpoint<'a>(
         &'a self,
         permits: &mut CallPermits<'a>,
-        cluster: usize,
+        e: &EndpointBreakers,
         class: usize,
-        endpoint: usize,
         now: Instant,
         out: &mut Vec<Transition>,
     ) -> Result<(), Rejected> {
-        let Some(cb) = self.class(cluster, class) else {
+        let Some(ec) = e.class(class) else {
             return Ok(());
         };
-        permits.subset = match self
-            .subset_of(cluster, endpoint)
-            .and_then(|s| cb.subsets.get(s))
-        {
-            Some(cell) => Some(admit(CellRef::Borrowed(cell), now, out)?),
+        permits.subset = match &ec.subset {
+            Some(cell) => Some(admit(CellRef::Shared(cell.clone()), now, out)?),
             None => None,
         };
-        permits.endpoint = match cb.endpoints.get(endpoint) {
-            Some(cell) => Some(admit(CellRef::Borrowed(cell), now, out)?),
+        permits.endpoint = match &ec.endpoint {
+            Some(cell) => Some(admit(CellRef::Shared(cell.clone()), now, out)?),
             None => None,
         };
         Ok(())
     }
 
-    /// Breakers for an endpoint found while the agent runs, at `index` of its cluster (the
-    /// index the cluster's pool gave it). False when there is no room left for it.
-    pub fn add_endpoint(&self, cluster: usize, index: usize, address: &str) -> bool {
-        let Some(c) = self.clusters.get(cluster) else {
-            return false;
-        };
-        for (class, cb) in c.classes.iter().enumerate() {
-            if cb.endpoints.len() != index {
-                // No endpoint policy for this class (no cells at all), or out of step.
-                continue;
-            }
-            if let Some(cell) = self.cell(Scope::Endpoint, class, format!("{}/{address}", c.name))
-                && cb.endpoints.push(cell).is_err()
-            {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Why no endpoint of a cluster takes calls: the open breaker that probes soonest.
-    pub fn no_endpoint(&self, cluster: usize, class: usize, now: Instant) -> Option<Rejected> {
+    /// Why no endpoint of a cluster takes calls: the open breaker (of `endpoints`, or of the
+    /// cluster's subsets) that probes soonest.
+    pub fn no_endpoint<'a>(
+        &self,
+        cluster: usize,
+        class: usize,
+        endpoints: impl Iterator<Item = &'a EndpointBreakers>,
+        now: Instant,
+    ) -> Option<Rejected> {
         let cb = self.class(cluster, class)?;
-        Self::soonest_refusal(cb.endpoints.iter().chain(&cb.subsets), now)
+        let endpoint_cells = endpoints.filter_map(move |e| e.class(class)?.endpoint.as_ref());
+        Self::soonest_refusal(endpoint_cells.chain(&cb.subsets), now)
     }
 
     /// Why one endpoint (and its subset) does not take calls.
     pub fn endpoint_refusal(
         &self,
-        cluster: usize,
+        e: &EndpointBreakers,
         class: usize,
-        endpoint: usize,
         now: Instant,
     ) -> Option<Rejected> {
-        let cb = self.class(cluster, class)?;
-        let subset = self.subset_of(cluster, endpoint);
-        let cells = [
-            cb.endpoints.get(endpoint),
-            subset.and_then(|s| cb.subsets.get(s)),
-        ];
-        Self::soonest_refusal(cells.into_iter().flatten(), now)
+        Self::soonest_refusal(e.cells(class), now)
     }
 
     fn soonest_refusal<'a>(
-        cells: impl Iterator<Item = &'a Cell>,
+        cells: impl Iterator<Item = &'a Arc<Cell>>,
         now: Instant,
     ) -> Option<Rejected> {
         cells
@@ -715,14 +750,6 @@ impl Breakers {
                 })
             })
             .min_by_key(|r| r.retry_after)
-    }
-
-    fn subset_of(&self, cluster: usize, endpoint: usize) -> Option<usize> {
-        self.clusters
-            .get(cluster)?
-            .endpoint_subset
-            .get(endpoint)
-            .copied()
     }
 
     fn method_cell<'a>(
@@ -817,9 +844,16 @@ impl Breakers {
         for c in &self.clusters {
             for cb in &c.classes {
                 cells.extend(cb.cluster.iter().map(CellRef::Borrowed));
-                cells.extend(cb.subsets.iter().map(CellRef::Borrowed));
-                cells.extend(cb.endpoints.iter().map(CellRef::Borrowed));
+                cells.extend(cb.subsets.iter().map(|c| CellRef::Borrowed(c)));
                 cells.extend(cb.methods.cells().map(CellRef::Borrowed));
+            }
+        }
+        let mut endpoints: Vec<_> = lock(&self.endpoints).values().cloned().collect();
+        // In a steady order for the figures (the map's is its hash's).
+        endpoints.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        for e in &endpoints {
+            for ec in &e.classes {
+                cells.extend(ec.endpoint.iter().cloned().map(CellRef::Shared));
             }
         }
         cells.extend(lock(&self.clients).values().cloned().map(CellRef::Shared));
@@ -850,21 +884,15 @@ impl Breakers {
     /// An outside signal about one endpoint (every class's breaker of it).
     pub fn signal_endpoint(
         &self,
-        cluster: usize,
-        endpoint: usize,
+        e: &EndpointBreakers,
         kind: SignalKind,
         action: SignalAction,
         now: Instant,
         out: &mut Vec<Transition>,
     ) {
-        let Some(c) = self.clusters.get(cluster) else {
-            return;
-        };
-        for cb in &c.classes {
-            if let Some(cell) = cb.endpoints.get(endpoint) {
-                let change = cell.lock().signal(now, kind, action);
-                cell.report(change, out);
-            }
+        for cell in e.classes.iter().filter_map(|c| c.endpoint.as_ref()) {
+            let change = cell.lock().signal(now, kind, action);
+            cell.report(change, out);
         }
     }
 

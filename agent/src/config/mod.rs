@@ -9,6 +9,7 @@
 //! breaker engine and the request context, which sit below.
 
 pub mod api;
+pub mod dns;
 pub mod events;
 pub mod export;
 pub mod intercept;
@@ -23,6 +24,7 @@ use serde::Deserialize;
 
 use self::{
     api::{ApiConfig, ApiConfigError},
+    dns::{DnsConfig, DnsError, RawDns},
     events::{EventsConfig, EventsError},
     export::{ExportConfig, ExportError},
     intercept::{InterceptConfig, InterceptError, RawIntercept},
@@ -51,6 +53,8 @@ pub struct AgentConfig {
     pub api: ApiConfig,
     /// Transparent interception; off without an `[intercept]` section.
     pub intercept: Option<InterceptConfig>,
+    /// The resolver of the clusters' DNS names.
+    pub dns: DnsConfig,
 }
 
 /// One problem in a configuration file, where it is (line 0: no one place, the message names
@@ -87,6 +91,9 @@ pub enum ConfigErrorKind {
     Api(#[from] ApiConfigError),
     #[error(transparent)]
     Intercept(#[from] InterceptError),
+    /// `[dns]`, `[cluster.dns]`.
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     /// `[context]`: a JWT key that cannot be loaded, a bad header name.
     #[error(transparent)]
     Context(#[from] ContextConfigError),
@@ -185,6 +192,8 @@ struct RawConfig {
     #[serde(default)]
     api: ApiConfig,
     intercept: Option<RawIntercept>,
+    #[serde(default)]
+    dns: RawDns,
 }
 
 /// Durations as text: "10s", "250ms", "5m".
@@ -315,6 +324,12 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> AgentConfig {
     if let Err(e) = raw.api.check() {
         p.keyed(e);
     }
+    let dns = raw.dns.check().unwrap_or_else(|errors| {
+        for e in errors {
+            p.keyed(e);
+        }
+        DnsConfig::default()
+    });
     // Loads the JWT keys now, so a missing or bad key file is reported here.
     if let Err(e) = crate::context::Extractor::new(&raw.context) {
         p.keyed(ContextConfigError::from(e));
@@ -332,6 +347,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> AgentConfig {
         export: raw.export,
         api: raw.api,
         intercept,
+        dns,
     }
 }
 
@@ -351,6 +367,7 @@ pub fn quick(listen: SocketAddr, upstreams: &[String]) -> Result<AgentConfig, Pr
         export: ExportConfig::default(),
         api: ApiConfig::default(),
         intercept: None,
+        dns: DnsConfig::default(),
     })
 }
 

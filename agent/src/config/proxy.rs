@@ -7,7 +7,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Problems, duration,
+    Problems,
+    dns::DnsPolicy,
+    duration,
     intercept::{Destinations, InterceptError, PASSTHROUGH_CLUSTER, RawDestinations},
 };
 
@@ -82,6 +84,8 @@ pub enum HostPortError {
     NotAPort(String),
     #[error("{0:?} is not an IP address or DNS name")]
     BadHost(String),
+    #[error("{0:?} is not an SRV name like _grpc._tcp.NAME")]
+    BadSrv(String),
 }
 
 #[derive(Clone, Debug)]
@@ -109,16 +113,43 @@ pub struct Route {
     pub cluster: usize,
 }
 
+/// One entry of a cluster's (or subset's) `endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointEntry {
+    /// As written.
+    pub text: String,
+    pub source: Source,
+    /// Index into the cluster's `subsets` (0 when it has none).
+    pub subset: usize,
+}
+
+/// Where an entry's endpoints come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// An IP address and port: one endpoint.
+    Address(SocketAddr),
+    /// A DNS name and port: an endpoint for each address the name has, asked again at its
+    /// TTL (Envoy's STRICT_DNS), so a headless service's pods are endpoints each.
+    Dns { host: String, port: u16 },
+    /// `_service._tcp.NAME`: an endpoint for each address of each SRV target, at its port.
+    Srv { name: String },
+}
+
+impl Source {
+    pub fn is_dns(&self) -> bool {
+        !matches!(self, Source::Address(_))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Cluster {
     pub name: String,
-    /// `host:port`, resolved when a connection is made.
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<EndpointEntry>,
     /// Labelled subsets (`[[cluster.subset]]`, e.g. a canary), each with its own breaker;
     /// endpoints listed without one are in `default`. Empty: one subset, no subset breaker.
     pub subsets: Vec<String>,
-    /// The subset of each endpoint, an index into `subsets`.
-    pub endpoint_subset: Vec<usize>,
+    /// How its DNS names are followed.
+    pub dns: DnsPolicy,
     pub connect_timeout: Duration,
     /// Connections opened to one endpoint at most; streams beyond what they allow
     /// (the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS) wait for one to finish.
@@ -250,6 +281,8 @@ pub(super) struct RawCluster {
     subsets: Vec<RawSubset>,
     #[serde(default)]
     claims: Vec<Spanned<RawDestinations>>,
+    #[serde(default)]
+    dns: DnsPolicy,
 }
 
 #[derive(Deserialize)]
@@ -285,8 +318,7 @@ pub(super) fn clusters(
         if c.endpoints.get_ref().is_empty() && c.subsets.iter().all(|s| s.endpoints.is_empty()) {
             p.at(c.endpoints.span(), ProxyError::ClusterEmpty(name.clone()));
         }
-        let mut endpoints: Vec<String> = Vec::new();
-        let mut endpoint_subset = Vec::new();
+        let mut endpoints: Vec<EndpointEntry> = Vec::new();
         let mut subsets = Vec::new();
         if !c.endpoints.get_ref().is_empty() && !c.subsets.is_empty() {
             subsets.push("default".to_owned());
@@ -300,16 +332,26 @@ pub(super) fn clusters(
                 subsets.push(s.into_inner());
             }
             for e in list {
-                if let Err(why) = check_host_port(e.get_ref()) {
-                    let endpoint = e.get_ref().clone();
-                    p.at(e.span(), ProxyError::Endpoint { endpoint, why });
-                }
-                if endpoints.contains(e.get_ref()) {
+                let source = match parse_endpoint(e.get_ref()) {
+                    Ok(source) => source,
+                    Err(why) => {
+                        let endpoint = e.get_ref().clone();
+                        p.at(e.span(), ProxyError::Endpoint { endpoint, why });
+                        continue;
+                    }
+                };
+                if endpoints.iter().any(|x| x.source == source) {
                     p.at(e.span(), ProxyError::EndpointTwice(e.get_ref().clone()));
                 }
-                endpoints.push(e.into_inner());
-                endpoint_subset.push(subsets.len().saturating_sub(1));
+                endpoints.push(EndpointEntry {
+                    text: e.into_inner(),
+                    source,
+                    subset: subsets.len().saturating_sub(1),
+                });
             }
+        }
+        if let Err(e) = c.dns.check(&name) {
+            p.at(c.name.span(), e);
         }
         let max_conns = *c.max_connections_per_endpoint.get_ref();
         if max_conns == 0 {
@@ -328,7 +370,7 @@ pub(super) fn clusters(
             name,
             endpoints,
             subsets,
-            endpoint_subset,
+            dns: c.dns,
             connect_timeout: c.connect_timeout,
             max_connections_per_endpoint: max_conns.max(1),
             claims,
@@ -346,7 +388,7 @@ impl Cluster {
             name: PASSTHROUGH_CLUSTER.to_owned(),
             endpoints: Vec::new(),
             subsets: Vec::new(),
-            endpoint_subset: Vec::new(),
+            dns: DnsPolicy::default(),
             connect_timeout: default_connect_timeout(),
             max_connections_per_endpoint: *default_max_connections().get_ref(),
             claims: Vec::new(),
@@ -519,30 +561,51 @@ impl Limits {
     }
 }
 
-/// `host:port` with a port number; host an IP, `[v6]` or a DNS name.
-fn check_host_port(s: &str) -> Result<(), HostPortError> {
+/// An endpoint entry: `IP:PORT` (`[v6]:PORT`), `NAME:PORT`, or an SRV name
+/// `_service._tcp.NAME` (no port: the records give it).
+pub fn parse_endpoint(s: &str) -> Result<Source, HostPortError> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return if a.port() == 0 {
             Err(HostPortError::PortZero)
         } else {
-            Ok(())
+            Ok(Source::Address(a))
+        };
+    }
+    if s.starts_with('_') && !s.contains(':') {
+        let mut labels = s.trim_end_matches('.').split('.');
+        let service = labels.next().unwrap_or("");
+        let proto = labels.next().unwrap_or("");
+        let rest: Vec<&str> = labels.collect();
+        let ok = service.len() > 1
+            && proto == "_tcp"
+            && !rest.is_empty()
+            && rest.iter().all(|l| dns_label(l));
+        return if ok {
+            Ok(Source::Srv { name: s.to_owned() })
+        } else {
+            Err(HostPortError::BadSrv(s.to_owned()))
         };
     }
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(HostPortError::NotHostPort);
     };
-    if port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(HostPortError::NotAPort(port.to_owned()));
-    }
-    let dns_ok = !host.is_empty()
-        && host
-            .split('.')
-            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
-    if dns_ok {
-        Ok(())
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(HostPortError::NotAPort(port.to_owned())),
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if !name.is_empty() && name.split('.').all(dns_label) {
+        Ok(Source::Dns {
+            host: host.to_owned(),
+            port,
+        })
     } else {
         Err(HostPortError::BadHost(host.to_owned()))
     }
+}
+
+fn dns_label(l: &str) -> bool {
+    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// The quick mode's listener and cluster: one cleartext listener sending everything to one
@@ -551,11 +614,17 @@ pub(super) fn quick(
     listen: SocketAddr,
     upstreams: &[String],
 ) -> Result<(Vec<Listener>, Vec<Cluster>), ProxyError> {
+    let mut endpoints = Vec::new();
     for u in upstreams {
-        check_host_port(u).map_err(|why| ProxyError::QuickUpstream {
+        let source = parse_endpoint(u).map_err(|why| ProxyError::QuickUpstream {
             upstream: u.clone(),
             why,
         })?;
+        endpoints.push(EndpointEntry {
+            text: u.clone(),
+            source,
+            subset: 0,
+        });
     }
     if upstreams.is_empty() {
         return Err(ProxyError::QuickNoUpstream);
@@ -572,9 +641,9 @@ pub(super) fn quick(
     };
     let cluster = Cluster {
         name: "upstream".into(),
-        endpoints: upstreams.to_vec(),
+        endpoints,
         subsets: Vec::new(),
-        endpoint_subset: vec![0; upstreams.len()],
+        dns: DnsPolicy::default(),
         connect_timeout: default_connect_timeout(),
         max_connections_per_endpoint: *default_max_connections().get_ref(),
         claims: Vec::new(),

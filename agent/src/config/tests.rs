@@ -141,15 +141,23 @@ fn subsets_label_their_endpoints() {
     let c = parse(&text).unwrap();
     let cluster = &c.clusters[0];
     assert_eq!(cluster.subsets, ["default", "canary"]);
+    let listed: Vec<(&str, usize)> = cluster
+        .endpoints
+        .iter()
+        .map(|e| (e.text.as_str(), e.subset))
+        .collect();
     assert_eq!(
-        cluster.endpoints,
-        ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
+        listed,
+        [
+            ("127.0.0.1:50051", 0),
+            ("127.0.0.1:50052", 0),
+            ("127.0.0.1:50053", 1)
+        ]
     );
-    assert_eq!(cluster.endpoint_subset, [0, 0, 1]);
     // Without subsets: one, unnamed, and no subset breaker.
     let plain = parse(MINIMAL).unwrap();
     assert!(plain.clusters[0].subsets.is_empty());
-    assert_eq!(plain.clusters[0].endpoint_subset, [0]);
+    assert_eq!(plain.clusters[0].endpoints[0].subset, 0);
 }
 
 #[test]

@@ -149,7 +149,6 @@ impl KernelFeed {
         let (stop, stopped) = watch::channel(false);
         let owners = OwnerLookup {
             joins: targets.joins.clone(),
-            endpoints: targets.endpoints.clone(),
         }
         .spawn(SWEEP_INTERVAL, stopped.clone());
         let mut sink = Correlating {

@@ -41,10 +41,9 @@ use crate::{
     breaker::{
         circuit::SignalAction,
         config::Scope,
-        registry::{Breakers, Transition},
+        registry::{Breakers, EndpointBreakers, Transition},
     },
     config::signals::{Parsed, SignalUse, SignalsConfig},
-    grow::GrowList,
     signals::{
         GoStwPause, SignalKind, TcpReset,
         h2_frame::{FrameDetail, H2Frame},
@@ -103,6 +102,14 @@ impl Joins {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(endpoint, owner);
+    }
+
+    /// An endpoint left its cluster: the process that served it is no longer its.
+    pub fn forget_owner(&self, endpoint: &str) {
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(endpoint);
     }
 
     /// Endpoints (breaker names) served by process `pid`.
@@ -241,34 +248,10 @@ pub trait Outlet: Send + Sync {
     fn signal(&self, record: SignalRecord);
 }
 
-/// The upstream endpoints by their indexes in the breakers and the connection table, as
-/// `cluster/address` names.
-#[derive(Clone, Debug, Default)]
-pub struct EndpointNames {
-    /// Each cluster's name and its endpoints' addresses (growing as the proxy finds
-    /// endpoints).
-    pub clusters: Vec<(String, Arc<GrowList<String>>)>,
-}
-
-impl EndpointNames {
-    pub fn name(&self, cluster: usize, endpoint: usize) -> Option<String> {
-        let (name, addresses) = self.clusters.get(cluster)?;
-        Some(format!("{name}/{}", addresses.get(endpoint)?))
-    }
-
-    pub fn index(&self, endpoint: &str) -> Option<(usize, usize)> {
-        let (cluster, address) = endpoint.split_once('/')?;
-        let ci = self.clusters.iter().position(|(c, _)| c == cluster)?;
-        let ei = self.clusters.get(ci)?.1.iter().position(|a| a == address)?;
-        Some((ci, ei))
-    }
-}
-
 /// What the correlation stage acts on and reports to.
 #[derive(Clone)]
 pub struct Targets {
     pub breakers: Arc<Breakers>,
-    pub endpoints: EndpointNames,
     pub joins: Arc<Joins>,
     pub outlet: Arc<dyn Outlet>,
 }
@@ -326,9 +309,9 @@ impl Correlator {
         });
     }
 
-    fn upstream_name(&self, conn: &TrackedConn) -> Option<String> {
-        match conn.side {
-            Side::Upstream { cluster, endpoint } => self.endpoint_name(cluster, endpoint),
+    fn upstream_name(conn: &TrackedConn) -> Option<String> {
+        match &conn.side {
+            Side::Upstream { endpoint } => Some(endpoint.name.to_string()),
             Side::Downstream { .. } => None,
         }
     }
@@ -384,7 +367,7 @@ impl Correlator {
         };
         self.record(
             SignalKind::TcpReset,
-            self.upstream_name(&conn),
+            Self::upstream_name(&conn),
             direction,
             by,
         );
@@ -415,20 +398,17 @@ impl Correlator {
             ktime_ns: r.ktime_ns,
             json,
         };
-        match conn.side {
-            Side::Upstream { cluster, endpoint } if by_peer => {
+        match &conn.side {
+            Side::Upstream { endpoint } if by_peer => {
                 let used = self.config.upstream_tcp_reset;
-                if self.endpoint_signal(cluster, endpoint, SignalKind::TcpReset, used, ev, affected)
-                {
+                if self.endpoint_signal(endpoint, SignalKind::TcpReset, used, ev, affected) {
                     bump(&stats.acted);
                 }
             }
             // Resets by the agent, and by clients, are evidence only (of the endpoint, or of
             // the client's key).
-            Side::Upstream { cluster, endpoint } => {
-                if let Some(name) = self.endpoint_name(cluster, endpoint) {
-                    self.annotate(Scope::Endpoint, name, ev);
-                }
+            Side::Upstream { endpoint } => {
+                self.annotate(Scope::Endpoint, endpoint.name.to_string(), ev);
             }
             Side::Downstream { .. } => {
                 if let Some(key) = conn.client_key() {
@@ -455,16 +435,11 @@ impl Correlator {
             self.record(kind, None, error, "");
             return;
         };
-        let Side::Upstream { cluster, endpoint } = conn.side else {
+        let Side::Upstream { endpoint } = &conn.side else {
             self.record(kind, None, error, "client");
             return;
         };
-        self.record(
-            kind,
-            self.endpoint_name(cluster, endpoint),
-            error,
-            "upstream",
-        );
+        self.record(kind, Some(endpoint.name.to_string()), error, "upstream");
         bump(&stats.joined);
         let (kind, used, json) = match &f.detail {
             FrameDetail::RstStream { error_code, error } => {
@@ -518,7 +493,7 @@ impl Correlator {
             ktime_ns: f.ktime_ns,
             json,
         };
-        if self.endpoint_signal(cluster, endpoint, kind, used, ev, stream) {
+        if self.endpoint_signal(endpoint, kind, used, ev, stream) {
             bump(&stats.acted);
         }
     }
@@ -634,21 +609,13 @@ impl Correlator {
                 ktime_ns: p.stop_ns,
                 json,
             };
-            let Some((cluster, endpoint)) = self.endpoint_index(&name) else {
+            let Some(endpoint) = self.targets.breakers.endpoint_named(&name) else {
                 continue;
             };
-            if self.endpoint_signal(cluster, endpoint, SignalKind::GoStw, used, ev, None) {
+            if self.endpoint_signal(&endpoint, SignalKind::GoStw, used, ev, None) {
                 bump(&stats.acted);
             }
         }
-    }
-
-    fn endpoint_name(&self, cluster: usize, endpoint: usize) -> Option<String> {
-        self.targets.endpoints.name(cluster, endpoint)
-    }
-
-    fn endpoint_index(&self, name: &str) -> Option<(usize, usize)> {
-        self.targets.endpoints.index(name)
     }
 
     fn annotate(&self, scope: Scope, name: String, ev: Evidence) {
@@ -661,16 +628,13 @@ impl Correlator {
     /// tripped or counted.
     fn endpoint_signal(
         &self,
-        cluster: usize,
-        endpoint: usize,
+        endpoint: &EndpointBreakers,
         kind: SignalKind,
         used: SignalUse,
         ev: Evidence,
         stream: Option<Arc<StreamTag>>,
     ) -> bool {
-        let Some(name) = self.endpoint_name(cluster, endpoint) else {
-            return false;
-        };
+        let name = endpoint.name.to_string();
         let now = Instant::now();
         self.joins().board.add(
             Target {
@@ -688,7 +652,7 @@ impl Correlator {
         let mut out = Vec::new();
         self.targets
             .breakers
-            .signal_endpoint(cluster, endpoint, kind, action, now, &mut out);
+            .signal_endpoint(endpoint, kind, action, now, &mut out);
         self.publish_all(out, stream);
         true
     }

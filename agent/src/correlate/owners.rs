@@ -11,11 +11,10 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::debug;
 
-use super::{EndpointNames, Joins, process, table::Side};
+use super::{Joins, process, table::Side};
 
 pub struct OwnerLookup {
     pub joins: Arc<Joins>,
-    pub endpoints: EndpointNames,
 }
 
 impl OwnerLookup {
@@ -40,12 +39,10 @@ impl OwnerLookup {
     pub async fn look_up_pending(&self) {
         for conn in self.joins.tracked.upstreams_to_look_up() {
             conn.owner_looked_up.store(true, Ordering::Relaxed);
-            let Side::Upstream { cluster, endpoint } = conn.side else {
+            let Side::Upstream { endpoint } = &conn.side else {
                 continue;
             };
-            let Some(name) = self.endpoints.name(cluster, endpoint) else {
-                continue;
-            };
+            let name = endpoint.name.to_string();
             let (local, peer) = (conn.local, conn.peer);
             let found = tokio::task::spawn_blocking(move || {
                 process::peer_owner(Path::new("/proc"), local, peer)

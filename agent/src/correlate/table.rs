@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::context::RequestContext;
+use crate::{breaker::registry::EndpointBreakers, context::RequestContext};
 
 /// How long a closed connection can still be joined to a late kernel signal.
 pub const LINGER: Duration = Duration::from_secs(5);
@@ -27,12 +27,22 @@ pub const LINGER: Duration = Duration::from_secs(5);
 const SHARDS: usize = 16;
 
 /// Which side of the proxy a connection is on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Side {
     /// A client's connection to one of our listeners.
     Downstream { listener: Arc<str> },
-    /// Our connection to an upstream endpoint (indexes into the proxy's clusters).
-    Upstream { cluster: usize, endpoint: usize },
+    /// Our connection to an upstream endpoint: its breakers, which also name it.
+    Upstream { endpoint: Arc<EndpointBreakers> },
+}
+
+impl PartialEq for Side {
+    fn eq(&self, other: &Side) -> bool {
+        match (self, other) {
+            (Side::Downstream { listener: a }, Side::Downstream { listener: b }) => a == b,
+            (Side::Upstream { endpoint: a }, Side::Upstream { endpoint: b }) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// What the correlation stage needs to know of a stream: whose it was and what it carried.
@@ -274,6 +284,19 @@ mod tests {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    fn test_endpoint() -> Arc<EndpointBreakers> {
+        let b = crate::breaker::registry::Breakers::new(
+            crate::breaker::config::BreakerConfig::default(),
+            &[crate::breaker::registry::ClusterShape {
+                name: "c",
+                subsets: &[],
+                endpoints_only: false,
+            }],
+            Instant::now(),
+        );
+        b.endpoint(0, "10.0.0.1:1", 0)
+    }
+
     fn tag(method: &str) -> Arc<StreamTag> {
         Arc::new(StreamTag {
             method: method.into(),
@@ -288,8 +311,7 @@ mod tests {
     fn connections_are_found_by_their_four_tuple_also_v4_mapped() {
         let t = Tracked::new(true);
         let up = Side::Upstream {
-            cluster: 0,
-            endpoint: 1,
+            endpoint: test_endpoint(),
         };
         let g = t.connection(up.clone(), addr("127.0.0.1:4000"), addr("127.0.0.1:50051"));
         assert!(g.is_some());
@@ -369,8 +391,7 @@ mod tests {
         assert!(
             t.connection(
                 Side::Upstream {
-                    cluster: 0,
-                    endpoint: 0
+                    endpoint: test_endpoint()
                 },
                 addr("127.0.0.1:1"),
                 addr("127.0.0.1:2")

@@ -40,28 +40,21 @@ impl Recorder {
 /// One cluster, `upstream`, of two endpoints (the first is `UP`), as `--upstream` makes it.
 fn setup(signals: SignalsConfig) -> (Targets, Arc<Recorder>, Correlator) {
     let parsed = signals.check().unwrap();
-    let endpoints = vec![UP.to_owned(), "10.9.0.2:50051".to_owned()];
     let breakers = Breakers::new(
         BreakerConfig::default(),
         &[ClusterShape {
             name: "upstream",
-            endpoints: &endpoints,
-            endpoint_subset: &[0, 0],
             subsets: &[],
-            discovered: 0,
             endpoints_only: false,
         }],
         Instant::now(),
     );
+    for e in [UP, "10.9.0.2:50051"] {
+        breakers.endpoint(0, e, 0);
+    }
     let recorder = Arc::new(Recorder::default());
     let targets = Targets {
         breakers: Arc::new(breakers),
-        endpoints: EndpointNames {
-            clusters: vec![(
-                "upstream".to_owned(),
-                Arc::new(crate::grow::GrowList::new(endpoints, 0)),
-            )],
-        },
         joins: Arc::new(Joins::new(true)),
         outlet: recorder.clone(),
     };
@@ -109,6 +102,14 @@ fn frame(src: &str, dst: &str, stream_id: u32, detail: FrameDetail) -> H2Frame {
     }
 }
 
+/// The breakers of endpoint `UP`.
+fn up(shared: &Targets) -> Arc<crate::breaker::registry::EndpointBreakers> {
+    shared
+        .breakers
+        .endpoint_named(&format!("upstream/{UP}"))
+        .unwrap()
+}
+
 fn state(shared: &Targets, endpoint: &str) -> String {
     let s = shared.breakers.snapshot(Instant::now());
     let b = s
@@ -129,8 +130,7 @@ async fn both_ends_of_one_upstream_reset_trip_its_endpoint_once_with_the_stream(
         .tracked
         .connection(
             Side::Upstream {
-                cluster: 0,
-                endpoint: 0,
+                endpoint: up(&shared),
             },
             a("10.0.0.5:40000"),
             a(UP),
@@ -176,8 +176,7 @@ async fn a_reset_the_agent_sent_is_evidence_only() {
     let (shared, _, mut c) = setup(SignalsConfig::default());
     let _conn = shared.joins.tracked.connection(
         Side::Upstream {
-            cluster: 0,
-            endpoint: 0,
+            endpoint: up(&shared),
         },
         a("10.0.0.5:40000"),
         a(UP),
@@ -196,8 +195,7 @@ async fn goaway_with_an_error_counts_and_rst_stream_annotates_as_configured() {
     let (shared, _, mut c) = setup(signals);
     let _conn = shared.joins.tracked.connection(
         Side::Upstream {
-            cluster: 0,
-            endpoint: 0,
+            endpoint: up(&shared),
         },
         a("10.0.0.5:40000"),
         a(UP),

@@ -28,7 +28,7 @@ use super::{
     grpc::{self, Code},
     retry::{RetryBudget, RetryConfig, RetryGuard},
     route::route,
-    upstream::{ClusterPool, Lease, UpstreamError},
+    upstream::{ClusterPool, Endpoint, Lease, UpstreamError},
 };
 use crate::{
     breaker::{
@@ -78,7 +78,7 @@ pub struct ConnInfo {
 }
 
 /// Where an intercepted connection's calls go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Intercepted {
     /// What the application dialed.
     pub original: SocketAddr,
@@ -86,7 +86,7 @@ pub struct Intercepted {
     pub cluster: usize,
     /// In the passthrough cluster, the original destination's endpoint; None: the claiming
     /// cluster picks among its endpoints.
-    pub endpoint: Option<usize>,
+    pub endpoint: Option<Arc<Endpoint>>,
 }
 
 /// Why a pump stopped early.
@@ -256,7 +256,7 @@ struct Downstream {
 struct Attempts<'a> {
     count: u32,
     /// Endpoints tried so far (another is preferred).
-    tried: Vec<usize>,
+    tried: Vec<Arc<Endpoint>>,
     /// The call's place in the retry budget, taken at its first retry.
     retrying: Option<RetryGuard<'a>>,
     idempotent: bool,
@@ -363,7 +363,7 @@ async fn attempt<'a>(
         attempts.count += 1;
         let now = Instant::now();
         let endpoint = match pick_endpoint(cluster, &attempts.tried, call) {
-            Ok(i) => i,
+            Ok(e) => e,
             Err(rejected) => {
                 // Every endpoint's breaker is open: the call never reaches one.
                 call.permits = None;
@@ -371,7 +371,7 @@ async fn attempt<'a>(
                 return Tried::Answered;
             }
         };
-        attempts.tried.push(endpoint);
+        attempts.tried.push(endpoint.clone());
         let request_in_headers = lock(&down.replay).fits_in_headers();
         let mut up = match open_upstream(call, cluster, endpoint, parts, request_in_headers).await {
             Ok(up) => up,
@@ -660,20 +660,12 @@ async fn resend(
 async fn open_upstream(
     call: &mut Call<'_>,
     cluster_index: usize,
-    endpoint_index: usize,
+    endpoint: Arc<Endpoint>,
     parts: &http::request::Parts,
     end_of_stream: bool,
 ) -> Result<Upstream, Failure> {
     let (shared, deadline) = (call.shared, call.deadline);
     let cluster = &shared.clusters[cluster_index];
-    let endpoint = cluster.endpoint(endpoint_index).ok_or_else(|| {
-        Failure::answered(
-            Ending::ConnectFailed,
-            Code::Unavailable,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "cluster has no endpoints",
-        )
-    })?;
     call.out.endpoint = Some(endpoint.address.clone());
 
     let acquired = until(deadline, async {
@@ -852,7 +844,7 @@ struct Call<'a> {
     request_complete: bool,
     /// The only endpoint the call may go to (an intercepted connection's original
     /// destination, in the passthrough cluster).
-    pinned: Option<usize>,
+    pinned: Option<Arc<Endpoint>>,
 }
 
 impl<'a> Call<'a> {
@@ -891,7 +883,7 @@ impl<'a> Call<'a> {
             breaker: None,
             blame: None,
             first_byte: None,
-            original_destination: conn.intercepted.map(|i| i.original),
+            original_destination: conn.intercepted.as_ref().map(|i| i.original),
         };
         Call {
             shared,
@@ -904,7 +896,7 @@ impl<'a> Call<'a> {
             client_key: None,
             transitions: Vec::new(),
             request_complete: false,
-            pinned: conn.intercepted.and_then(|i| i.endpoint),
+            pinned: conn.intercepted.as_ref().and_then(|i| i.endpoint.clone()),
         }
     }
 
@@ -929,7 +921,7 @@ impl<'a> Call<'a> {
         respond: &mut SendResponse<Bytes>,
     ) -> Option<usize> {
         let shared = self.shared;
-        let routed = match conn.intercepted {
+        let routed = match &conn.intercepted {
             Some(i) => Some(i.cluster),
             None => route(
                 &conn.routes,
@@ -1073,35 +1065,41 @@ impl<'a> Call<'a> {
 
 /// Picks an endpoint whose breakers admit the call, preferring one not tried yet, and takes
 /// its permits.
-fn pick_endpoint(cluster: usize, tried: &[usize], call: &mut Call<'_>) -> Result<usize, Rejected> {
+fn pick_endpoint(
+    cluster: usize,
+    tried: &[Arc<Endpoint>],
+    call: &mut Call<'_>,
+) -> Result<Arc<Endpoint>, Rejected> {
     let (shared, class) = (call.shared, call.class);
     let breakers = &shared.breakers;
     let pool = &shared.clusters[cluster];
+    // Read once: DNS may change the set meanwhile; this call picks from the one it saw.
+    let set = pool.endpoints();
     let now = Instant::now().into_std();
     // A few tries: another call may take the last half-open probe between the look and
     // the admission.
     for _ in 0..3 {
-        let admissible = |i: usize| breakers.endpoint_admissible(cluster, class, i, now);
-        let picked = match call.pinned {
-            Some(i) => admissible(i).then_some(i),
-            None => pool
-                .pick(|i| !tried.contains(&i) && admissible(i))
-                .or_else(|| pool.pick(admissible)),
+        let admissible = |e: &Endpoint| breakers.endpoint_admissible(&e.breakers, class, now);
+        let untried = |e: &Endpoint| !tried.iter().any(|t| std::ptr::eq(&**t, e));
+        let picked = match &call.pinned {
+            Some(e) => admissible(e).then(|| e.clone()),
+            None => ClusterPool::pick(&set, |e| untried(e) && admissible(e))
+                .or_else(|| ClusterPool::pick(&set, admissible)),
         };
-        let Some(i) = picked else {
+        let Some(e) = picked else {
             break;
         };
         let Some(permits) = call.permits.as_mut() else {
-            return Ok(i);
+            return Ok(e);
         };
-        match breakers.admit_endpoint(permits, cluster, class, i, now, &mut call.transitions) {
-            Ok(()) => return Ok(i),
+        match breakers.admit_endpoint(permits, &e.breakers, class, now, &mut call.transitions) {
+            Ok(()) => return Ok(e),
             Err(_) => continue,
         }
     }
-    let refusal = match call.pinned {
-        Some(i) => breakers.endpoint_refusal(cluster, class, i, now),
-        None => breakers.no_endpoint(cluster, class, now),
+    let refusal = match &call.pinned {
+        Some(e) => breakers.endpoint_refusal(&e.breakers, class, now),
+        None => breakers.no_endpoint(cluster, class, set.iter().map(|e| &*e.breakers), now),
     };
     Err(refusal.unwrap_or_else(|| Rejected {
         breaker: Arc::new(BreakerId {

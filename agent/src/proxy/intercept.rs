@@ -214,13 +214,7 @@ fn plan_route(plan: &InterceptPlan, shared: &Shared, to: SocketAddr) -> Option<I
         });
     }
     let cluster = plan.passthrough;
-    let pool = shared.clusters.get(cluster)?;
-    let address = to.to_string();
-    let endpoint = pool.find_or_add(&address, |index| {
-        if !shared.breakers.add_endpoint(cluster, index, &address) {
-            warn!(endpoint = %address, "no room for this endpoint's breakers");
-        }
-    })?;
+    let endpoint = shared.clusters.get(cluster)?.find_or_add(to)?;
     Some(Intercepted {
         original: to,
         cluster,
@@ -293,7 +287,8 @@ pub(super) async fn watch_passthrough_breakers(shared: Arc<Shared>, passthrough:
         {
             continue;
         }
-        if let Some(endpoint) = id.name.strip_prefix(&prefix).and_then(|a| pool.find(a)) {
+        let address = id.name.strip_prefix(&prefix).and_then(|a| a.parse().ok());
+        if let Some(endpoint) = address.and_then(|a| pool.find(a)) {
             endpoint.breaker_opened.send_modify(|n| *n += 1);
         }
     }
@@ -375,14 +370,14 @@ async fn serve_intercepted(
         splice(socket, destination, plan).await;
         return;
     };
-    if let Some(endpoint) = route.endpoint {
+    if let Some(endpoint) = &route.endpoint {
         // An endpoint whose breaker is open is refused like a dead one: the client's balancer
         // (grpc-go's round_robin, say) marks that address down and uses the others.
         let now = std::time::Instant::now();
         if !s
             .shared
             .breakers
-            .endpoint_admissible(route.cluster, 0, endpoint, now)
+            .endpoint_admissible(&endpoint.breakers, 0, now)
         {
             stats.refused_breaker_open.fetch_add(1, Ordering::Relaxed);
             reset(&socket);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::forward::Shared;
 use crate::{
     breaker::registry::Transition,
-    correlate::{EndpointNames, Targets, table::StreamTag},
+    correlate::{Targets, table::StreamTag},
     events::{BreakerEvent, outcome::StreamOutcome},
 };
 
@@ -32,13 +32,6 @@ impl Shared {
     pub fn correlation_targets(&self) -> Targets {
         Targets {
             breakers: self.breakers.clone(),
-            endpoints: EndpointNames {
-                clusters: self
-                    .clusters
-                    .iter()
-                    .map(|c| (c.name.clone(), c.addresses()))
-                    .collect(),
-            },
             joins: self.joins.clone(),
             outlet: self.bus.clone(),
         }

@@ -32,6 +32,7 @@ use crate::{
     },
     context::{ContextStats, Extractor},
     correlate::{Joins, table::Side},
+    discovery::{Discovery, DiscoveryStats, EndpointSink, NameStatus, SetChange},
     events::bus::{BreakerEvents, Bus, Outcomes},
     probes::intercept::InterceptKernel,
 };
@@ -55,6 +56,8 @@ pub enum ServerError {
         #[source]
         source: TlsError,
     },
+    #[error(transparent)]
+    Dns(#[from] crate::discovery::dns::ResolverError),
     #[error("cannot listen on {address} (listener {listener}): {source}")]
     Bind {
         listener: String,
@@ -112,6 +115,9 @@ pub struct Proxy {
     intercept_plan: Option<Arc<InterceptPlan>>,
     intercept_kernel: Option<Arc<InterceptKernel>>,
     shared: Arc<Shared>,
+    /// The clusters' DNS names, followed until the proxy is dropped (which drops this).
+    discovery: Arc<DiscoveryStats>,
+    _discovery_stop: watch::Sender<bool>,
     limits: Limits,
     timeouts: Timeouts,
     connections: Arc<Live>,
@@ -133,6 +139,9 @@ pub struct ProxyStats {
     pub untracked_clients: u64,
     pub untracked_methods: u64,
     pub context: ContextStats,
+    /// The clusters' DNS names: what each stands for, lookups answered and failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<NameStatus>,
     /// What interception did, when it is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub intercept: Option<InterceptFigures>,
@@ -142,6 +151,7 @@ pub struct ProxyStats {
 #[derive(Clone)]
 pub struct StatsSource {
     shared: Arc<Shared>,
+    discovery: Arc<DiscoveryStats>,
     intercept: Option<(Arc<InterceptPlan>, Option<Arc<InterceptKernel>>)>,
     connections: Arc<Live>,
     streams: Arc<Live>,
@@ -181,6 +191,7 @@ impl StatsSource {
                 .untracked_methods
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
+            dns: self.discovery.names(),
             intercept: self.intercept(),
         }
     }
@@ -237,16 +248,18 @@ impl Proxy {
             .iter()
             .map(|c| ClusterShape {
                 name: &c.name,
-                endpoints: &c.endpoints,
-                endpoint_subset: &c.endpoint_subset,
                 subsets: &c.subsets,
-                discovered: discovered(c),
                 endpoints_only: config.intercept.is_some() && c.name == PASSTHROUGH_CLUSTER,
             })
             .collect();
         let mark = config.intercept.as_ref().map(|i| i.own_mark);
         // Connections and streams are tracked only when kernel signals are joined to them.
         let joins = Arc::new(Joins::new(!config.signals.probes.is_empty()));
+        let breakers = Arc::new(Breakers::new(
+            config.breakers.clone(),
+            &shapes,
+            std::time::Instant::now(),
+        ));
         let shared = Arc::new(Shared {
             clusters: config
                 .clusters
@@ -257,27 +270,35 @@ impl Proxy {
                         discovered: discovered(c),
                         mark,
                     };
-                    ClusterPool::new(i, c, config.limits, joins.clone(), &options)
+                    ClusterPool::new(
+                        i,
+                        c,
+                        config.limits,
+                        joins.clone(),
+                        breakers.clone(),
+                        &options,
+                    )
                 })
                 .collect(),
             bus: Arc::new(Bus::default()),
-            breakers: Arc::new(Breakers::new(
-                config.breakers.clone(),
-                &shapes,
-                std::time::Instant::now(),
-            )),
+            breakers,
             context: Extractor::new(&config.context)?,
             retries: config.retries.clone(),
             budget: RetryBudget::default(),
             grpc_timeout_offset: config.timeouts.grpc_timeout_offset,
             joins,
         });
+        // Before serving: a DNS name's endpoints are there for the first call.
+        let (discovery_stop, stop) = watch::channel(false);
+        let discovery = Discovery::start(config, shared.clone(), stop).await?.stats;
         Ok(Proxy {
             listeners,
             intercept_listeners,
             intercept_plan,
             intercept_kernel: None,
             shared,
+            discovery,
+            _discovery_stop: discovery_stop,
             limits: config.limits,
             timeouts: config.timeouts,
             connections: Arc::default(),
@@ -323,6 +344,7 @@ impl Proxy {
     pub fn stats(&self) -> StatsSource {
         StatsSource {
             shared: self.shared.clone(),
+            discovery: self.discovery.clone(),
             intercept: self
                 .intercept_plan
                 .clone()
@@ -571,10 +593,10 @@ pub(super) async fn serve_connection<T>(
     };
     let mut ping_pong = conn.ping_pong();
     // A passthrough connection ends (GOAWAY) when its endpoint's breaker opens.
-    let watched = info.intercepted.and_then(|i| {
-        let e = shared.clusters.get(i.cluster)?.endpoint(i.endpoint?)?;
-        Some(e.breaker_opened.subscribe())
-    });
+    let watched = info
+        .intercepted
+        .as_ref()
+        .and_then(|i| Some(i.endpoint.as_ref()?.breaker_opened.subscribe()));
     // One future for the connection's life, not one per turn of the loop; polled only for a
     // connection that has an endpoint to watch.
     let mut endpoint_watch_done = watched.is_none();
@@ -676,4 +698,17 @@ pub(super) async fn serve_connection<T>(
     // side, so each cancels its upstream stream and publishes its outcome.
     drop(conn);
     while in_flight.next().await.is_some() {}
+}
+
+impl EndpointSink for Shared {
+    fn set_entry(
+        &self,
+        cluster: usize,
+        entry: usize,
+        addresses: Vec<std::net::SocketAddr>,
+    ) -> SetChange {
+        self.clusters
+            .get(cluster)
+            .map_or_else(SetChange::default, |pool| pool.set_entry(entry, addresses))
+    }
 }

@@ -1,5 +1,10 @@
 //! Upstream clusters: endpoints, load balancing, and pooled HTTP/2 connections.
 //!
+//! A cluster's endpoints are one set, swapped whole when they change (DNS gave other
+//! addresses, an intercepted connection found a new destination): a call reads the set once,
+//! without a lock. An endpoint that leaves drains: the calls it has finish on its connections,
+//! which close when the last one lets go; no new call picks it.
+//!
 //! Each call goes to the endpoint with fewer calls in flight of two picked at random (least
 //! request, power of two choices: close to the best pick at the cost of two loads). Each
 //! endpoint keeps up to `max_connections_per_endpoint` connections; a call takes the least
@@ -12,12 +17,13 @@ use std::{
     future::Future as _,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use tokio::net::{TcpSocket, TcpStream};
@@ -29,8 +35,9 @@ use crate::correlate::{
 };
 
 use crate::{
-    config::proxy::{Cluster, Limits},
-    grow::GrowList,
+    breaker::registry::{Breakers, EndpointBreakers},
+    config::proxy::{Cluster, Limits, Source},
+    discovery::SetChange,
 };
 
 use super::{
@@ -41,12 +48,6 @@ use super::{
 /// Why no upstream stream could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot resolve {endpoint}: {source}")]
-    Resolve {
-        endpoint: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot connect to {endpoint}: {source}")]
     Connect {
         endpoint: String,
@@ -74,6 +75,10 @@ pub enum UpstreamError {
 pub struct EndpointStats {
     pub cluster: String,
     pub endpoint: String,
+    /// Its subset's name (empty when the cluster has none).
+    pub subset: String,
+    /// Left its cluster (DNS no longer has it), finishing the calls it had.
+    pub draining: bool,
     pub calls_in_flight: usize,
     /// Pooled connections (those that got GOAWAY included, until they close).
     pub connections: usize,
@@ -83,15 +88,19 @@ pub struct EndpointStats {
 
 pub struct ClusterPool {
     pub name: String,
-    /// Its place among the proxy's clusters (as the breakers and the correlation table name it).
+    /// Its place among the proxy's clusters (as the breakers name it).
     index: usize,
+    subsets: Vec<String>,
     joins: Arc<Joins>,
-    endpoints: GrowList<Arc<Endpoint>>,
-    /// The endpoints' addresses by index, shared with the correlation stage (which names
-    /// endpoints by them).
-    addresses: Arc<GrowList<String>>,
-    /// Index by address of endpoints found while running (the passthrough cluster's).
-    discovered: Mutex<HashMap<String, usize>>,
+    breakers: Arc<Breakers>,
+    /// The endpoints calls pick from, replaced whole when they change.
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// What made the set: writers hold this lock while they make and swap in a new one.
+    sources: Mutex<Sources>,
+    /// Endpoints that left while calls still held them, until the last lets go.
+    draining: Mutex<Vec<Weak<Endpoint>>>,
+    /// Room for endpoints found while running (the passthrough cluster's).
+    room: usize,
     /// `SO_MARK` of the upstream sockets: the interception programs leave them alone.
     mark: Option<u32>,
     connect_timeout: Duration,
@@ -99,9 +108,42 @@ pub struct ClusterPool {
     limits: Limits,
 }
 
+/// The addresses each of a cluster's endpoint entries gave last, in the entries' order.
+struct Sources {
+    /// By entry: its subset, and its addresses (an IP entry's one; a DNS name's last answer).
+    entries: Vec<(usize, Vec<SocketAddr>)>,
+    /// Original destinations of intercepted connections (the passthrough cluster's), in the
+    /// order they were met.
+    found: Vec<SocketAddr>,
+}
+
+impl Sources {
+    /// Every address once, with its subset: the first entry that names it places it.
+    fn wanted(&self) -> Vec<(SocketAddr, usize)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let listed = self
+            .entries
+            .iter()
+            .flat_map(|(subset, addrs)| addrs.iter().map(move |a| (*a, *subset)));
+        for (a, subset) in listed.chain(self.found.iter().map(|a| (*a, 0))) {
+            if seen.insert(a) {
+                out.push((a, subset));
+            }
+        }
+        out
+    }
+}
+
 pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `addr` as text, as outcomes and breakers name it.
     pub address: String,
-    index: usize,
+    /// Index into its cluster's subsets.
+    pub subset: usize,
+    pub breakers: Arc<EndpointBreakers>,
+    /// Left its cluster: no new calls; the ones it has finish.
+    removed: AtomicBool,
     /// Calls holding a stream on this endpoint.
     in_flight: AtomicUsize,
     connections: Mutex<Vec<Arc<UpstreamConnection>>>,
@@ -168,16 +210,24 @@ impl Drop for Lease {
 }
 
 impl Endpoint {
-    fn new(address: String, index: usize) -> Arc<Self> {
+    fn new(addr: SocketAddr, subset: usize, breakers: Arc<EndpointBreakers>) -> Arc<Self> {
         Arc::new(Endpoint {
-            address,
-            index,
+            addr,
+            address: addr.to_string(),
+            subset,
+            breakers,
+            removed: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             connections: Mutex::new(Vec::new()),
             connecting: AtomicUsize::new(0),
             opened: tokio::sync::Notify::new(),
             breaker_opened: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Whether it left its cluster.
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
     }
 }
 
@@ -191,39 +241,63 @@ pub struct PoolOptions {
 }
 
 impl ClusterPool {
+    /// The pool of `cluster` (the `index`th), with its IP endpoints; its DNS names' come when
+    /// discovery gives them ([`Self::set_entry`]).
     pub fn new(
         index: usize,
         cluster: &Cluster,
         limits: Limits,
         joins: Arc<Joins>,
+        breakers: Arc<Breakers>,
         options: &PoolOptions,
     ) -> Self {
-        let endpoints = cluster
+        let entries = cluster
             .endpoints
             .iter()
-            .enumerate()
-            .map(|(i, a)| Endpoint::new(a.clone(), i));
-        Self {
+            .map(|e| {
+                let addrs = match e.source {
+                    Source::Address(a) => vec![a],
+                    Source::Dns { .. } | Source::Srv { .. } => Vec::new(),
+                };
+                (e.subset, addrs)
+            })
+            .collect();
+        let pool = Self {
             name: cluster.name.clone(),
             index,
+            subsets: cluster.subsets.clone(),
             joins,
-            endpoints: GrowList::new(endpoints, options.discovered),
-            addresses: Arc::new(GrowList::new(
-                cluster.endpoints.iter().cloned(),
-                options.discovered,
-            )),
-            discovered: Mutex::new(HashMap::new()),
+            breakers,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            sources: Mutex::new(Sources {
+                entries,
+                found: Vec::new(),
+            }),
+            draining: Mutex::new(Vec::new()),
+            room: options.discovered,
             mark: options.mark,
             connect_timeout: cluster.connect_timeout,
             max_connections: cluster.max_connections_per_endpoint,
             limits,
-        }
+        };
+        pool.rebuild(&lock(&pool.sources));
+        pool
     }
 
-    /// What each endpoint holds right now.
+    /// The endpoints calls pick from now.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// What each endpoint holds right now, those draining included.
     pub fn stats(&self) -> Vec<EndpointStats> {
-        self.endpoints
+        let mut draining = lock(&self.draining);
+        draining.retain(|w| w.strong_count() > 0);
+        let leaving: Vec<_> = draining.iter().filter_map(Weak::upgrade).collect();
+        drop(draining);
+        self.endpoints()
             .iter()
+            .chain(&leaving)
             .map(|e| {
                 let conns = lock(&e.connections);
                 let open: Vec<_> = conns
@@ -233,6 +307,8 @@ impl ClusterPool {
                 EndpointStats {
                     cluster: self.name.clone(),
                     endpoint: e.address.clone(),
+                    subset: self.subsets.get(e.subset).cloned().unwrap_or_default(),
+                    draining: e.removed(),
                     calls_in_flight: e.in_flight.load(Ordering::Relaxed),
                     connections: open.len(),
                     streams_open: open.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
@@ -241,54 +317,86 @@ impl ClusterPool {
             .collect()
     }
 
-    pub fn endpoint(&self, index: usize) -> Option<Arc<Endpoint>> {
-        self.endpoints.get(index).cloned()
+    /// The endpoint at `address`, if the cluster has one.
+    pub fn find(&self, address: SocketAddr) -> Option<Arc<Endpoint>> {
+        self.endpoints().iter().find(|e| e.addr == address).cloned()
     }
 
-    /// The endpoint at `address`, if the pool has one.
-    pub fn find(&self, address: &str) -> Option<Arc<Endpoint>> {
-        self.endpoints
-            .iter()
-            .find(|e| e.address == address)
-            .cloned()
-    }
-
-    /// Every endpoint's address by index, as it grows.
-    pub fn addresses(&self) -> Arc<GrowList<String>> {
-        self.addresses.clone()
-    }
-
-    /// The index of the endpoint at `address`, added when it is new (then `added` runs with
-    /// its index before any call can use it: the breakers make theirs). None when the pool has
-    /// no room left.
-    pub fn find_or_add(&self, address: &str, added: impl FnOnce(usize)) -> Option<usize> {
-        let mut discovered = lock(&self.discovered);
-        if let Some(&i) = discovered.get(address) {
-            return Some(i);
+    /// The endpoint at `address`, added when it is new (with breakers of its own, before any
+    /// call can use it). None when the pool has no room left.
+    pub fn find_or_add(&self, address: SocketAddr) -> Option<Arc<Endpoint>> {
+        if let Some(e) = self.find(address) {
+            return Some(e);
         }
-        if let Some(i) = self.endpoints.iter().position(|e| e.address == address) {
-            return Some(i);
+        let mut sources = lock(&self.sources);
+        if let Some(e) = self.find(address) {
+            return Some(e);
         }
-        let index = self.endpoints.len();
-        if self.endpoints.full() || self.addresses.full() {
+        if sources.found.len() >= self.room {
             return None;
         }
-        added(index);
-        self.addresses.push(address.to_owned()).ok()?;
-        let pushed = self
-            .endpoints
-            .push(Endpoint::new(address.to_owned(), index));
-        if !matches!(pushed, Ok(i) if i == index) {
-            return None;
-        }
-        discovered.insert(address.to_owned(), index);
-        Some(index)
+        sources.found.push(address);
+        self.rebuild(&sources);
+        self.find(address)
     }
 
-    /// Picks an endpoint among those `allowed` (their breakers closed, say): the one with
-    /// fewer calls in flight of two picked at random. Returns its index.
-    pub fn pick(&self, allowed: impl Fn(usize) -> bool) -> Option<usize> {
-        let n = self.endpoints.len();
+    /// Entry `entry` of the cluster's endpoints (a DNS name) now stands for `addrs`.
+    pub fn set_entry(&self, entry: usize, addrs: Vec<SocketAddr>) -> SetChange {
+        let mut sources = lock(&self.sources);
+        match sources.entries.get_mut(entry) {
+            Some((_, old)) if *old != addrs => *old = addrs,
+            _ => {
+                return SetChange {
+                    now: self.endpoints.load().len(),
+                    ..SetChange::default()
+                };
+            }
+        }
+        self.rebuild(&sources)
+    }
+
+    /// Makes the set `sources` ask for and swaps it in: endpoints kept by address, new ones
+    /// with their breakers, those gone set draining.
+    fn rebuild(&self, sources: &Sources) -> SetChange {
+        let current = self.endpoints();
+        let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
+            current.iter().map(|e| (e.addr, e)).collect();
+        let mut next = Vec::new();
+        let mut change = SetChange::default();
+        for (addr, subset) in sources.wanted() {
+            match by_addr.get(&addr) {
+                Some(e) if e.subset == subset => next.push(Arc::clone(e)),
+                _ => {
+                    let breakers = self
+                        .breakers
+                        .endpoint(self.index, &addr.to_string(), subset);
+                    next.push(Endpoint::new(addr, subset, breakers));
+                    change.added += 1;
+                }
+            }
+        }
+        let kept: std::collections::HashSet<*const Endpoint> =
+            next.iter().map(Arc::as_ptr).collect();
+        let mut draining = lock(&self.draining);
+        for gone in current.iter().filter(|e| !kept.contains(&Arc::as_ptr(e))) {
+            gone.removed.store(true, Ordering::Relaxed);
+            self.breakers.forget_endpoint(&gone.breakers);
+            self.joins.forget_owner(&gone.breakers.name);
+            draining.push(Arc::downgrade(gone));
+            change.removed += 1;
+        }
+        change.now = next.len();
+        self.endpoints.store(Arc::new(next));
+        change
+    }
+
+    /// Picks an endpoint of `set` among those `allowed` (their breakers closed, say): the one
+    /// with fewer calls in flight of two picked at random.
+    pub fn pick(
+        set: &[Arc<Endpoint>],
+        allowed: impl Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let n = set.len();
         if n == 0 {
             return None;
         }
@@ -296,18 +404,14 @@ impl ClusterPool {
         let first_from = |start: usize, skip: Option<usize>| {
             (0..n)
                 .map(|k| (start + k) % n)
-                .find(|&i| Some(i) != skip && allowed(i))
+                .find(|&i| Some(i) != skip && allowed(&set[i]))
         };
         let a = first_from(fastrand::usize(..n), None)?;
         let Some(b) = first_from(fastrand::usize(..n), Some(a)) else {
-            return Some(a);
+            return Some(set[a].clone());
         };
-        let load = |i: usize| {
-            self.endpoints
-                .get(i)
-                .map_or(usize::MAX, |e| e.in_flight.load(Ordering::Relaxed))
-        };
-        Some(if load(b) < load(a) { b } else { a })
+        let load = |i: usize| set[i].in_flight.load(Ordering::Relaxed);
+        Some(set[if load(b) < load(a) { b } else { a }].clone())
     }
 
     /// A stream slot on `endpoint`, opening a connection when every one is full.
@@ -400,37 +504,18 @@ impl ClusterPool {
 
     async fn connect(&self, e: &Endpoint) -> Result<Arc<UpstreamConnection>, UpstreamError> {
         let address = e.address.as_str();
-        let mut last = None;
-        let addrs =
-            tokio::net::lookup_host(address)
-                .await
-                .map_err(|source| UpstreamError::Resolve {
-                    endpoint: address.to_owned(),
-                    source,
-                })?;
-        let mut tcp = None;
-        for a in addrs {
-            match dial(a, self.mark).await {
-                Ok(s) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let Some(tcp) = tcp else {
-            return Err(UpstreamError::Connect {
+        let tcp = dial(e.addr, self.mark)
+            .await
+            .map_err(|source| UpstreamError::Connect {
                 endpoint: address.to_owned(),
-                source: last.unwrap_or_else(|| std::io::Error::other("no address")),
-            });
-        };
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         // Registered before the handshake: a reset during it is this endpoint's too.
         let tracked = match (tcp.local_addr(), tcp.peer_addr()) {
             (Ok(local), Ok(peer)) => self.joins.tracked.connection(
                 Side::Upstream {
-                    cluster: self.index,
-                    endpoint: e.index,
+                    endpoint: e.breakers.clone(),
                 },
                 local,
                 peer,
@@ -497,4 +582,149 @@ pub async fn dial(address: SocketAddr, mark: Option<u32>) -> std::io::Result<Tcp
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::breaker::registry::ClusterShape;
+
+    fn pool() -> ClusterPool {
+        let config = crate::config::parse(
+            r#"
+[[listener]]
+name = "in"
+address = "127.0.0.1:15001"
+[[listener.route]]
+cluster = "c"
+
+[[cluster]]
+name = "c"
+endpoints = ["10.0.0.1:50051", "orders.test:50051"]
+"#,
+        )
+        .unwrap();
+        let cluster = &config.clusters[0];
+        let breakers = Arc::new(Breakers::new(
+            config.breakers.clone(),
+            &[ClusterShape {
+                name: &cluster.name,
+                subsets: &cluster.subsets,
+                endpoints_only: false,
+            }],
+            std::time::Instant::now(),
+        ));
+        ClusterPool::new(
+            0,
+            cluster,
+            config.limits,
+            Arc::new(Joins::new(false)),
+            breakers,
+            &PoolOptions::default(),
+        )
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn listed(p: &ClusterPool) -> Vec<(String, bool)> {
+        let mut v: Vec<_> = p
+            .stats()
+            .into_iter()
+            .map(|s| (s.endpoint, s.draining))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_name_s_addresses_come_and_go_and_the_ones_that_stay_keep_their_breakers() {
+        let p = pool();
+        // The IP entry is there from the start; the name's come with its first answer.
+        assert_eq!(p.endpoints().len(), 1);
+        let change = p.set_entry(1, vec![addr("10.0.0.2:50051"), addr("10.0.0.3:50051")]);
+        assert_eq!((change.added, change.removed, change.now), (2, 0, 3));
+        let kept = p.find(addr("10.0.0.2:50051")).unwrap();
+        let now = std::time::Instant::now();
+        p.breakers
+            .force("endpoint c/10.0.0.2:50051", true, now)
+            .unwrap();
+        // The same answer again changes nothing.
+        assert_eq!(
+            p.set_entry(1, vec![addr("10.0.0.2:50051"), addr("10.0.0.3:50051")]),
+            SetChange {
+                added: 0,
+                removed: 0,
+                now: 3
+            }
+        );
+        // 10.0.0.3 leaves while a call holds it: it drains, and is no longer picked.
+        let leaving = p.find(addr("10.0.0.3:50051")).unwrap();
+        let change = p.set_entry(1, vec![addr("10.0.0.2:50051"), addr("10.0.0.4:50051")]);
+        assert_eq!((change.added, change.removed, change.now), (1, 1, 3));
+        assert!(leaving.removed());
+        assert!(p.find(addr("10.0.0.3:50051")).is_none());
+        assert!(p.breakers.endpoint_named("c/10.0.0.3:50051").is_none());
+        assert_eq!(
+            listed(&p),
+            [
+                ("10.0.0.1:50051".into(), false),
+                ("10.0.0.2:50051".into(), false),
+                ("10.0.0.3:50051".into(), true),
+                ("10.0.0.4:50051".into(), false),
+            ]
+        );
+        for _ in 0..100 {
+            let set = p.endpoints();
+            let picked = ClusterPool::pick(&set, |_| true).unwrap();
+            assert_ne!(picked.address, "10.0.0.3:50051");
+        }
+        // The kept endpoint is the same one, its breaker still open.
+        let same = p.find(addr("10.0.0.2:50051")).unwrap();
+        assert!(Arc::ptr_eq(&kept, &same));
+        assert!(!p.breakers.endpoint_admissible(&same.breakers, 0, now));
+        // The last holder lets go: it is gone.
+        drop(leaving);
+        assert_eq!(listed(&p).len(), 3);
+        // No address (NXDOMAIN): the name's endpoints drain; the IP entry stays.
+        let change = p.set_entry(1, Vec::new());
+        assert_eq!((change.added, change.removed, change.now), (0, 2, 1));
+    }
+
+    #[test]
+    fn found_destinations_are_bounded() {
+        let config = crate::config::quick(addr("127.0.0.1:0"), &["10.0.0.1:1".into()]).unwrap();
+        let cluster = &config.clusters[0];
+        let breakers = Arc::new(Breakers::new(
+            config.breakers.clone(),
+            &[ClusterShape {
+                name: &cluster.name,
+                subsets: &cluster.subsets,
+                endpoints_only: true,
+            }],
+            std::time::Instant::now(),
+        ));
+        let p = ClusterPool::new(
+            0,
+            cluster,
+            config.limits,
+            Arc::new(Joins::new(false)),
+            breakers,
+            &PoolOptions {
+                discovered: 2,
+                mark: None,
+            },
+        );
+        let a = p.find_or_add(addr("10.1.0.1:80")).unwrap();
+        assert!(Arc::ptr_eq(
+            &a,
+            &p.find_or_add(addr("10.1.0.1:80")).unwrap()
+        ));
+        assert!(p.find_or_add(addr("10.1.0.2:80")).is_some());
+        assert!(p.find_or_add(addr("10.1.0.3:80")).is_none(), "no room");
+        assert_eq!(p.endpoints().len(), 3);
+    }
 }

@@ -14,24 +14,62 @@ fn config(toml_text: &str) -> BreakerConfig {
     BreakerConfig::from_raw(raw).unwrap()
 }
 
-fn endpoints() -> Vec<String> {
-    vec!["a:1".into(), "b:2".into(), "c:3".into()]
+/// A registry of one cluster `orders` with endpoints `a:1`, `b:2`, `c:3`, which the tests name
+/// by index.
+struct Fixture {
+    b: Breakers,
+    eps: Vec<Arc<EndpointBreakers>>,
 }
 
-fn breakers(cfg: BreakerConfig, subsets: &[usize], names: &[String]) -> Breakers {
-    let eps = endpoints();
-    Breakers::new(
+impl std::ops::Deref for Fixture {
+    type Target = Breakers;
+    fn deref(&self) -> &Breakers {
+        &self.b
+    }
+}
+
+impl Fixture {
+    fn ep(&self, i: usize) -> &EndpointBreakers {
+        &self.eps[i]
+    }
+
+    fn admissible(&self, class: usize, i: usize, now: Instant) -> bool {
+        self.b.endpoint_admissible(self.ep(i), class, now)
+    }
+
+    fn admit_ep<'a>(
+        &'a self,
+        p: &mut CallPermits<'a>,
+        class: usize,
+        i: usize,
+        now: Instant,
+        out: &mut Vec<Transition>,
+    ) -> Result<(), Rejected> {
+        self.b.admit_endpoint(p, self.ep(i), class, now, out)
+    }
+
+    fn no_ep(&self, class: usize, now: Instant) -> Option<Rejected> {
+        self.b
+            .no_endpoint(0, class, self.eps.iter().map(|e| &**e), now)
+    }
+}
+
+fn breakers(cfg: BreakerConfig, subsets: &[usize], names: &[String]) -> Fixture {
+    let b = Breakers::new(
         cfg,
         &[ClusterShape {
             name: "orders",
-            endpoints: &eps,
-            endpoint_subset: subsets,
             subsets: names,
-            discovered: 0,
             endpoints_only: false,
         }],
         Instant::now(),
-    )
+    );
+    let eps = ["a:1", "b:2", "c:3"]
+        .iter()
+        .zip(subsets)
+        .map(|(a, &s)| b.endpoint(0, a, s))
+        .collect();
+    Fixture { b, eps }
 }
 
 const UP_FAIL: Verdict = Verdict {
@@ -49,7 +87,7 @@ const OK: Verdict = Verdict {
 
 /// One call through the cluster to `endpoint`.
 fn call(
-    b: &Breakers,
+    b: &Fixture,
     class: usize,
     client: Option<&str>,
     endpoint: usize,
@@ -58,7 +96,7 @@ fn call(
     out: &mut Vec<Transition>,
 ) -> Result<(), Rejected> {
     let mut p = b.admit_call(0, class, "/pkg.S/M", client, now, out)?;
-    b.admit_endpoint(&mut p, 0, class, endpoint, now, out)?;
+    b.admit_ep(&mut p, class, endpoint, now, out)?;
     p.record_call(v, Duration::from_millis(1), now, client, out);
     Ok(())
 }
@@ -99,10 +137,10 @@ fn a_failing_subset_opens_its_own_breaker() {
     }
     let opened: Vec<_> = out.iter().map(|t| t.breaker.to_string()).collect();
     assert_eq!(opened, ["subset orders/canary", "endpoint orders/c:3"]);
-    assert!(!b.endpoint_admissible(0, 0, 2, now));
-    assert!(b.endpoint_admissible(0, 0, 0, now));
-    assert!(b.endpoint_admissible(0, 0, 1, now));
-    let r = b.no_endpoint(0, 0, now).unwrap();
+    assert!(!b.admissible(0, 2, now));
+    assert!(b.admissible(0, 0, now));
+    assert!(b.admissible(0, 1, now));
+    let r = b.no_ep(0, now).unwrap();
     assert!(r.retry_after > Duration::from_secs(4));
 }
 
@@ -131,8 +169,8 @@ fn priority_classes_have_their_own_breakers_and_thresholds() {
         let _ = call(&b, 0, None, 0, v, now, &mut out);
         call(&b, 1, None, 0, v, now, &mut out).unwrap();
     }
-    assert!(!b.endpoint_admissible(0, 0, 0, now));
-    assert!(b.endpoint_admissible(0, 1, 0, now));
+    assert!(!b.admissible(0, 0, now));
+    assert!(b.admissible(1, 0, now));
     let names: Vec<_> = out.iter().map(|t| t.breaker.to_string()).collect();
     assert_eq!(names, ["endpoint orders/a:1"]);
     let snap = b.snapshot(now);
@@ -220,7 +258,7 @@ fn an_operator_names_a_breaker() {
     let now = Instant::now();
     let t = b.force("endpoint orders/b:2", true, now).unwrap().unwrap();
     assert_eq!(t.change.to, State::Open);
-    assert!(!b.endpoint_admissible(0, 0, 1, now));
+    assert!(!b.admissible(0, 1, now));
     assert!(b.force("orders/b:2", false, now).unwrap().is_some());
     assert!(b.force("endpoint orders/zz:9", true, now).is_none());
 }
@@ -244,12 +282,12 @@ fn a_dropped_call_gives_its_probe_back() {
         let mut p = b
             .admit_call(0, 0, "/pkg.S/M", None, later, &mut out)
             .unwrap();
-        b.admit_endpoint(&mut p, 0, 0, 0, later, &mut out).unwrap();
+        b.admit_ep(&mut p, 0, 0, later, &mut out).unwrap();
         assert!(p.probing());
-        assert!(!b.endpoint_admissible(0, 0, 0, later));
+        assert!(!b.admissible(0, 0, later));
         // dropped here, unrecorded
     }
-    assert!(b.endpoint_admissible(0, 0, 0, later));
+    assert!(b.admissible(0, 0, later));
 }
 
 #[test]
@@ -279,8 +317,7 @@ fn signals_reach_every_class_of_an_endpoint_and_one_client() {
     let now = Instant::now();
     let mut out = Vec::new();
     b.signal_endpoint(
-        0,
-        1,
+        b.ep(1),
         crate::signals::SignalKind::TcpReset,
         SignalAction::Trip,
         now,
@@ -292,8 +329,8 @@ fn signals_reach_every_class_of_an_endpoint_and_one_client() {
         ["endpoint orders/b:2", "endpoint orders/b:2 (class high)"]
     );
     assert_eq!(out[0].change.reason.as_str(), "tcp_reset");
-    assert!(!b.endpoint_admissible(0, 0, 1, now) && !b.endpoint_admissible(0, 1, 1, now));
-    assert!(b.endpoint_admissible(0, 0, 0, now));
+    assert!(!b.admissible(0, 1, now) && !b.admissible(1, 1, now));
+    assert!(b.admissible(0, 0, now));
     out.clear();
     b.signal_client(
         "session:s1",
@@ -338,12 +375,13 @@ proptest::proptest! {
         );
         let policy = cfg.policy(0, Scope::Endpoint).unwrap();
         let epoch = Instant::now();
-        let eps = vec!["a:1".to_owned()];
-        let b = Breakers::new(
+        let registry = Breakers::new(
             cfg,
-            &[ClusterShape { name: "c", endpoints: &eps, endpoint_subset: &[0], subsets: &[], discovered: 0, endpoints_only: false }],
+            &[ClusterShape { name: "c", subsets: &[], endpoints_only: false }],
             epoch,
         );
+        let eps = vec![registry.endpoint(0, "a:1", 0)];
+        let b = Fixture { b: registry, eps };
         let mut pure = Breaker::new(policy, epoch, 0);
         let mut now = epoch;
         let mut out = Vec::new();
@@ -378,7 +416,7 @@ fn a_healthy_breaker_counts_successes_without_its_lock() {
     for _ in 0..100 {
         call(&b, 0, None, 0, OK, now, &mut out).unwrap();
     }
-    let cell = b.clusters[0].classes[0].endpoints.get(0).unwrap();
+    let cell = b.ep(0).classes[0].endpoint.as_ref().unwrap();
     let pending: u64 = cell
         .successes
         .iter()
@@ -405,7 +443,7 @@ fn method_breakers_are_bounded_and_found_again() {
     let mut out = Vec::new();
     for m in ["/a.S/One", "/a.S/Two", "/a.S/One", "/a.S/Three", "/a.S/Two"] {
         let mut p = b.admit_call(0, 0, m, None, now, &mut out).unwrap();
-        b.admit_endpoint(&mut p, 0, 0, 0, now, &mut out).unwrap();
+        b.admit_ep(&mut p, 0, 0, now, &mut out).unwrap();
         p.record_call(UP_FAIL, Duration::from_millis(1), now, None, &mut out);
     }
     assert_eq!(b.untracked_methods.load(Ordering::Relaxed), 1);

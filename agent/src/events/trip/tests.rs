@@ -17,19 +17,16 @@ use crate::{
 
 #[test]
 fn a_trip_carries_the_breaker_the_upstream_and_the_calls_context() {
-    let eps = vec!["10.0.0.7:50051".to_owned()];
     let b = Breakers::new(
         BreakerConfig::default(),
         &[ClusterShape {
             name: "orders",
-            endpoints: &eps,
-            endpoint_subset: &[0],
             subsets: &[],
-            discovered: 0,
             endpoints_only: false,
         }],
         Instant::now(),
     );
+    let _endpoint = b.endpoint(0, "10.0.0.7:50051", 0);
     let transition = b
         .force("endpoint orders/10.0.0.7:50051", true, Instant::now())
         .unwrap()
