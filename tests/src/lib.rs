@@ -16,6 +16,8 @@ use std::{
 use serde_json::Value;
 use test_support::supervised::{Supervised, Supervision};
 
+pub mod certs;
+pub mod dns;
 pub mod gc;
 pub mod proxy;
 pub mod witness;

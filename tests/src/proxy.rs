@@ -45,6 +45,11 @@ impl JsonChild {
         }
     }
 
+    /// Its exit status, if it has exited (without waiting).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.exited()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.pid()
     }
@@ -295,7 +300,12 @@ pub fn listening(peer: &mut JsonChild) -> SocketAddr {
 
 /// The grpcio test server (`tests/peers/grpcpy/server.py`) on a free loopback port.
 pub fn grpcio_server() -> (JsonChild, SocketAddr) {
-    let mut server = JsonChild::spawn("grpcio server", &mut python("grpcpy/server.py", &[]));
+    grpcio_server_with(&[])
+}
+
+/// [`grpcio_server`] with `server.py` arguments (`--tls-cert`, `--fault`, ...).
+pub fn grpcio_server_with(args: &[&str]) -> (JsonChild, SocketAddr) {
+    let mut server = JsonChild::spawn("grpcio server", &mut python("grpcpy/server.py", args));
     let addr = listening(&mut server);
     (server, addr)
 }

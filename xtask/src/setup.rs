@@ -44,6 +44,8 @@ const APT_PACKAGES: &[&str] = &[
     "linux-perf", // the kernel's record of context switches, the Go pause tests' witness
     "nftables",   // a Service address as kube-proxy makes one (DNAT), in the interception tests
     "curl",       // an HTTP/1.1 client spliced through interception
+    "dnsmasq-base", // a DNS server on loopback whose zone the discovery tests change
+    "bind9-dnsutils", // dig: the DNS fixture checks what the server answers
 ];
 
 /// Python packages, each with what the tests use it for.

@@ -297,6 +297,32 @@ impl AgentStatus for StatusService {
             listeners: src.listeners.clone(),
             probe_counters: counters.into_iter().collect(),
             intercept: intercept.into_iter().collect(),
+            endpoints: proxy
+                .upstreams
+                .iter()
+                .map(|e| pb::Endpoint {
+                    cluster: e.cluster.clone(),
+                    address: e.endpoint.clone(),
+                    subset: e.subset.clone(),
+                    draining: e.draining,
+                    calls_in_flight: e.calls_in_flight as u64,
+                    connections: e.connections as u64,
+                })
+                .collect(),
+            dns: proxy
+                .dns
+                .iter()
+                .map(|n| pb::DnsName {
+                    cluster: n.cluster.clone(),
+                    name: n.name.clone(),
+                    addresses: n.addresses.iter().map(ToString::to_string).collect(),
+                    answered: n.answered,
+                    empty: n.empty,
+                    failed: n.failed,
+                    last_error: n.last_error.clone().unwrap_or_default(),
+                    ttl_secs: n.ttl_secs.unwrap_or(0),
+                })
+                .collect(),
         }))
     }
 

@@ -217,6 +217,8 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
             "client_connections": s.client_connections,
             "client_streams": s.client_streams,
             "breakers_open": s.breakers_open,
+            "endpoints": s.endpoints.iter().map(|e| json!({"cluster": e.cluster, "address": e.address, "subset": e.subset, "draining": e.draining, "calls_in_flight": e.calls_in_flight, "connections": e.connections})).collect::<Vec<_>>(),
+            "dns": s.dns.iter().map(|n| json!({"cluster": n.cluster, "name": n.name, "addresses": n.addresses, "answered": n.answered, "empty": n.empty, "failed": n.failed, "last_error": n.last_error, "ttl_secs": n.ttl_secs})).collect::<Vec<_>>(),
         }));
         return Ok(());
     }
@@ -270,6 +272,39 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
             .collect();
         print_table(&["PROBE", "STATE", "DEGRADED"], &rows);
     }
+    if !s.dns.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .dns
+            .iter()
+            .map(|n| {
+                vec![
+                    format!("{}/{}", n.cluster, n.name),
+                    n.addresses.len().to_string(),
+                    n.answered.to_string(),
+                    n.empty.to_string(),
+                    n.failed.to_string(),
+                    n.last_error.clone(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "DNS NAME",
+                "ADDRESSES",
+                "ANSWERED",
+                "EMPTY",
+                "FAILED",
+                "LAST ERROR",
+            ],
+            &rows,
+        );
+    }
+    let draining = s.endpoints.iter().filter(|e| e.draining).count();
+    println!(
+        "endpoints: {} ({} draining)",
+        s.endpoints.len() - draining,
+        draining
+    );
     let rows: Vec<Vec<String>> = s
         .signals
         .iter()

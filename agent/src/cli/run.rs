@@ -568,6 +568,7 @@ impl Exporting {
         exporting.recorder = Some((done, task));
         metrics.observe_breakers(proxy.stats());
         metrics.observe_intercept(proxy.stats());
+        metrics.observe_discovery(proxy.stats());
         observe_kernel(&metrics, proxy.shared().joins.clone(), probe_counters);
         metrics.observe_pipeline(journal_stats.clone(), recorded, exporting.log_stats.clone());
         if let (Some(listener), Some(registry)) = (listener, metrics.registry()) {

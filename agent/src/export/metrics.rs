@@ -22,6 +22,9 @@
 //! | `agent_probe_events_total` | `counter` (the kernel programs' counters; drops end in `_dropped`) |
 //! | `agent_intercept_connections_total` | `outcome` (`accepted`, `proxied_claimed`, `proxied_passthrough`, `spliced_not_http2`, `spliced_silent`, `spliced_passthrough_full`, `splice_connect_failed`, `refused_breaker_open`, `no_original`) |
 //! | `agent_intercept_spliced_bytes_total` | `direction` (`to_destination`, `to_client`) |
+//! | `agent_dns_lookups_total` | `cluster`, `name` (the entry as written), `result` (`answered`, `empty`, `failed`) |
+//! | `agent_dns_addresses` | `cluster`, `name` |
+//! | `agent_upstream_endpoints` | `cluster`, `state` (`active`, `draining`) |
 //! | `agent_intercept_kernel_total` | `counter` (`redirected`, `redirected_to_node`, `own_skipped`, `other_netns_skipped`, `no_listener_skipped`, `store_failed`, `peer_name_restored`, `peer_published`, `peer_publish_failed`) |
 //!
 //! Client breakers are in `agent_breaker_state` only while not closed (there may be
@@ -231,6 +234,58 @@ impl Metrics {
                     for (name, v) in f.kernel {
                         observe(v, &[("counter", name.to_owned())]);
                     }
+                }
+            }),
+        );
+    }
+
+    /// Discovery's figures: lookups of each DNS name by result, the addresses each stands
+    /// for, and each cluster's endpoints (those draining apart).
+    pub fn observe_discovery(&self, stats: StatsSource) {
+        let lookups = stats.clone();
+        self.observe_counters(
+            "agent_dns_lookups",
+            "Lookups of each cluster's DNS names: answered (addresses, or none: empty) and failed (the endpoints stayed)",
+            Arc::new(move |observe| {
+                for n in lookups.dns() {
+                    let at = |result: &str| {
+                        [
+                            ("cluster", n.cluster.clone()),
+                            ("name", n.name.clone()),
+                            ("result", result.to_owned()),
+                        ]
+                    };
+                    observe(n.answered - n.empty, &at("answered"));
+                    observe(n.empty, &at("empty"));
+                    observe(n.failed, &at("failed"));
+                }
+            }),
+        );
+        let addresses = stats.clone();
+        self.observe_gauges(
+            "agent_dns_addresses",
+            "Addresses each cluster DNS name stands for now (its endpoints)",
+            Arc::new(move |observe| {
+                for n in addresses.dns() {
+                    observe(
+                        n.addresses.len() as u64,
+                        &[("cluster", n.cluster), ("name", n.name)],
+                    );
+                }
+            }),
+        );
+        self.observe_gauges(
+            "agent_upstream_endpoints",
+            "Each cluster's endpoints: active (calls pick them) and draining (gone from DNS, finishing their calls)",
+            Arc::new(move |observe| {
+                let mut counts: std::collections::BTreeMap<(String, bool), u64> =
+                    std::collections::BTreeMap::new();
+                for e in stats.upstreams() {
+                    *counts.entry((e.cluster, e.draining)).or_default() += 1;
+                }
+                for ((cluster, draining), n) in counts {
+                    let state = if draining { "draining" } else { "active" };
+                    observe(n, &[("cluster", cluster), ("state", state.to_owned())]);
                 }
             }),
         );

@@ -362,6 +362,23 @@ async fn attempt<'a>(
     loop {
         attempts.count += 1;
         let now = Instant::now();
+        if call.pinned.is_none() && shared.clusters[cluster].endpoints().is_empty() {
+            // A DNS name with no address now (scaled to zero), or not answered yet: no
+            // upstream's fault, so no breaker records it.
+            call.permits = None;
+            let message = format!(
+                "no endpoint: cluster {} has none now",
+                shared.clusters[cluster].name
+            );
+            let failure = Failure::answered(
+                Ending::ConnectFailed,
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                message,
+            );
+            call.fail(down, None, failure);
+            return Tried::Answered;
+        }
         let endpoint = match pick_endpoint(cluster, &attempts.tried, call) {
             Ok(e) => e,
             Err(rejected) => {

@@ -165,17 +165,26 @@ impl StatsSource {
             .map(|(plan, kernel)| plan.stats.figures(kernel.as_deref()))
     }
 
+    /// The clusters' DNS names as discovery last saw them.
+    pub fn dns(&self) -> Vec<NameStatus> {
+        self.discovery.names()
+    }
+
+    /// Every endpoint's load, those draining included.
+    pub fn upstreams(&self) -> Vec<super::upstream::EndpointStats> {
+        self.shared
+            .clusters
+            .iter()
+            .flat_map(|c| c.stats())
+            .collect()
+    }
+
     pub fn snapshot(&self) -> ProxyStats {
         ProxyStats {
             client_connections: self.connections.count.load(Ordering::SeqCst),
             client_streams: self.streams.count.load(Ordering::SeqCst),
             outcomes_published: self.shared.bus.outcomes.published(),
-            upstreams: self
-                .shared
-                .clusters
-                .iter()
-                .flat_map(|c| c.stats())
-                .collect(),
+            upstreams: self.upstreams(),
             breakers: self.shared.breakers.snapshot(std::time::Instant::now()),
             breaker_events_published: self.shared.bus.breaker_events.published(),
             retries_in_flight: self.shared.budget.retrying(),
@@ -191,7 +200,7 @@ impl StatsSource {
                 .untracked_methods
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
-            dns: self.discovery.names(),
+            dns: self.dns(),
             intercept: self.intercept(),
         }
     }

@@ -81,20 +81,19 @@ func loggingDialer(ctx context.Context, addr string) (net.Conn, error) {
 
 // balancedConn dials every address of targets (comma-separated) as one channel with
 // round_robin, as grpc-go does with a headless service's addresses from its dns resolver.
-func balancedConn(targets string) (*grpc.ClientConn, error) {
+func balancedConn(targets string, security []grpc.DialOption) (*grpc.ClientConn, error) {
 	r := manual.NewBuilderWithScheme("grpcpeer")
 	var addrs []resolver.Address
 	for _, a := range strings.Split(targets, ",") {
 		addrs = append(addrs, resolver.Address{Addr: a})
 	}
 	r.InitialState(resolver.State{Addresses: addrs})
-	return grpc.Dial("grpcpeer:///pods",
-		grpc.WithInsecure(),
+	return grpc.Dial("grpcpeer:///pods", append(security,
 		grpc.WithResolvers(r),
 		grpc.WithContextDialer(loggingDialer),
 		grpc.WithDefaultServiceConfig(`{"loadBalancingPolicy":"round_robin"}`),
 		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMessage)),
-	)
+	)...)
 }
 
 func runClient(args []string) {
@@ -116,7 +115,26 @@ func runClient(args []string) {
 	duration := fs.Duration("duration", 0, "make calls for this long, however many (-calls is then ignored); 0: -calls calls")
 	targets := fs.String("targets", "", "instead of -addr: addresses (comma-separated) balanced round_robin, reconnecting as grpc-go does; each call line ends with the peer it went to")
 	callTimeout := fs.Duration("call-timeout", 0, "each call's deadline; 0: none")
+	tlsCA := fs.String("tls-ca", "", "TLS instead of h2c, trusting this PEM CA; a refused handshake ends the client (exit 1) with the reason")
+	tlsCert := fs.String("tls-cert", "", "with -tls-ca: present this PEM client certificate (chain), for servers that require one (mTLS)")
+	tlsKey := fs.String("tls-key", "", "with -tls-cert: its PEM private key")
+	authority := fs.String("authority", "", ":authority, and with TLS the name the server certificate is checked against; default: the address")
 	fs.Parse(args)
+	if (*tlsCert == "") != (*tlsKey == "") || *tlsCert != "" && *tlsCA == "" {
+		fatalf("-tls-cert and -tls-key go together, and need -tls-ca")
+	}
+	security := []grpc.DialOption{grpc.WithInsecure()} // h2c
+	if *authority != "" {
+		// grpc-go 1.33 takes it only without TLS; with TLS, the credentials' ServerName is both.
+		security = append(security, grpc.WithAuthority(*authority))
+	}
+	if *tlsCA != "" {
+		creds, err := clientCredentials(*tlsCA, *tlsCert, *tlsKey, *authority)
+		if err != nil {
+			fatalf("tls: %v", err)
+		}
+		security = []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	}
 	var secret []byte
 	if *tokenSecret != "" {
 		var err error
@@ -157,21 +175,20 @@ func runClient(args []string) {
 	var conn *grpc.ClientConn
 	var err error
 	if *targets != "" {
-		if conn, err = balancedConn(*targets); err != nil {
+		if conn, err = balancedConn(*targets, security); err != nil {
 			fatalf("dial %s: %v", *targets, err)
 		}
 	} else {
 		var d oneDialer
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		conn, err = grpc.DialContext(ctx, *addr,
-			grpc.WithInsecure(), // h2c
+		conn, err = grpc.DialContext(ctx, *addr, append(security,
 			grpc.WithContextDialer(d.dial),
 			// Connect before the first call, so that "connected" describes a real connection, and
-			// give up at once if the server is not there.
+			// give up at once if the server is not there (or refuses the TLS handshake).
 			grpc.WithBlock(),
 			grpc.FailOnNonTempDialError(true),
 			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMessage)),
-		)
+		)...)
 		cancel()
 		if err != nil {
 			fatalf("dial %s: %v", *addr, err)

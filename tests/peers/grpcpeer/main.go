@@ -1,21 +1,34 @@
 // grpcpeer is a gRPC peer for the end-to-end tests: a server exposing the test.Echo service and a
-// client that drives it, both over cleartext HTTP/2 (h2c) so that the agent sees plain frames.
+// client that drives it, both over cleartext HTTP/2 (h2c) so that the agent sees plain frames, or
+// over TLS (tls.go).
 //
 // There is no protoc step: test.Echo is a hand-written grpc.ServiceDesc and every message is a raw
 // byte string carried by rawCodec, so the payload on the wire is exactly the bytes the client chose.
 //
 //	grpcpeer server -addr 127.0.0.1:0 [-max-streams N] [-slow DURATION] [-static-window]
 //	                [-gc-every DURATION [-gc-on-signal]] [-reject-expired]
+//	                [-tls-cert FILE -tls-key FILE [-tls-client-ca FILE]]
 //	grpcpeer client -addr HOST:PORT -method unary|stream|slow|reset [-calls N] [-concurrency M]
 //	                [-size BYTES] [-messages K] [-cancel-after DURATION]
 //	                [-token-secret FILE [-token-expired] [-subject PREFIX]] [-session PREFIX] [-subjects K]
 //	                [-traceparent] [-pause DURATION] [-duration DURATION]
+//	                [-tls-ca FILE [-tls-cert FILE -tls-key FILE]] [-authority NAME]
 //
 // Protocol on stdout: the server prints "listening HOST:PORT" once the socket is bound and
-// "stopped" after a graceful stop on SIGTERM/SIGINT (exit 0), and "gc on"/"gc off" when SIGUSR1
-// switches -gc-on-signal's collections; the client prints
-// "connected LOCAL REMOTE" once its single connection is up, "call I CODE" per finished call (CODE
-// being the grpc status code name, or EchoMismatch) and "done" (exit 0 whatever the codes).
+// "stopped" after a graceful stop on SIGTERM/SIGINT (exit 0), "gc on"/"gc off" when SIGUSR1
+// switches -gc-on-signal's collections, and with TLS "tls loaded SERIAL" (upper-case hex, as
+// `openssl x509 -serial` prints it) after "listening" for the first certificate and at the first
+// handshake that gets another one (tls.go: the files are read again when they change). The
+// client prints "connected LOCAL REMOTE" once its single connection is up, "call I CODE" per
+// finished call (CODE being the grpc status code name, or EchoMismatch) and "done" (exit 0
+// whatever the codes). A TLS handshake that fails or that the server refuses ends the client
+// at once, exit 1, with the reason on stderr: "grpcpeer: dial ADDR: connection error: desc =
+// "transport: authentication handshake failed: REASON"", REASON being for instance
+// "x509: certificate has expired or is not yet valid: current time ... is after ...",
+// "x509: certificate signed by unknown authority" or, for a client certificate the server
+// refuses, "the server refused the connection after the handshake: remote error: tls: bad
+// certificate" (a grpc-go server; a grpcio one just closes: "...: EOF"). With -calls 0 the client
+// only connects, which makes it a handshake check against any gRPC server.
 //
 // Built against the grpc-go packaged by Debian (1.33), in GOPATH mode:
 //

@@ -178,7 +178,20 @@ func runServer(args []string) {
 	gcEvery := fs.Duration("gc-every", 0, "force a garbage collection (with its stop-the-world pauses) this often; 0: never")
 	gcOnSignal := fs.Bool("gc-on-signal", false, "with -gc-every: collect only while switched on; each SIGUSR1 switches it on or off")
 	rejectExpired := fs.Bool("reject-expired", false, "Unary answers UNAUTHENTICATED when the call's bearer JWT has an exp in the past")
+	tlsCert := fs.String("tls-cert", "", "serve TLS with this PEM certificate (chain) instead of h2c; read again when it changes")
+	tlsKey := fs.String("tls-key", "", "with -tls-cert: its PEM private key")
+	tlsClientCA := fs.String("tls-client-ca", "", "with -tls-cert: require a client certificate this PEM CA signed (mTLS)")
 	fs.Parse(args)
+	if (*tlsCert == "") != (*tlsKey == "") || *tlsClientCA != "" && *tlsCert == "" {
+		fatalf("-tls-cert and -tls-key go together; -tls-client-ca needs them")
+	}
+	var tlsFiles *tlsFiles
+	if *tlsCert != "" {
+		var err error
+		if tlsFiles, err = newTLSFiles(*tlsCert, *tlsKey, *tlsClientCA); err != nil {
+			fatalf("tls: %v", err)
+		}
+	}
 	if *gcEvery > 0 {
 		var gcOn int32 = 1
 		if *gcOnSignal {
@@ -215,6 +228,9 @@ func runServer(args []string) {
 	if *maxStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(uint32(*maxStreams)))
 	}
+	if tlsFiles != nil {
+		opts = append(opts, grpc.Creds(tlsFiles.serverCredentials()))
+	}
 	srv := grpc.NewServer(opts...)
 	srv.RegisterService(&echoService, &echoServer{slow: *slow, rejectExpired: *rejectExpired})
 	// grpc.health.v1.Health beside it (the proxy benchmark's call): SERVING for "", the server.
@@ -226,6 +242,9 @@ func runServer(args []string) {
 	// soon as it has read the line.
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	// A test may stop reading stdout after "listening" (grpc_server does): a later line must not
+	// kill the server with SIGPIPE, as Go does on a broken stdout unless SIGPIPE is ignored.
+	signal.Ignore(syscall.SIGPIPE)
 
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
@@ -233,6 +252,10 @@ func runServer(args []string) {
 	}
 	// The socket queues connections from here on; Serve accepts them.
 	say("listening %s", ln.Addr())
+	if tlsFiles != nil {
+		// The first certificate's line, after the line every test waits for first.
+		tlsFiles.announce()
+	}
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

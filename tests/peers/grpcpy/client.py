@@ -477,8 +477,14 @@ def open_channel(args):
         ("grpc.enable_retries", 0),
     ]
     if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        def read(path):
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        credentials = grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca),
+                                                   private_key=read(args.tls_key),
+                                                   certificate_chain=read(args.tls_cert))
         if args.authority:
             options.append(("grpc.ssl_target_name_override", args.authority))
         return grpc.secure_channel(args.target, credentials, options=options)
@@ -500,6 +506,9 @@ def main():
     parser.add_argument("--tls-ca", help="PEM file of the CA: TLS instead of cleartext h2c")
     parser.add_argument("--authority", help="TLS: name the certificate is checked against (and "
                         ":authority); cleartext: :authority")
+    parser.add_argument("--tls-cert", metavar="FILE", help="with --tls-ca: present this PEM client "
+                        "certificate (chain), for servers that require one (mTLS)")
+    parser.add_argument("--tls-key", metavar="FILE", help="with --tls-cert: its PEM private key")
     parser.add_argument("--timeout-ms", "--deadline-ms", type=int, help="call deadline: deadline "
                         "(default 200), load (default none)")
     parser.add_argument("--sleep-ms", type=int, default=1000,
@@ -541,6 +550,8 @@ def main():
     parser.add_argument("--exit", action="store_true",
                         help="control: the server exits 50 ms after answering")
     args = parser.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key) or args.tls_cert and not args.tls_ca:
+        parser.error("--tls-cert and --tls-key go together, and need --tls-ca")
 
     start = time.monotonic()
     with open_channel(args) as channel:

@@ -2,12 +2,15 @@
 """grpcio server of the proxytest.Test service (tests/proto/test.proto). See README.md.
 
     server.py [--listen HOST:PORT] [--fault CODE[:AFTER_MESSAGES]] [--delay-ms N] [--every N]
-              [--trailers-only]
+              [--trailers-only] [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
 
---listen defaults to 127.0.0.1:0 (any free port). The other flags set the initial fault mode, as a
-Control call would (see FaultRequest in test.proto).
+--listen defaults to 127.0.0.1:0 (any free port). The fault flags set the initial fault mode, as a
+Control call would (see FaultRequest in test.proto). --tls-cert and --tls-key serve TLS instead of
+h2c; --tls-client-ca also requires a client certificate that CA signed (mTLS). The files are read
+again whenever they change, checked at each new connection; established connections keep theirs.
 
-stdout: exactly one line, {"event":"listening","address":"HOST:PORT"}, once serving.
+stdout: {"event":"listening","address":"HOST:PORT"} once serving. With TLS, it is followed by
+{"event":"tls_loaded","serial":HEX,...} for the first certificate and for every one that replaces it.
 SIGTERM/SIGINT: stop (in-flight calls get 1 s) and exit 0. grpcio's own logs go to stderr.
 """
 
@@ -17,7 +20,9 @@ import hashlib
 import json
 import os
 import signal
+import ssl
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
@@ -278,6 +283,104 @@ class TestServicer(pb2_grpc.TestServicer):
         return pb2.Empty()
 
 
+def say(**fields):
+    print(json.dumps(fields, separators=(",", ":")), flush=True)
+
+
+class TlsFiles:
+    """The certificate, key and client CA files a TLS server serves, re-read when they change.
+
+    grpcio calls fetch() before the handshake of every new connection
+    (dynamic_ssl_server_credentials): a stat of the files and, only if one is another file (a
+    rename puts another inode there) or has another size or mtime, a read. Files that do not load
+    (a key that is not the certificate's, caught between the two renames of a rotation) keep the
+    previous configuration and are tried again at the next connection: no handshake ever gets a
+    broken one. Established connections keep the certificate they were made with."""
+
+    def __init__(self, cert, key, client_ca):
+        self.files = (cert, key, client_ca)
+        self.client_auth = client_ca is not None
+        self.lock = threading.Lock()
+        self.stamp = None  # the stat of the files when last read
+        self.served = None  # the (cert, key, client CA) bytes being served
+        self.serial = None
+        self.initial = self.load(self.files_stamp())
+        if self.initial is None:
+            sys.exit("server.py: cannot serve TLS with %s" % ", ".join(self.paths()))
+
+    def paths(self):
+        return [p for p in self.files if p]
+
+    def files_stamp(self):
+        try:
+            return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, self.paths()))
+        except OSError as e:
+            print("server.py: tls: %s" % e, file=sys.stderr, flush=True)
+            return None
+
+    def load(self, stamp):
+        """A configuration from the files as they are now; None if they cannot be read or do not
+        load (logged: tried again at the next connection) or hold what is served already."""
+        if stamp is None:
+            return None
+        try:
+            contents = tuple(read_file(p) if p else None for p in self.files)
+            if contents == self.served:
+                self.stamp = stamp
+                return None
+            serial = check_key_pair(*contents)
+        except (OSError, ssl.SSLError, ValueError, KeyError) as e:
+            print("server.py: tls: not loading %s: %s (keeping what is served)"
+                  % (", ".join(self.paths()), e), file=sys.stderr, flush=True)
+            return None
+        self.stamp, self.served, self.serial = stamp, contents, serial
+        cert, key, client_ca = contents
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch(self):
+        """dynamic_ssl_server_credentials' fetcher: a new configuration, or None to keep it."""
+        with self.lock:
+            stamp = self.files_stamp()
+            if stamp is None or stamp == self.stamp:
+                return None
+            config = self.load(stamp)
+            if config is not None:
+                self.announce()
+            return config
+
+    def announce(self):
+        say(event="tls_loaded", serial=self.serial, cert=self.files[0],
+            client_auth=self.client_auth)
+
+    def credentials(self):
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, self.fetch, require_client_authentication=self.client_auth)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def check_key_pair(cert, key, client_ca):
+    """Loads the PEM bytes as Python's ssl would, which refuses a key that is not the
+    certificate's, and returns the certificate's serial number in upper-case hex (as
+    `openssl x509 -serial` prints it)."""
+    with tempfile.TemporaryDirectory(prefix="grpcpy-tls-") as scratch:
+        paths = {}
+        for name, data in (("cert", cert), ("key", key), ("ca", client_ca)):
+            if data is not None:
+                paths[name] = os.path.join(scratch, name + ".pem")
+                with open(paths[name], "wb") as f:
+                    f.write(data)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(paths["cert"], paths["key"])
+        if "ca" in paths:
+            context.load_verify_locations(paths["ca"])
+        # The stdlib's own decoder (its test suite uses it): no third-party package needed.
+        return ssl._ssl._test_decode_cert(paths["cert"])["serialNumber"]
+
+
 def log_mode(source, mode):
     fields = {f.name: getattr(mode, f.name) for f in mode.DESCRIPTOR.fields}
     print("server.py: fault mode from %s: %s" % (source, json.dumps(fields)), file=sys.stderr,
@@ -308,7 +411,14 @@ def main():
                         "Nth call")
     parser.add_argument("--trailers-only", action="store_true", help="initial fault mode: a "
                         "failure before any message is Trailers-Only")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate "
+                        "(chain) instead of h2c; re-read when it changes")
+    parser.add_argument("--tls-key", metavar="FILE", help="with --tls-cert: its PEM private key")
+    parser.add_argument("--tls-client-ca", metavar="FILE", help="with --tls-cert: require a "
+                        "client certificate signed by this PEM CA (mTLS)")
     args = parser.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key) or args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-cert and --tls-key go together; --tls-client-ca needs them")
     initial = pb2.FaultRequest(code=args.fault[0], after_messages=args.fault[1],
                                delay_ms=args.delay_ms, every=args.every,
                                trailers_only=args.trailers_only)
@@ -326,13 +436,18 @@ def main():
         options=stubs.MESSAGE_OPTIONS + [("grpc.so_reuseport", 0)],
     )
     pb2_grpc.add_TestServicer_to_server(TestServicer(), server)
-    port = server.add_insecure_port(args.listen)
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if tls:
+        port = server.add_secure_port(args.listen, tls.credentials())
+    else:
+        port = server.add_insecure_port(args.listen)
     if port == 0:
         sys.exit("server.py: cannot listen on %s" % args.listen)
     server.start()
     host = args.listen.rsplit(":", 1)[0]
-    line = {"event": "listening", "address": "%s:%d" % (host, port)}
-    print(json.dumps(line, separators=(",", ":")), flush=True)
+    say(event="listening", address="%s:%d" % (host, port))
+    if tls:
+        tls.announce()
 
     stop.wait()  # lock waits are interrupted by signals on POSIX, so the handler gets to run
     server.stop(grace=1).wait()
