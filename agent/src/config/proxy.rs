@@ -11,6 +11,7 @@ use super::{
     dns::DnsPolicy,
     duration,
     intercept::{Destinations, InterceptError, PASSTHROUGH_CLUSTER, RawDestinations},
+    tls::UpstreamTls,
 };
 
 /// What is wrong in the proxy's sections.
@@ -44,6 +45,8 @@ pub enum ProxyError {
     /// The TLS files are there but do not make an identity (the rustls or PEM error's text).
     #[error("{0}")]
     Tls(String),
+    #[error("cluster {cluster:?}: tls: {why}")]
+    UpstreamTls { cluster: String, why: String },
     #[error("listener {0:?} has no [[listener.route]]: nothing could be served")]
     NoRoutes(String),
     #[error("path_prefix must start with /")]
@@ -150,6 +153,8 @@ pub struct Cluster {
     pub subsets: Vec<String>,
     /// How its DNS names are followed.
     pub dns: DnsPolicy,
+    /// TLS to its endpoints; None: cleartext HTTP/2 (h2c).
+    pub tls: Option<UpstreamTls>,
     pub connect_timeout: Duration,
     /// Connections opened to one endpoint at most; streams beyond what they allow
     /// (the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS) wait for one to finish.
@@ -283,6 +288,16 @@ pub(super) struct RawCluster {
     claims: Vec<Spanned<RawDestinations>>,
     #[serde(default)]
     dns: DnsPolicy,
+    tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: PathBuf,
+    server_name: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +368,10 @@ pub(super) fn clusters(
         if let Err(e) = c.dns.check(&name) {
             p.at(c.name.span(), e);
         }
+        let tls = c.tls.and_then(|t| {
+            let span = t.span();
+            t.into_inner().check(&name).map_err(|e| p.at(span, e)).ok()
+        });
         let max_conns = *c.max_connections_per_endpoint.get_ref();
         if max_conns == 0 {
             p.at(
@@ -371,6 +390,7 @@ pub(super) fn clusters(
             endpoints,
             subsets,
             dns: c.dns,
+            tls,
             connect_timeout: c.connect_timeout,
             max_connections_per_endpoint: max_conns.max(1),
             claims,
@@ -389,11 +409,51 @@ impl Cluster {
             endpoints: Vec::new(),
             subsets: Vec::new(),
             dns: DnsPolicy::default(),
+            tls: None,
             connect_timeout: default_connect_timeout(),
             max_connections_per_endpoint: *default_max_connections().get_ref(),
             claims: Vec::new(),
             claim_spans: Vec::new(),
         }
+    }
+}
+
+impl RawUpstreamTls {
+    /// The files readable, the pair complete, the name a name: and the whole loads now.
+    fn check(self, cluster: &str) -> Result<UpstreamTls, ProxyError> {
+        let fail = |why: String| ProxyError::UpstreamTls {
+            cluster: cluster.to_owned(),
+            why,
+        };
+        let client = match (self.cert, self.key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                return Err(fail(
+                    "cert and key go together (a client certificate and its key)".into(),
+                ));
+            }
+        };
+        let files = std::iter::once(&self.ca).chain(client.iter().flat_map(|c| [&c.cert, &c.key]));
+        for f in files {
+            if !f.is_file() {
+                return Err(fail(format!("{} is not a readable file", f.display())));
+            }
+        }
+        if let Some(n) = &self.server_name
+            && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            return Err(fail(format!(
+                "server_name {n:?} is not a DNS name or IP address"
+            )));
+        }
+        let tls = UpstreamTls {
+            ca: self.ca,
+            server_name: self.server_name,
+            client,
+        };
+        super::tls::client_config(&tls).map_err(|e| fail(e.to_string()))?;
+        Ok(tls)
     }
 }
 
@@ -644,6 +704,7 @@ pub(super) fn quick(
         endpoints,
         subsets: Vec::new(),
         dns: DnsPolicy::default(),
+        tls: None,
         connect_timeout: default_connect_timeout(),
         max_connections_per_endpoint: *default_max_connections().get_ref(),
         claims: Vec::new(),

@@ -69,6 +69,10 @@ pub struct StreamOutcome {
     /// (interception); absent for connections made to a listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub original_destination: Option<SocketAddr>,
+    /// What went wrong, when the proxy answered the call itself or a try failed before an
+    /// upstream took it (a refused connect, a TLS handshake's reason), the last of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 mod opt_micros {

@@ -18,7 +18,7 @@
 //! | `consecutive_failures` | failures in a row then |
 //! | `upstream.cluster`, `upstream.endpoint` | what the breaker guards, or where the triggering call went |
 //! | `upstream.pid`, `upstream.comm`, `upstream.netns` | the process serving that endpoint, when it runs on this host (found by the owner of the socket at the far end of the proxy's connection, in any network namespace) |
-//! | `stream` | the call whose result made the change: `method`, `grpc_status`, `http_status`, `ending`, `trace_id`, `span_id`, `session_id`, `client` (address), `latency_us`, and for an intercepted connection `intercepted: true` and `original_destination` (what the application dialed); for a change a kernel signal made, the stream the signal hit (`in_flight: true` and no status when it had not ended) |
+//! | `stream` | the call whose result made the change: `method`, `grpc_status`, `http_status`, `ending`, `trace_id`, `span_id`, `session_id`, `client` (address), `latency_us`, `error` (what went wrong when the proxy answered, or a try failed before an upstream took it: a refused connect, a TLS handshake's reason), and for an intercepted connection `intercepted: true` and `original_destination` (what the application dialed); for a change a kernel signal made, the stream the signal hit (`in_flight: true` and no status when it had not ended) |
 //! | `jwt_claims` | that call's allowlisted claims, with `verified` and `expired` (never the token) |
 //! | `evidence` | kernel signals about what the breaker guards in the last 30 s, oldest first (below) |
 //!
@@ -106,6 +106,7 @@ pub fn breaker_trip(e: &BreakerEvent, at: SystemTime) -> Value {
                 "session_id",
                 o.context.session_id.as_deref().map(Value::from),
             ),
+            ("error", o.error.as_deref().map(Value::from)),
         ];
         for (k, v) in optional {
             if let Some(v) = v {

@@ -400,6 +400,7 @@ async fn attempt<'a>(
                     && wait_backoff(shared, attempts.count, call.deadline).await
                 {
                     debug!(method = %call.out.method, endpoint = ?call.out.endpoint, "upstream not reached: retrying");
+                    call.out.error = failure.answer.as_ref().map(|a| a.message.clone());
                     call.attempt_failed(Mark::Failure, now);
                     call.out.retries += 1;
                     continue;
@@ -901,6 +902,7 @@ impl<'a> Call<'a> {
             blame: None,
             first_byte: None,
             original_destination: conn.intercepted.as_ref().map(|i| i.original),
+            error: None,
         };
         Call {
             shared,
@@ -995,6 +997,9 @@ impl<'a> Call<'a> {
             up.send_reset(Reason::CANCEL);
         }
         self.out.ending = failure.ending;
+        if let Some(a) = &failure.answer {
+            self.out.error = Some(a.message.clone());
+        }
         if failure.reset_reason.is_some() {
             self.out.reset_reason = failure.reset_reason;
         }

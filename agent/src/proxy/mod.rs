@@ -11,3 +11,4 @@ pub mod route;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_tls;

@@ -58,6 +58,12 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Dns(#[from] crate::discovery::dns::ResolverError),
+    #[error("cluster {cluster}: upstream TLS: {source}")]
+    UpstreamTls {
+        cluster: String,
+        #[source]
+        source: crate::config::tls::UpstreamTlsError,
+    },
     #[error("cannot listen on {address} (listener {listener}): {source}")]
     Bind {
         listener: String,
@@ -142,9 +148,20 @@ pub struct ProxyStats {
     /// The clusters' DNS names: what each stands for, lookups answered and failed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<NameStatus>,
+    /// Clusters with upstream TLS: times their files changed and loaded, and did not.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream_tls: Vec<UpstreamTlsFigures>,
     /// What interception did, when it is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub intercept: Option<InterceptFigures>,
+}
+
+/// One cluster's upstream TLS files: reloaded on change, or refused (the old ones kept).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamTlsFigures {
+    pub cluster: String,
+    pub reloads: u64,
+    pub reload_failures: u64,
 }
 
 /// Takes [`ProxyStats`] while the proxy serves.
@@ -201,6 +218,19 @@ impl StatsSource {
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
             dns: self.dns(),
+            upstream_tls: self
+                .shared
+                .clusters
+                .iter()
+                .filter_map(|c| {
+                    let (reloads, reload_failures) = c.tls_reloads()?;
+                    Some(UpstreamTlsFigures {
+                        cluster: c.name.clone(),
+                        reloads,
+                        reload_failures,
+                    })
+                })
+                .collect(),
             intercept: self.intercept(),
         }
     }
@@ -269,26 +299,28 @@ impl Proxy {
             &shapes,
             std::time::Instant::now(),
         ));
+        let mut clusters = Vec::new();
+        for (i, c) in config.clusters.iter().enumerate() {
+            let options = PoolOptions {
+                discovered: discovered(c),
+                mark,
+            };
+            let pool = ClusterPool::new(
+                i,
+                c,
+                config.limits,
+                joins.clone(),
+                breakers.clone(),
+                &options,
+            )
+            .map_err(|source| ServerError::UpstreamTls {
+                cluster: c.name.clone(),
+                source,
+            })?;
+            clusters.push(pool);
+        }
         let shared = Arc::new(Shared {
-            clusters: config
-                .clusters
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let options = PoolOptions {
-                        discovered: discovered(c),
-                        mark,
-                    };
-                    ClusterPool::new(
-                        i,
-                        c,
-                        config.limits,
-                        joins.clone(),
-                        breakers.clone(),
-                        &options,
-                    )
-                })
-                .collect(),
+            clusters,
             bus: Arc::new(Bus::default()),
             breakers,
             context: Extractor::new(&config.context)?,

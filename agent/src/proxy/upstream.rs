@@ -43,13 +43,24 @@ use crate::{
 use super::{
     coalesce::Coalesce,
     goaway_watch::{GoawaySeen, GoawayWatch},
+    upstream_tls::{UpstreamIo, UpstreamTlsClient},
 };
+use crate::config::tls::UpstreamTlsError;
+use rustls_pki_types::ServerName;
 
 /// Why no upstream stream could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to {endpoint}: {source}")]
     Connect {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed: an unknown CA, an expired certificate, a name it is not
+    /// for, a client certificate refused (rustls's reason).
+    #[error("TLS handshake with {endpoint} failed: {source}")]
+    Tls {
         endpoint: String,
         #[source]
         source: std::io::Error,
@@ -101,6 +112,8 @@ pub struct ClusterPool {
     draining: Mutex<Vec<Weak<Endpoint>>>,
     /// Room for endpoints found while running (the passthrough cluster's).
     room: usize,
+    /// TLS to the endpoints, when the cluster has `[cluster.tls]`.
+    tls: Option<UpstreamTlsClient>,
     /// `SO_MARK` of the upstream sockets: the interception programs leave them alone.
     mark: Option<u32>,
     connect_timeout: Duration,
@@ -110,25 +123,26 @@ pub struct ClusterPool {
 
 /// The addresses each of a cluster's endpoint entries gave last, in the entries' order.
 struct Sources {
-    /// By entry: its subset, and its addresses (an IP entry's one; a DNS name's last answer).
-    entries: Vec<(usize, Vec<SocketAddr>)>,
+    /// By entry: its subset, its addresses (an IP entry's one; a DNS name's last answer),
+    /// and the DNS name its endpoints' TLS certificates are for.
+    entries: Vec<(usize, Vec<SocketAddr>, Option<Arc<str>>)>,
     /// Original destinations of intercepted connections (the passthrough cluster's), in the
     /// order they were met.
     found: Vec<SocketAddr>,
 }
 
 impl Sources {
-    /// Every address once, with its subset: the first entry that names it places it.
-    fn wanted(&self) -> Vec<(SocketAddr, usize)> {
+    /// Every address once, with its subset and its entry's name: the first entry that names
+    /// it places it.
+    fn wanted(&self) -> Vec<(SocketAddr, usize, Option<Arc<str>>)> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        let listed = self
-            .entries
-            .iter()
-            .flat_map(|(subset, addrs)| addrs.iter().map(move |a| (*a, *subset)));
-        for (a, subset) in listed.chain(self.found.iter().map(|a| (*a, 0))) {
+        let listed = self.entries.iter().flat_map(|(subset, addrs, name)| {
+            addrs.iter().map(move |a| (*a, *subset, name.clone()))
+        });
+        for (a, subset, name) in listed.chain(self.found.iter().map(|a| (*a, 0, None))) {
             if seen.insert(a) {
-                out.push((a, subset));
+                out.push((a, subset, name));
             }
         }
         out
@@ -142,6 +156,8 @@ pub struct Endpoint {
     /// Index into its cluster's subsets.
     pub subset: usize,
     pub breakers: Arc<EndpointBreakers>,
+    /// What its TLS certificate must name (when the cluster speaks TLS).
+    server_name: Option<ServerName<'static>>,
     /// Left its cluster: no new calls; the ones it has finish.
     removed: AtomicBool,
     /// Calls holding a stream on this endpoint.
@@ -210,12 +226,18 @@ impl Drop for Lease {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, subset: usize, breakers: Arc<EndpointBreakers>) -> Arc<Self> {
+    fn new(
+        addr: SocketAddr,
+        subset: usize,
+        breakers: Arc<EndpointBreakers>,
+        server_name: Option<ServerName<'static>>,
+    ) -> Arc<Self> {
         Arc::new(Endpoint {
             addr,
             address: addr.to_string(),
             subset,
             breakers,
+            server_name,
             removed: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             connections: Mutex::new(Vec::new()),
@@ -250,18 +272,28 @@ impl ClusterPool {
         joins: Arc<Joins>,
         breakers: Arc<Breakers>,
         options: &PoolOptions,
-    ) -> Self {
+    ) -> Result<Self, UpstreamTlsError> {
         let entries = cluster
             .endpoints
             .iter()
             .map(|e| {
-                let addrs = match e.source {
-                    Source::Address(a) => vec![a],
-                    Source::Dns { .. } | Source::Srv { .. } => Vec::new(),
+                let (addrs, name) = match &e.source {
+                    Source::Address(a) => (vec![*a], None),
+                    Source::Dns { host, .. } => (Vec::new(), Some(host.trim_end_matches('.'))),
+                    // `_grpc._tcp.orders.svc`: the service's name, not its targets'.
+                    Source::Srv { name } => {
+                        let service = name.splitn(3, '.').nth(2).unwrap_or(name);
+                        (Vec::new(), Some(service.trim_end_matches('.')))
+                    }
                 };
-                (e.subset, addrs)
+                (e.subset, addrs, name.map(Arc::from))
             })
             .collect();
+        let tls = cluster
+            .tls
+            .as_ref()
+            .map(UpstreamTlsClient::new)
+            .transpose()?;
         let pool = Self {
             name: cluster.name.clone(),
             index,
@@ -275,13 +307,24 @@ impl ClusterPool {
             }),
             draining: Mutex::new(Vec::new()),
             room: options.discovered,
+            tls,
             mark: options.mark,
             connect_timeout: cluster.connect_timeout,
             max_connections: cluster.max_connections_per_endpoint,
             limits,
         };
         pool.rebuild(&lock(&pool.sources));
-        pool
+        Ok(pool)
+    }
+
+    /// Upstream TLS's reloads of its files: (loaded, refused); None without TLS.
+    pub fn tls_reloads(&self) -> Option<(u64, u64)> {
+        self.tls.as_ref().map(|t| {
+            (
+                t.reloads.load(Ordering::Relaxed),
+                t.reload_failures.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// The endpoints calls pick from now.
@@ -344,7 +387,7 @@ impl ClusterPool {
     pub fn set_entry(&self, entry: usize, addrs: Vec<SocketAddr>) -> SetChange {
         let mut sources = lock(&self.sources);
         match sources.entries.get_mut(entry) {
-            Some((_, old)) if *old != addrs => *old = addrs,
+            Some((_, old, _)) if *old != addrs => *old = addrs,
             _ => {
                 return SetChange {
                     now: self.endpoints.load().len(),
@@ -363,14 +406,18 @@ impl ClusterPool {
             current.iter().map(|e| (e.addr, e)).collect();
         let mut next = Vec::new();
         let mut change = SetChange::default();
-        for (addr, subset) in sources.wanted() {
+        for (addr, subset, name) in sources.wanted() {
             match by_addr.get(&addr) {
                 Some(e) if e.subset == subset => next.push(Arc::clone(e)),
                 _ => {
                     let breakers = self
                         .breakers
                         .endpoint(self.index, &addr.to_string(), subset);
-                    next.push(Endpoint::new(addr, subset, breakers));
+                    let server_name = self
+                        .tls
+                        .as_ref()
+                        .map(|t| t.server_name(name.as_deref(), addr.ip()));
+                    next.push(Endpoint::new(addr, subset, breakers, server_name));
                     change.added += 1;
                 }
             }
@@ -511,7 +558,7 @@ impl ClusterPool {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        // Registered before the handshake: a reset during it is this endpoint's too.
+        // Registered before the handshakes: a reset during them is this endpoint's too.
         let tracked = match (tcp.local_addr(), tcp.peer_addr()) {
             (Ok(local), Ok(peer)) => self.joins.tracked.connection(
                 Side::Upstream {
@@ -522,13 +569,26 @@ impl ClusterPool {
             ),
             _ => None,
         };
+        let io = match (&self.tls, &e.server_name) {
+            (Some(tls), Some(name)) => {
+                let tls_stream =
+                    tls.connect(name.clone(), tcp)
+                        .await
+                        .map_err(|source| UpstreamError::Tls {
+                            endpoint: address.to_owned(),
+                            source,
+                        })?;
+                UpstreamIo::Tls(Box::new(tls_stream))
+            }
+            _ => UpstreamIo::Plain(tcp),
+        };
         let goaway = Arc::new(GoawaySeen::default());
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.limits.upstream_stream_window)
             .initial_connection_window_size(self.limits.connection_window)
             .max_send_buffer_size(self.limits.max_send_buffer)
             .max_header_list_size(self.limits.max_header_list_size)
-            .handshake::<_, Bytes>(GoawayWatch::new(Coalesce::new(tcp), goaway.clone()))
+            .handshake::<_, Bytes>(GoawayWatch::new(Coalesce::new(io), goaway.clone()))
             .await
             .map_err(|source| UpstreamError::Handshake {
                 endpoint: address.to_owned(),
@@ -624,6 +684,7 @@ endpoints = ["10.0.0.1:50051", "orders.test:50051"]
             breakers,
             &PoolOptions::default(),
         )
+        .unwrap()
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -717,7 +778,8 @@ endpoints = ["10.0.0.1:50051", "orders.test:50051"]
                 discovered: 2,
                 mark: None,
             },
-        );
+        )
+        .unwrap();
         let a = p.find_or_add(addr("10.1.0.1:80")).unwrap();
         assert!(Arc::ptr_eq(
             &a,

@@ -63,6 +63,7 @@ fn a_trip_carries_the_breaker_the_upstream_and_the_calls_context() {
         blame: Some("upstream"),
         first_byte: None,
         original_destination: None,
+        error: None,
     };
     let e = breaker_trip(
         &BreakerEvent {
