@@ -1,4 +1,6 @@
-//! DNS discovery: endpoints that follow a zone served by a real DNS server (dnsmasq) on loopback.
+//! Discovery: endpoints that follow a zone served by a real DNS server (dnsmasq) on loopback,
+//! and a canary subset that follows an endpoints file (Prometheus file_sd) as a ConfigMap
+//! volume swaps it.
 //!
 //! The pods are grpcio servers (`tests/peers/grpcpy/server.py`) on 127.0.0.2, .3, ... (all
 //! loopback), one port; the agent's cluster names them by `orders.test:PORT` (A records) or
@@ -327,7 +329,7 @@ fn the_endpoints_follow_the_zone_under_load_without_a_failed_call() {
     let t = Instant::now();
     let failed = loop {
         let s = agent.stats();
-        let n = &s["dns"][0];
+        let n = &s["discovery"][0];
         if n["failed"].as_u64().unwrap() >= 2 {
             break n.clone();
         }
@@ -348,7 +350,9 @@ fn the_endpoints_follow_the_zone_under_load_without_a_failed_call() {
     );
     let text = scrape(&agent);
     let series = |result: &str| {
-        format!(r#"agent_dns_lookups_total{{cluster="svc",name="{name}",result="{result}""#)
+        format!(
+            r#"agent_discovery_lookups_total{{cluster="svc",name="{name}",result="{result}",source="dns""#
+        )
     };
     assert!(metric(&text, &series("failed")) >= 2.0, "{text}");
     assert!(metric(&text, &series("answered")) >= 4.0, "{text}");
@@ -360,10 +364,13 @@ fn the_endpoints_follow_the_zone_under_load_without_a_failed_call() {
         2.0
     );
     let st = status(&agent);
-    assert!(st["dns"][0]["failed"].as_u64().unwrap() >= 2, "{st}");
-    assert_eq!(st["dns"][0]["name"], name.as_str(), "{st}");
+    assert!(st["discovery"][0]["failed"].as_u64().unwrap() >= 2, "{st}");
+    assert_eq!(st["discovery"][0]["name"], name.as_str(), "{st}");
     assert!(
-        !st["dns"][0]["last_error"].as_str().unwrap().is_empty(),
+        !st["discovery"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
         "{st}"
     );
     dns.resume();
@@ -448,8 +455,178 @@ fn an_srv_name_gives_one_endpoint_per_target_and_port() {
     let details = refused["details"]["UNAVAILABLE"][0].as_str().unwrap();
     assert!(details.contains("no endpoint"), "{details}");
     let s = agent.stats();
-    assert!(s["dns"][0]["empty"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["discovery"][0]["empty"].as_u64().unwrap() >= 1, "{s}");
 
+    let _ = agent.terminate(Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Writes `content` as a Kubernetes ConfigMap volume does: a new timestamped directory, then
+/// the `..data` symlink swapped to it by rename, `endpoints.yaml` a symlink through `..data`.
+fn configmap_write(dir: &std::path::Path, content: &str) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let version = format!(
+        "..v{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    std::fs::create_dir_all(dir.join(&version)).unwrap();
+    std::fs::write(dir.join(&version).join("endpoints.yaml"), content).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join("endpoints.yaml");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/endpoints.yaml", &link).unwrap();
+    }
+}
+
+fn groups(canary: &[SocketAddr], stable: &[SocketAddr]) -> String {
+    let list = |v: &[SocketAddr]| {
+        v.iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "- targets: [{}]\n  labels: {{track: canary}}\n- targets: [{}]\n  labels: {{track: stable}}\n",
+        list(canary),
+        list(stable)
+    )
+}
+
+/// A canary subset from an endpoints file: its targets with `track: canary` are the subset's
+/// endpoints (with the subset's breaker), the file swapped as a ConfigMap volume is (scale
+/// up, a pod replaced) under load with no failed call, and a file that does not parse keeps
+/// the endpoints it gave, counted.
+#[test]
+#[ignore = "needs grpcio: cargo xtask test"]
+fn a_canary_subset_follows_its_endpoints_file() {
+    let mut pods = Pods {
+        port: free_port(&["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]),
+        running: BTreeMap::new(),
+    };
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        pods.start(ip);
+    }
+    let dir = temp_dir("file-sd");
+    let volume = dir.join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let (stable, canary) = (pods.addr("127.0.0.2"), pods.addr("127.0.0.3"));
+    // The stable pod is also listed, with another label: it is not the canary's.
+    configmap_write(&volume, &groups(&[canary], &[stable]));
+    let file = volume.join("endpoints.yaml");
+    let config = config_file(
+        &dir,
+        &format!(
+            r#"[[cluster]]
+name = "svc"
+endpoints = ["{stable}"]
+[[cluster.subset]]
+name = "canary"
+endpoints_file = {file:?}
+match_labels = {{ track = "canary" }}
+"#,
+            file = file.to_str().unwrap()
+        ),
+    );
+    let mut agent = AgentProxy::start(&["--config", config.to_str().unwrap()]);
+    let subsets = |agent: &mut AgentProxy| -> BTreeMap<String, String> {
+        agent.stats()["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["draining"] == false)
+            .map(|e| {
+                (
+                    e["endpoint"].as_str().unwrap().to_owned(),
+                    e["subset"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let wait_subsets = |agent: &mut AgentProxy, want: &[(SocketAddr, &str)]| {
+        let want: BTreeMap<String, String> = want
+            .iter()
+            .map(|(a, s)| (a.to_string(), (*s).to_owned()))
+            .collect();
+        let t = Instant::now();
+        while subsets(agent) != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "{:?}, not {want:?}",
+                subsets(agent)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        t.elapsed()
+    };
+    wait_subsets(&mut agent, &[(stable, "default"), (canary, "canary")]);
+
+    let mut load = grpcio_client(
+        agent.addr,
+        "load",
+        &[
+            "--count",
+            "5000",
+            "--concurrency",
+            "4",
+            "--interval-ms",
+            "5",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Scale the canary up.
+    let canary_2 = pods.start("127.0.0.4");
+    configmap_write(&volume, &groups(&[canary, canary_2], &[stable]));
+    let up = wait_subsets(
+        &mut agent,
+        &[
+            (stable, "default"),
+            (canary, "canary"),
+            (canary_2, "canary"),
+        ],
+    );
+    eprintln!("file change seen after {up:?}");
+    // A file that does not parse: nothing changes, the failure is counted.
+    configmap_write(&volume, "- targets: [\"127.0.0.9:1\"\n  labels: {track");
+    let t = Instant::now();
+    loop {
+        let s = agent.stats();
+        if s["discovery"][0]["failed"].as_u64().unwrap() >= 1 {
+            assert_eq!(s["discovery"][0]["source"], "file", "{s}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no failed read: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(subsets(&mut agent).len(), 3);
+    // A canary pod replaced: .3 leaves the file, .5 comes; .3 stops once let go.
+    let canary_3 = pods.start("127.0.0.5");
+    configmap_write(&volume, &groups(&[canary_2, canary_3], &[stable]));
+    wait_subsets(
+        &mut agent,
+        &[
+            (stable, "default"),
+            (canary_2, "canary"),
+            (canary_3, "canary"),
+        ],
+    );
+    wait_gone(&mut agent, canary);
+    pods.stop("127.0.0.3");
+    assert!(load.try_status().is_none(), "the load ended too soon");
+    let summary = load_summary(load);
+    assert_eq!(summary["codes"]["OK"], 5000, "{summary}");
+    // The canary's endpoints have the subset's breaker over them.
+    let breakers = agent.stats()["breakers"].clone();
+    assert!(
+        breakers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["scope"] == "subset" && b["name"] == "svc/canary"),
+        "{breakers}"
+    );
     let _ = agent.terminate(Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(dir);
 }

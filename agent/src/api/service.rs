@@ -309,12 +309,13 @@ impl AgentStatus for StatusService {
                     connections: e.connections as u64,
                 })
                 .collect(),
-            dns: proxy
-                .dns
+            discovery: proxy
+                .discovery
                 .iter()
-                .map(|n| pb::DnsName {
+                .map(|n| pb::Discovered {
                     cluster: n.cluster.clone(),
                     name: n.name.clone(),
+                    source: n.source.to_owned(),
                     addresses: n.addresses.iter().map(ToString::to_string).collect(),
                     answered: n.answered,
                     empty: n.empty,

@@ -218,7 +218,7 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
             "client_streams": s.client_streams,
             "breakers_open": s.breakers_open,
             "endpoints": s.endpoints.iter().map(|e| json!({"cluster": e.cluster, "address": e.address, "subset": e.subset, "draining": e.draining, "calls_in_flight": e.calls_in_flight, "connections": e.connections})).collect::<Vec<_>>(),
-            "dns": s.dns.iter().map(|n| json!({"cluster": n.cluster, "name": n.name, "addresses": n.addresses, "answered": n.answered, "empty": n.empty, "failed": n.failed, "last_error": n.last_error, "ttl_secs": n.ttl_secs})).collect::<Vec<_>>(),
+            "discovery": s.discovery.iter().map(|n| json!({"cluster": n.cluster, "name": n.name, "source": n.source, "addresses": n.addresses, "answered": n.answered, "empty": n.empty, "failed": n.failed, "last_error": n.last_error, "ttl_secs": n.ttl_secs})).collect::<Vec<_>>(),
         }));
         return Ok(());
     }
@@ -272,9 +272,9 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
             .collect();
         print_table(&["PROBE", "STATE", "DEGRADED"], &rows);
     }
-    if !s.dns.is_empty() {
+    if !s.discovery.is_empty() {
         let rows: Vec<Vec<String>> = s
-            .dns
+            .discovery
             .iter()
             .map(|n| {
                 vec![
@@ -289,7 +289,7 @@ pub async fn status(opts: &StatusOptions) -> anyhow::Result<()> {
             .collect();
         print_table(
             &[
-                "DNS NAME",
+                "DISCOVERED",
                 "ADDRESSES",
                 "ANSWERED",
                 "EMPTY",

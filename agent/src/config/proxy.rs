@@ -1,7 +1,12 @@
 //! The proxy's sections: `[[listener]]` (with its routes and TLS files), `[[cluster]]` (with
 //! its endpoints and subsets), `[timeouts]` and `[limits]`.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -136,10 +141,17 @@ pub enum Source {
     Dns { host: String, port: u16 },
     /// `_service._tcp.NAME`: an endpoint for each address of each SRV target, at its port.
     Srv { name: String },
+    /// A file in Prometheus' file_sd format (YAML or JSON), watched: an endpoint for each
+    /// target of the groups whose labels include `match_labels`.
+    File {
+        path: PathBuf,
+        match_labels: BTreeMap<String, String>,
+    },
 }
 
 impl Source {
-    pub fn is_dns(&self) -> bool {
+    /// Whether discovery gives its endpoints (a DNS name, a file), not the configuration.
+    pub fn is_discovered(&self) -> bool {
         !matches!(self, Source::Address(_))
     }
 }
@@ -304,7 +316,13 @@ struct RawUpstreamTls {
 #[serde(deny_unknown_fields)]
 struct RawSubset {
     name: Spanned<String>,
+    #[serde(default)]
     endpoints: Vec<Spanned<String>>,
+    /// Endpoints from a file_sd file too (or only).
+    endpoints_file: Option<Spanned<PathBuf>>,
+    /// Of that file, the target groups with these labels.
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -330,7 +348,11 @@ pub(super) fn clusters(
         if cluster_index.insert(name.clone(), clusters.len()).is_some() {
             p.at(c.name.span(), ProxyError::ClusterTwice(name.clone()));
         }
-        if c.endpoints.get_ref().is_empty() && c.subsets.iter().all(|s| s.endpoints.is_empty()) {
+        if c.endpoints.get_ref().is_empty()
+            && c.subsets
+                .iter()
+                .all(|s| s.endpoints.is_empty() && s.endpoints_file.is_none())
+        {
             p.at(c.endpoints.span(), ProxyError::ClusterEmpty(name.clone()));
         }
         let mut endpoints: Vec<EndpointEntry> = Vec::new();
@@ -338,13 +360,31 @@ pub(super) fn clusters(
         if !c.endpoints.get_ref().is_empty() && !c.subsets.is_empty() {
             subsets.push("default".to_owned());
         }
-        let labelled = c.subsets.into_iter().map(|s| (Some(s.name), s.endpoints));
-        for (subset, list) in std::iter::once((None, c.endpoints.into_inner())).chain(labelled) {
+        let labelled = c.subsets.into_iter().map(|s| {
+            let file = s.endpoints_file.map(|f| (f, s.match_labels));
+            (Some(s.name), s.endpoints, file)
+        });
+        let unlabelled = (None, c.endpoints.into_inner(), None);
+        for (subset, list, file) in std::iter::once(unlabelled).chain(labelled) {
             if let Some(s) = subset {
                 if subsets.contains(s.get_ref()) || s.get_ref().is_empty() {
                     p.at(s.span(), ProxyError::SubsetName(s.get_ref().clone()));
                 }
                 subsets.push(s.into_inner());
+            }
+            if let Some((path, match_labels)) = file {
+                if path.get_ref().as_os_str().is_empty() {
+                    p.at(path.span(), ProxyError::Unreadable(path.get_ref().clone()));
+                }
+                let text = path.get_ref().display().to_string();
+                endpoints.push(EndpointEntry {
+                    text,
+                    source: Source::File {
+                        path: path.into_inner(),
+                        match_labels,
+                    },
+                    subset: subsets.len().saturating_sub(1),
+                });
             }
             for e in list {
                 let source = match parse_endpoint(e.get_ref()) {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::config::proxy::Source;
 
 fn errors(text: &str) -> Vec<ConfigError> {
     parse(text).expect_err("the config should be refused")
@@ -328,4 +329,64 @@ fn claims_need_interception() {
         messages[0].contains("claims need an [intercept] section"),
         "{messages:?}"
     );
+}
+
+#[test]
+fn endpoint_entries_are_addresses_dns_names_srv_names_or_files() {
+    let text = MINIMAL.replace(
+        "endpoints = [\"127.0.0.1:50051\"]\n",
+        "endpoints = [\"127.0.0.1:50051\", \"orders.default.svc.cluster.local:50051\", \"_grpc._tcp.orders.default.svc\"]\n\
+         dns = { min_refresh = \"500ms\", max_refresh = \"10s\", family = \"all\" }\n\
+         [[cluster.subset]]\nname = \"canary\"\nendpoints_file = \"/etc/agent/canary.yaml\"\n\
+         match_labels = { track = \"canary\" }\n\
+         [dns]\nservers = [\"127.0.0.1:5353\"]\n",
+    );
+    let c = parse(&text).unwrap();
+    let sources: Vec<&Source> = c.clusters[0].endpoints.iter().map(|e| &e.source).collect();
+    assert!(matches!(sources[0], Source::Address(_)));
+    assert!(
+        matches!(sources[1], Source::Dns { host, port: 50051 } if host == "orders.default.svc.cluster.local")
+    );
+    assert!(matches!(sources[2], Source::Srv { name } if name == "_grpc._tcp.orders.default.svc"));
+    assert!(
+        matches!(sources[3], Source::File { match_labels, .. } if match_labels["track"] == "canary")
+    );
+    assert_eq!(c.clusters[0].endpoints[3].subset, 1);
+    assert_eq!(c.clusters[0].dns.family, crate::config::dns::DnsFamily::All);
+    assert_eq!(
+        c.dns.servers,
+        ["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]
+    );
+}
+
+#[test]
+fn bad_discovery_and_upstream_tls_settings_are_refused_with_their_line() {
+    for (extra, want) in [
+        ("endpoints = [\"_grpc._udp.x\"]\n", "not an SRV name"),
+        (
+            "endpoints = [\"a.b:1\"]\ndns = { min_refresh = \"10s\", max_refresh = \"1s\" }\n",
+            "min_refresh",
+        ),
+        (
+            "endpoints = [\"a.b:1\"]\n[cluster.tls]\nca = \"/nonexistent/ca.pem\"\n",
+            "not a readable file",
+        ),
+        (
+            "endpoints = [\"a.b:1\"]\n[cluster.tls]\nca = \"/etc/hostname\"\ncert = \"/etc/hostname\"\n",
+            "cert and key go together",
+        ),
+        (
+            "endpoints = [\"a.b:1\"]\n[cluster.tls]\nca = \"/etc/hostname\"\n",
+            "no CA certificate",
+        ),
+    ] {
+        let text = MINIMAL.replace("endpoints = [\"127.0.0.1:50051\"]\n", extra);
+        let e = errors(&text);
+        assert!(
+            e.iter().any(|e| e.line > 0 && e.message().contains(want)),
+            "{extra}: {e:?}"
+        );
+    }
+    let e = errors(&format!("{MINIMAL}\n[dns]\nservers = [\"nope\"]\n"));
+    assert!(e[0].message().contains("dns.servers"), "{e:?}");
 }

@@ -22,8 +22,8 @@
 //! | `agent_probe_events_total` | `counter` (the kernel programs' counters; drops end in `_dropped`) |
 //! | `agent_intercept_connections_total` | `outcome` (`accepted`, `proxied_claimed`, `proxied_passthrough`, `spliced_not_http2`, `spliced_silent`, `spliced_passthrough_full`, `splice_connect_failed`, `refused_breaker_open`, `no_original`) |
 //! | `agent_intercept_spliced_bytes_total` | `direction` (`to_destination`, `to_client`) |
-//! | `agent_dns_lookups_total` | `cluster`, `name` (the entry as written), `result` (`answered`, `empty`, `failed`) |
-//! | `agent_dns_addresses` | `cluster`, `name` |
+//! | `agent_discovery_lookups_total` | `cluster`, `name` (the entry as written, or the file), `source` (`dns`, `file`), `result` (`answered`, `empty`, `failed`) |
+//! | `agent_discovery_addresses` | `cluster`, `name`, `source` |
 //! | `agent_upstream_endpoints` | `cluster`, `state` (`active`, `draining`) |
 //! | `agent_intercept_kernel_total` | `counter` (`redirected`, `redirected_to_node`, `own_skipped`, `other_netns_skipped`, `no_listener_skipped`, `store_failed`, `peer_name_restored`, `peer_published`, `peer_publish_failed`) |
 //!
@@ -244,14 +244,15 @@ impl Metrics {
     pub fn observe_discovery(&self, stats: StatsSource) {
         let lookups = stats.clone();
         self.observe_counters(
-            "agent_dns_lookups",
-            "Lookups of each cluster's DNS names: answered (addresses, or none: empty) and failed (the endpoints stayed)",
+            "agent_discovery_lookups",
+            "Lookups of each cluster's DNS names and reads of its endpoints files: answered (addresses, or none: empty) and failed (the endpoints stayed)",
             Arc::new(move |observe| {
-                for n in lookups.dns() {
+                for n in lookups.discovery() {
                     let at = |result: &str| {
                         [
                             ("cluster", n.cluster.clone()),
                             ("name", n.name.clone()),
+                            ("source", n.source.to_owned()),
                             ("result", result.to_owned()),
                         ]
                     };
@@ -263,13 +264,17 @@ impl Metrics {
         );
         let addresses = stats.clone();
         self.observe_gauges(
-            "agent_dns_addresses",
-            "Addresses each cluster DNS name stands for now (its endpoints)",
+            "agent_discovery_addresses",
+            "Addresses each cluster DNS name or endpoints file stands for now (its endpoints)",
             Arc::new(move |observe| {
-                for n in addresses.dns() {
+                for n in addresses.discovery() {
                     observe(
                         n.addresses.len() as u64,
-                        &[("cluster", n.cluster), ("name", n.name)],
+                        &[
+                            ("cluster", n.cluster),
+                            ("name", n.name),
+                            ("source", n.source.to_owned()),
+                        ],
                     );
                 }
             }),

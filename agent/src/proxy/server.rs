@@ -145,9 +145,10 @@ pub struct ProxyStats {
     pub untracked_clients: u64,
     pub untracked_methods: u64,
     pub context: ContextStats,
-    /// The clusters' DNS names: what each stands for, lookups answered and failed.
+    /// The clusters' DNS names and endpoints files: what each stands for, lookups answered
+    /// and failed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub dns: Vec<NameStatus>,
+    pub discovery: Vec<NameStatus>,
     /// Clusters with upstream TLS: times their files changed and loaded, and did not.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstream_tls: Vec<UpstreamTlsFigures>,
@@ -182,8 +183,8 @@ impl StatsSource {
             .map(|(plan, kernel)| plan.stats.figures(kernel.as_deref()))
     }
 
-    /// The clusters' DNS names as discovery last saw them.
-    pub fn dns(&self) -> Vec<NameStatus> {
+    /// The clusters' DNS names and endpoints files as discovery last saw them.
+    pub fn discovery(&self) -> Vec<NameStatus> {
         self.discovery.names()
     }
 
@@ -217,7 +218,7 @@ impl StatsSource {
                 .untracked_methods
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
-            dns: self.dns(),
+            discovery: self.discovery(),
             upstream_tls: self
                 .shared
                 .clusters

@@ -285,6 +285,9 @@ impl ClusterPool {
                         let service = name.splitn(3, '.').nth(2).unwrap_or(name);
                         (Vec::new(), Some(service.trim_end_matches('.')))
                     }
+                    // Addresses only: their certificates are for the cluster's server_name,
+                    // or their IP.
+                    Source::File { .. } => (Vec::new(), None),
                 };
                 (e.subset, addrs, name.map(Arc::from))
             })
