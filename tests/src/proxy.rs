@@ -318,6 +318,20 @@ pub fn grpcio_client(target: SocketAddr, case: &str, args: &[&str]) -> JsonChild
     JsonChild::spawn(case, &mut python("grpcpy/client.py", &all))
 }
 
+/// The summary line (`event: done`: codes, details) of a `client.py ... load` run, once it
+/// is done; it must have exited 0 (its `--expect-codes` held).
+pub fn load_summary(c: JsonChild) -> Value {
+    let (status, lines, stderr) = c.finish(Duration::from_secs(180));
+    let done = lines
+        .iter()
+        .rev()
+        .find(|l| l["event"] == "done")
+        .cloned()
+        .unwrap_or_else(|| panic!("load printed no summary; stderr:\n{stderr}"));
+    assert!(status.success(), "{done}\n{stderr}");
+    done
+}
+
 /// The scripted h2 upstream (`tests/peers/h2py/h2_upstream.py --mode MODE`) on a free
 /// loopback port.
 pub fn h2_upstream(mode: &str) -> (JsonChild, SocketAddr) {

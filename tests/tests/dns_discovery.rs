@@ -19,7 +19,7 @@ use std::{
 use e2e::{
     agent_bin,
     dns::DnsServer,
-    proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server_with},
+    proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server_with, load_summary},
 };
 use serde_json::Value;
 
@@ -164,19 +164,6 @@ fn wait_served(server: SocketAddr, before: u64) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The `load` client's summary, once it is done.
-fn load_summary(c: JsonChild) -> Value {
-    let (status, lines, stderr) = c.finish(Duration::from_secs(180));
-    let done = lines
-        .iter()
-        .rev()
-        .find(|l| l["event"] == "done")
-        .cloned()
-        .unwrap_or_else(|| panic!("load printed no summary; stderr:\n{stderr}"));
-    assert!(status.success(), "{done}\n{stderr}");
-    done
 }
 
 /// The agent's /metrics text.

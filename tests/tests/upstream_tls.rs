@@ -17,7 +17,7 @@ use e2e::{
     certs::{Ca, install, replace_file},
     dns::DnsServer,
     go_peer,
-    proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server_with},
+    proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server_with, load_summary},
 };
 use serde_json::Value;
 
@@ -94,18 +94,6 @@ fn grpc_go_load(agent: SocketAddr, duration: &str) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn load_summary(c: JsonChild) -> Value {
-    let (status, lines, stderr) = c.finish(Duration::from_secs(180));
-    let done = lines
-        .iter()
-        .rev()
-        .find(|l| l["event"] == "done")
-        .cloned()
-        .unwrap_or_else(|| panic!("load printed no summary; stderr:\n{stderr}"));
-    assert!(status.success(), "{done}\n{stderr}");
-    done
 }
 
 /// The agent's outcomes so far.
