@@ -196,6 +196,9 @@ dns = {{ min_refresh = "100ms", max_refresh = "1s" }}
 
 [dns]
 servers = ["{dns}"]
+
+[export]
+prometheus_listen = "127.0.0.1:0"
 "#,
             dns = dns.addr()
         ),
@@ -292,6 +295,23 @@ servers = ["{dns}"]
     for t in stats["upstream_tls"].as_array().unwrap() {
         assert!(t["reloads"].as_u64().unwrap() >= 1, "{stats}");
         assert_eq!(t["reload_failures"], 0, "{stats}");
+    }
+    // And in the metrics.
+    let url = format!(
+        "http://{}/metrics",
+        agent.ready["prometheus"].as_str().unwrap()
+    );
+    let out = Command::new("curl").args(["-sS", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cluster in ["py", "go"] {
+        let series =
+            format!(r#"agent_upstream_tls_reloads_total{{cluster="{cluster}",result="loaded""#);
+        let v: f64 = text
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        assert!(v >= 1.0, "{series} {v}");
     }
     let _ = agent.terminate(Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(dir);

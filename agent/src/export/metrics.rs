@@ -25,6 +25,7 @@
 //! | `agent_discovery_lookups_total` | `cluster`, `name` (the entry as written, or the file), `source` (`dns`, `file`), `result` (`answered`, `empty`, `failed`) |
 //! | `agent_discovery_addresses` | `cluster`, `name`, `source` |
 //! | `agent_upstream_endpoints` | `cluster`, `state` (`active`, `draining`) |
+//! | `agent_upstream_tls_reloads_total` | `cluster`, `result` (`loaded`, `refused`) |
 //! | `agent_intercept_kernel_total` | `counter` (`redirected`, `redirected_to_node`, `own_skipped`, `other_netns_skipped`, `no_listener_skipped`, `store_failed`, `peer_name_restored`, `peer_published`, `peer_publish_failed`) |
 //!
 //! Client breakers are in `agent_breaker_state` only while not closed (there may be
@@ -276,6 +277,18 @@ impl Metrics {
                             ("source", n.source.to_owned()),
                         ],
                     );
+                }
+            }),
+        );
+        let tls = stats.clone();
+        self.observe_counters(
+            "agent_upstream_tls_reloads",
+            "Times a cluster's upstream TLS files changed: loaded (new connections use them) or refused (the ones before stay)",
+            Arc::new(move |observe| {
+                for t in tls.upstream_tls() {
+                    let at = |result: &str| [("cluster", t.cluster.clone()), ("result", result.to_owned())];
+                    observe(t.reloads, &at("loaded"));
+                    observe(t.reload_failures, &at("refused"));
                 }
             }),
         );

@@ -197,6 +197,22 @@ impl StatsSource {
             .collect()
     }
 
+    /// Each TLS cluster's reloads of its files.
+    pub fn upstream_tls(&self) -> Vec<UpstreamTlsFigures> {
+        self.shared
+            .clusters
+            .iter()
+            .filter_map(|c| {
+                let (reloads, reload_failures) = c.tls_reloads()?;
+                Some(UpstreamTlsFigures {
+                    cluster: c.name.clone(),
+                    reloads,
+                    reload_failures,
+                })
+            })
+            .collect()
+    }
+
     pub fn snapshot(&self) -> ProxyStats {
         ProxyStats {
             client_connections: self.connections.count.load(Ordering::SeqCst),
@@ -219,19 +235,7 @@ impl StatsSource {
                 .load(Ordering::Relaxed),
             context: self.shared.context.stats(),
             discovery: self.discovery(),
-            upstream_tls: self
-                .shared
-                .clusters
-                .iter()
-                .filter_map(|c| {
-                    let (reloads, reload_failures) = c.tls_reloads()?;
-                    Some(UpstreamTlsFigures {
-                        cluster: c.name.clone(),
-                        reloads,
-                        reload_failures,
-                    })
-                })
-                .collect(),
+            upstream_tls: self.upstream_tls(),
             intercept: self.intercept(),
         }
     }
