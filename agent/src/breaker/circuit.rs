@@ -263,7 +263,6 @@ impl Breaker {
         self.generation
     }
 
-    #[cfg(test)]
     pub fn policy(&self) -> &Policy {
         &self.policy
     }

@@ -436,7 +436,7 @@ type Map<V> = HashMap<Box<str>, V, foldhash::quality::RandomState>;
 /// Method breakers: an open-addressed table that only grows (up to `max` methods, in twice
 /// as many slots), so that finding a method's breaker takes no lock and no reference count,
 /// and a breaker, once made, lives as long as the registry.
-type MethodEntry = Box<(Box<str>, Cell)>;
+type MethodEntry = Box<(Box<str>, Arc<Cell>)>;
 
 struct MethodTable {
     slots: Box<[OnceLock<MethodEntry>]>,
@@ -459,13 +459,17 @@ impl MethodTable {
         self.len.load(Ordering::Relaxed) >= self.max
     }
 
-    fn get_or_insert(&self, method: &str, make: impl FnOnce() -> Option<Cell>) -> Option<&Cell> {
+    fn get_or_insert(
+        &self,
+        method: &str,
+        make: impl FnOnce() -> Option<Arc<Cell>>,
+    ) -> Option<&Cell> {
         use std::hash::BuildHasher as _;
         let n = self.slots.len();
         let start = self.hasher.hash_one(method) as usize;
         let mut make = Some(make);
         // A breaker made for a slot another method took first, kept for the next empty one.
-        let mut spare: Option<Cell> = None;
+        let mut spare: Option<Arc<Cell>> = None;
         for k in 0..n {
             let slot = &self.slots[(start + k) % n];
             if let Some(entry) = slot.get() {
@@ -483,7 +487,7 @@ impl MethodTable {
             match slot.set(Box::new((Box::<str>::from(method), cell))) {
                 Ok(()) => {
                     self.len.fetch_add(1, Ordering::Relaxed);
-                    return slot.get().map(|e| &e.1);
+                    return slot.get().map(|e| &*e.1);
                 }
                 Err(lost) => match slot.get() {
                     Some(there) if &*there.0 == method => return Some(&there.1),
@@ -494,13 +498,13 @@ impl MethodTable {
         None
     }
 
-    fn cells(&self) -> impl Iterator<Item = &Cell> {
+    fn cells(&self) -> impl Iterator<Item = &Arc<Cell>> {
         self.slots.iter().filter_map(|s| s.get()).map(|e| &e.1)
     }
 }
 
 struct ClassBreakers {
-    cluster: Option<Cell>,
+    cluster: Option<Arc<Cell>>,
     /// Empty when the cluster has one subset only (its breaker would be the cluster's).
     subsets: Vec<Arc<Cell>>,
     methods: MethodTable,
@@ -515,6 +519,8 @@ struct ClusterBreakers {
 
 pub struct Breakers {
     config: BreakerConfig,
+    /// The breakers of the registry this one replaced (see [`Breakers::new_after`]), by id.
+    previous: HashMap<BreakerId, Arc<Cell>>,
     epoch: Instant,
     clusters: Vec<ClusterBreakers>,
     /// Every endpoint's breakers by name (`cluster/address`), for the figures, the timer, the
@@ -535,8 +541,19 @@ pub struct Breakers {
 
 impl Breakers {
     pub fn new(config: BreakerConfig, clusters: &[ClusterShape<'_>], epoch: Instant) -> Self {
+        let mut me = Self::with_previous(config, epoch, HashMap::new());
+        me.clusters = clusters.iter().map(|c| me.cluster_breakers(c)).collect();
+        me
+    }
+
+    fn with_previous(
+        config: BreakerConfig,
+        epoch: Instant,
+        previous: HashMap<BreakerId, Arc<Cell>>,
+    ) -> Self {
         let max_clients = config.max_clients;
-        let mut me = Self {
+        Self {
+            previous,
             next_seed: AtomicU64::new(config.seed.unwrap_or_else(|| fastrand::u64(..))),
             config,
             epoch,
@@ -549,33 +566,74 @@ impl Breakers {
             filter_hasher: foldhash::quality::RandomState::default(),
             untracked_clients: AtomicU64::new(0),
             untracked_methods: AtomicU64::new(0),
-        };
-        me.clusters = clusters.iter().map(|c| me.cluster_breakers(c)).collect();
-        me
+        }
     }
 
     pub fn config(&self) -> &BreakerConfig {
         &self.config
     }
 
-    fn cell(&self, scope: Scope, class: usize, name: String) -> Option<Cell> {
+    /// The breaker `scope`/`class`/`name`, when its scope has a policy: the previous
+    /// registry's (its state kept) if it had one of that name and policy, else a new one.
+    fn cell(&self, scope: Scope, class: usize, name: String) -> Option<Arc<Cell>> {
         let policy = self.config.policy(class, scope)?;
         let class_name = (class != 0 && scope != Scope::Client)
             .then(|| self.config.classes.get(class).cloned())
             .flatten();
+        let id = BreakerId {
+            scope,
+            name,
+            class: class_name,
+        };
+        if let Some(old) = self.previous.get(&id)
+            && *old.lock().policy() == policy
+        {
+            return Some(old.clone());
+        }
         let breaker = Breaker::new(
             policy,
             self.epoch,
             self.next_seed.fetch_add(1, Ordering::Relaxed),
         );
-        Some(Cell::new(
-            BreakerId {
-                scope,
-                name,
-                class: class_name,
-            },
-            breaker,
-        ))
+        Some(Arc::new(Cell::new(id, breaker)))
+    }
+
+    /// A registry for a new configuration (a reload) that keeps the state of every breaker of
+    /// `previous` whose name and policy stay: a call of the old configuration still in flight
+    /// and one of the new record into the same breaker.
+    pub fn new_after(
+        config: BreakerConfig,
+        clusters: &[ClusterShape<'_>],
+        previous: &Breakers,
+    ) -> Self {
+        let carried: HashMap<BreakerId, Arc<Cell>> = previous
+            .every_cell()
+            .into_iter()
+            .map(|c| ((*c.id).clone(), c))
+            .collect();
+        let mut me = Self::with_previous(config, previous.epoch, carried);
+        me.clusters = clusters.iter().map(|c| me.cluster_breakers(c)).collect();
+        // Client breakers are made when a client is at fault, so those of the old registry
+        // are taken now: an open one keeps refusing its client.
+        let keys: Vec<String> = lock(&previous.clients)
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        for key in keys {
+            if let Some(cell) = me.cell(Scope::Client, 0, key.clone())
+                && me
+                    .previous
+                    .get(&cell.id)
+                    .is_some_and(|old| Arc::ptr_eq(old, &cell))
+            {
+                lock(&me.clients).insert(key.as_str().into(), cell);
+                let (word, bit) = me.filter_bit(&key);
+                if let Some(w) = me.client_filter.get(word) {
+                    w.fetch_or(bit, Ordering::AcqRel);
+                }
+            }
+        }
+        me
     }
 
     fn cluster_breakers(&self, c: &ClusterShape<'_>) -> ClusterBreakers {
@@ -588,7 +646,6 @@ impl Breakers {
                     c.subsets
                         .iter()
                         .filter_map(|s| self.cell(Scope::Subset, class, format!("{}/{s}", c.name)))
-                        .map(Arc::new)
                         .collect()
                 } else {
                     Vec::new()
@@ -650,9 +707,7 @@ impl Breakers {
         }
         let classes = (0..self.config.classes.len())
             .map(|class| EndpointClass {
-                endpoint: self
-                    .cell(Scope::Endpoint, class, name.clone())
-                    .map(Arc::new),
+                endpoint: self.cell(Scope::Endpoint, class, name.clone()),
                 subset: self
                     .class(cluster, class)
                     .and_then(|cb| cb.subsets.get(subset))
@@ -830,7 +885,7 @@ impl Breakers {
                 return None;
             }
         }
-        let cell = Arc::new(self.cell(Scope::Client, 0, key.to_owned())?);
+        let cell = self.cell(Scope::Client, 0, key.to_owned())?;
         map.insert(key.into(), cell.clone());
         let (word, bit) = self.filter_bit(key);
         if let Some(w) = self.client_filter.get(word) {
@@ -839,13 +894,13 @@ impl Breakers {
         Some(cell)
     }
 
-    fn every_cell(&self) -> Vec<CellRef<'_>> {
+    fn every_cell(&self) -> Vec<Arc<Cell>> {
         let mut cells = Vec::new();
         for c in &self.clusters {
             for cb in &c.classes {
-                cells.extend(cb.cluster.iter().map(CellRef::Borrowed));
-                cells.extend(cb.subsets.iter().map(|c| CellRef::Borrowed(c)));
-                cells.extend(cb.methods.cells().map(CellRef::Borrowed));
+                cells.extend(cb.cluster.iter().cloned());
+                cells.extend(cb.subsets.iter().cloned());
+                cells.extend(cb.methods.cells().cloned());
             }
         }
         let mut endpoints: Vec<_> = lock(&self.endpoints).values().cloned().collect();
@@ -853,10 +908,10 @@ impl Breakers {
         endpoints.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         for e in &endpoints {
             for ec in &e.classes {
-                cells.extend(ec.endpoint.iter().cloned().map(CellRef::Shared));
+                cells.extend(ec.endpoint.iter().cloned());
             }
         }
-        cells.extend(lock(&self.clients).values().cloned().map(CellRef::Shared));
+        cells.extend(lock(&self.clients).values().cloned());
         cells
     }
 

@@ -485,3 +485,52 @@ fn method_breakers_are_bounded_and_found_again() {
     assert_eq!(methods.len(), 50);
     assert!(methods.iter().all(|&c| c == 16), "{methods:?}");
 }
+
+#[test]
+fn a_new_registry_keeps_the_state_of_breakers_whose_policy_stays() {
+    let old = breakers(BreakerConfig::default(), &[0, 0, 0], &["default".into()]);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    old.force("endpoint orders/a:1", true, now).unwrap();
+    for _ in 0..10 {
+        let _ = call(&old, 0, Some("sub:mallory"), 1, CLIENT_FAIL, now, &mut out);
+    }
+    assert!(
+        old.admit_call(0, 0, "/p.S/M", Some("sub:mallory"), now, &mut out)
+            .is_err()
+    );
+
+    let shape = [ClusterShape {
+        name: "orders",
+        subsets: &["default".to_owned()],
+        endpoints_only: false,
+    }];
+    // The same policies: the open endpoint breaker and the client's stay open, in the very
+    // same breakers (calls of the old configuration still in flight record into them).
+    let same = Breakers::new_after(BreakerConfig::default(), &shape, &old);
+    let a = same.endpoint(0, "a:1", 0);
+    assert!(!same.endpoint_admissible(&a, 0, now));
+    assert!(Arc::ptr_eq(
+        a.classes[0].endpoint.as_ref().unwrap(),
+        old.ep(0).classes[0].endpoint.as_ref().unwrap()
+    ));
+    let refused = same
+        .admit_call(0, 0, "/p.S/M", Some("sub:mallory"), now, &mut out)
+        .err()
+        .unwrap();
+    assert_eq!(refused.breaker.to_string(), "client sub:mallory");
+    assert!(
+        same.admit_call(0, 0, "/p.S/M", Some("sub:alice"), now, &mut out)
+            .is_ok()
+    );
+
+    // Another endpoint policy: the endpoint breakers start afresh; the client's stays.
+    let other = Breakers::new_after(config("[endpoint]\nconsecutive_failures = 9"), &shape, &old);
+    let a = other.endpoint(0, "a:1", 0);
+    assert!(other.endpoint_admissible(&a, 0, now));
+    assert!(
+        other
+            .admit_call(0, 0, "/p.S/M", Some("sub:mallory"), now, &mut out)
+            .is_err()
+    );
+}
