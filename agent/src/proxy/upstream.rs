@@ -412,7 +412,11 @@ impl ClusterPool {
         for (addr, subset, name) in sources.wanted() {
             match by_addr.get(&addr) {
                 Some(e) if e.subset == subset => next.push(Arc::clone(e)),
-                _ => {
+                found => {
+                    // Moved to another subset: the breakers it had were that subset's.
+                    if let Some(moved) = found {
+                        self.breakers.forget_endpoint(&moved.breakers);
+                    }
                     let breakers = self
                         .breakers
                         .endpoint(self.index, &addr.to_string(), subset);
@@ -428,6 +432,8 @@ impl ClusterPool {
         let kept: std::collections::HashSet<*const Endpoint> =
             next.iter().map(Arc::as_ptr).collect();
         let mut draining = lock(&self.draining);
+        // Those that finished draining: let their (weak) places go.
+        draining.retain(|w| w.strong_count() > 0);
         for gone in current.iter().filter(|e| !kept.contains(&Arc::as_ptr(e))) {
             gone.removed.store(true, Ordering::Relaxed);
             self.breakers.forget_endpoint(&gone.breakers);
@@ -756,6 +762,57 @@ endpoints = ["10.0.0.1:50051", "orders.test:50051"]
         // No address (NXDOMAIN): the name's endpoints drain; the IP entry stays.
         let change = p.set_entry(1, Vec::new());
         assert_eq!((change.added, change.removed, change.now), (0, 2, 1));
+    }
+
+    #[test]
+    fn an_address_that_moves_to_another_subset_is_still_named_by_its_breakers() {
+        let config = crate::config::parse(
+            r#"
+[[listener]]
+name = "in"
+address = "127.0.0.1:15001"
+[[listener.route]]
+cluster = "c"
+
+[[cluster]]
+name = "c"
+endpoints = ["stable.test:1"]
+[[cluster.subset]]
+name = "canary"
+endpoints = ["canary.test:1"]
+"#,
+        )
+        .unwrap();
+        let cluster = &config.clusters[0];
+        let breakers = Arc::new(Breakers::new(
+            config.breakers.clone(),
+            &[ClusterShape {
+                name: &cluster.name,
+                subsets: &cluster.subsets,
+                endpoints_only: false,
+            }],
+            std::time::Instant::now(),
+        ));
+        let p = ClusterPool::new(
+            0,
+            cluster,
+            config.limits,
+            Arc::new(Joins::new(false)),
+            breakers,
+            &PoolOptions::default(),
+        )
+        .unwrap();
+        let x = addr("10.0.0.5:1");
+        p.set_entry(0, vec![x]);
+        assert_eq!(p.find(x).unwrap().subset, 0);
+        p.set_entry(0, Vec::new());
+        p.set_entry(1, vec![x]);
+        assert_eq!(p.find(x).unwrap().subset, 1);
+        assert!(p.breakers.endpoint_named("c/10.0.0.5:1").is_some());
+        // And both ways in one answer: listed by both entries, the first places it.
+        p.set_entry(0, vec![x]);
+        assert_eq!(p.find(x).unwrap().subset, 0);
+        assert!(p.breakers.endpoint_named("c/10.0.0.5:1").is_some());
     }
 
     #[test]
