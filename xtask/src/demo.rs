@@ -670,6 +670,7 @@ fn agent_config(secret: &Path, a: SocketAddr, b: SocketAddr, service: &Service) 
     let secret = path_str(secret)?;
     let cgroup = path_str(&service.cgroup)?;
     let intercept_listen = service.listen;
+    let a_port = a.port();
     Ok(format!(
         r#"# Written by `cargo xtask demo`.
 [[listener]]
@@ -681,7 +682,8 @@ cluster = "{CLUSTER}"
 
 [[cluster]]
 name = "{CLUSTER}"
-endpoints = ["{a}", "{b}"]
+# One endpoint by name (localhost, from /etc/hosts): discovery's path, as a Service name's.
+endpoints = ["localhost:{a_port}", "{b}"]
 connect_timeout = "1s"
 # The Service address: intercepted calls to it are this cluster's, balanced over its endpoints.
 claims = [{{ cidr = "{SERVICE_IP}", ports = [{SERVICE_PORT}] }}]
