@@ -1,20 +1,18 @@
 //! TLS to a cluster's endpoints: rustls (ring), the cluster's CA bundle and client identity,
-//! ALPN `h2`. The files are looked at again (their metadata, a few `stat`s) each time a
-//! connection is opened, and the configuration rebuilt when one changed: a rotated
-//! certificate is used from the next connection on, and the connections already open keep
-//! their session. A rotation that does not load (a key that does not match its certificate,
+//! ALPN `h2`. The files are looked at again (a `stat` each, as endpoints files are:
+//! [`FileWatch`]) each time a connection is opened, and the configuration rebuilt when one's
+//! content changed: a rotated certificate is used from the next connection on, and the
+//! connections already open keep their session. A rotation that does not load (a key that does not match its certificate,
 //! half a file) keeps the configuration there was, and is counted.
 
 use std::{
     io,
-    path::PathBuf,
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::SystemTime,
 };
 
 use rustls_pki_types::ServerName;
@@ -25,31 +23,16 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tracing::{info, warn};
 
-use crate::config::tls::{UpstreamTls, UpstreamTlsError, client_config};
-
-/// What identifies a file's content without reading it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
-    inode: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-fn stamp(path: &PathBuf) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    // Follows symlinks: a Kubernetes Secret volume swaps its `..data` link.
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        inode: m.ino(),
-        len: m.len(),
-        modified: m.modified().ok(),
-    })
-}
+use crate::{
+    config::tls::{UpstreamTls, UpstreamTlsError, client_config},
+    discovery::file::FileWatch,
+};
 
 /// A cluster's TLS client, its files watched.
 pub struct UpstreamTlsClient {
     files: UpstreamTls,
-    current: Mutex<(Vec<Option<Stamp>>, TlsConnector)>,
+    /// The CA, certificate and key files as last seen, and the connector made of them.
+    current: Mutex<(Vec<FileWatch>, TlsConnector)>,
     /// Times the files changed and loaded, and changed but did not load.
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
@@ -58,8 +41,13 @@ pub struct UpstreamTlsClient {
 impl UpstreamTlsClient {
     pub fn new(files: &UpstreamTls) -> Result<Self, UpstreamTlsError> {
         let config = client_config(files)?;
+        let mut watches = watches(files);
+        for w in &mut watches {
+            // The first look: the files as loaded now.
+            w.changed();
+        }
         Ok(Self {
-            current: Mutex::new((stamps(files), TlsConnector::from(Arc::new(config)))),
+            current: Mutex::new((watches, TlsConnector::from(Arc::new(config)))),
             files: files.clone(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
@@ -84,9 +72,12 @@ impl UpstreamTlsClient {
     /// The connector for a new connection, rebuilt first if a file changed.
     fn connector(&self) -> TlsConnector {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = stamps(&self.files);
-        if now != current.0 {
-            current.0 = now;
+        let mut changed = false;
+        for w in &mut current.0 {
+            // Every file looked at (no short cut), so each watch knows the file as it is now.
+            changed |= w.changed();
+        }
+        if changed {
             match client_config(&self.files) {
                 Ok(config) => {
                     current.1 = TlsConnector::from(Arc::new(config));
@@ -112,10 +103,12 @@ impl UpstreamTlsClient {
     }
 }
 
-fn stamps(files: &UpstreamTls) -> Vec<Option<Stamp>> {
+/// A watch of each file (following symlinks: a Kubernetes Secret volume swaps its `..data`
+/// link), telling a changed content from a touched file.
+fn watches(files: &UpstreamTls) -> Vec<FileWatch> {
     std::iter::once(&files.ca)
         .chain(files.client.iter().flat_map(|c| [&c.cert, &c.key]))
-        .map(stamp)
+        .map(|p| FileWatch::new(p.clone()))
         .collect()
 }
 
