@@ -362,7 +362,9 @@ async fn attempt<'a>(
     loop {
         attempts.count += 1;
         let now = Instant::now();
-        if call.pinned.is_none() && shared.clusters[cluster].endpoints().is_empty() {
+        // Read once a try: DNS may change the set meanwhile; this try picks from the one it saw.
+        let set = shared.clusters[cluster].endpoints();
+        if call.pinned.is_none() && set.is_empty() {
             // A DNS name with no address now (scaled to zero), or not answered yet: no
             // upstream's fault, so no breaker records it.
             call.permits = None;
@@ -379,7 +381,7 @@ async fn attempt<'a>(
             call.fail(down, None, failure);
             return Tried::Answered;
         }
-        let endpoint = match pick_endpoint(cluster, &attempts.tried, call) {
+        let endpoint = match pick_endpoint(cluster, &set, &attempts.tried, call) {
             Ok(e) => e,
             Err(rejected) => {
                 // Every endpoint's breaker is open: the call never reaches one.
@@ -1089,14 +1091,13 @@ impl<'a> Call<'a> {
 /// its permits.
 fn pick_endpoint(
     cluster: usize,
+    set: &[Arc<Endpoint>],
     tried: &[Arc<Endpoint>],
     call: &mut Call<'_>,
 ) -> Result<Arc<Endpoint>, Rejected> {
     let (shared, class) = (call.shared, call.class);
     let breakers = &shared.breakers;
     let pool = &shared.clusters[cluster];
-    // Read once: DNS may change the set meanwhile; this call picks from the one it saw.
-    let set = pool.endpoints();
     let now = Instant::now().into_std();
     // A few tries: another call may take the last half-open probe between the look and
     // the admission.
@@ -1105,8 +1106,8 @@ fn pick_endpoint(
         let untried = |e: &Endpoint| !tried.iter().any(|t| std::ptr::eq(&**t, e));
         let picked = match &call.pinned {
             Some(e) => admissible(e).then(|| e.clone()),
-            None => ClusterPool::pick(&set, |e| untried(e) && admissible(e))
-                .or_else(|| ClusterPool::pick(&set, admissible)),
+            None => ClusterPool::pick(set, |e| untried(e) && admissible(e))
+                .or_else(|| ClusterPool::pick(set, admissible)),
         };
         let Some(e) = picked else {
             break;
