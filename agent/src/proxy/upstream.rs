@@ -660,28 +660,16 @@ mod tests {
     use super::*;
     use crate::breaker::registry::ClusterShape;
 
-    fn pool() -> ClusterPool {
-        let config = crate::config::parse(
-            r#"
-[[listener]]
-name = "in"
-address = "127.0.0.1:15001"
-[[listener.route]]
-cluster = "c"
-
-[[cluster]]
-name = "c"
-endpoints = ["10.0.0.1:50051", "orders.test:50051"]
-"#,
-        )
-        .unwrap();
+    /// The pool of the first cluster of `config` (its breakers made for it alone; endpoint
+    /// breakers only when it has room for found destinations, as the passthrough cluster).
+    fn pool_of(config: &crate::config::AgentConfig, options: &PoolOptions) -> ClusterPool {
         let cluster = &config.clusters[0];
         let breakers = Arc::new(Breakers::new(
             config.breakers.clone(),
             &[ClusterShape {
                 name: &cluster.name,
                 subsets: &cluster.subsets,
-                endpoints_only: false,
+                endpoints_only: options.discovered > 0,
             }],
             std::time::Instant::now(),
         ));
@@ -691,9 +679,24 @@ endpoints = ["10.0.0.1:50051", "orders.test:50051"]
             config.limits,
             Arc::new(Joins::new(false)),
             breakers,
-            &PoolOptions::default(),
+            options,
         )
         .unwrap()
+    }
+
+    /// Cluster `c` with one listener routing to it, then `cluster_body` (its endpoints).
+    fn config(cluster_body: &str) -> crate::config::AgentConfig {
+        crate::config::parse(&format!(
+            "[[listener]]\nname = \"in\"\naddress = \"127.0.0.1:15001\"\n[[listener.route]]\ncluster = \"c\"\n\n[[cluster]]\nname = \"c\"\n{cluster_body}"
+        ))
+        .unwrap()
+    }
+
+    fn pool() -> ClusterPool {
+        pool_of(
+            &config(r#"endpoints = ["10.0.0.1:50051", "orders.test:50051"]"#),
+            &PoolOptions::default(),
+        )
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -766,42 +769,12 @@ endpoints = ["10.0.0.1:50051", "orders.test:50051"]
 
     #[test]
     fn an_address_that_moves_to_another_subset_is_still_named_by_its_breakers() {
-        let config = crate::config::parse(
-            r#"
-[[listener]]
-name = "in"
-address = "127.0.0.1:15001"
-[[listener.route]]
-cluster = "c"
-
-[[cluster]]
-name = "c"
-endpoints = ["stable.test:1"]
-[[cluster.subset]]
-name = "canary"
-endpoints = ["canary.test:1"]
-"#,
-        )
-        .unwrap();
-        let cluster = &config.clusters[0];
-        let breakers = Arc::new(Breakers::new(
-            config.breakers.clone(),
-            &[ClusterShape {
-                name: &cluster.name,
-                subsets: &cluster.subsets,
-                endpoints_only: false,
-            }],
-            std::time::Instant::now(),
-        ));
-        let p = ClusterPool::new(
-            0,
-            cluster,
-            config.limits,
-            Arc::new(Joins::new(false)),
-            breakers,
+        let p = pool_of(
+            &config(
+                "endpoints = [\"stable.test:1\"]\n[[cluster.subset]]\nname = \"canary\"\nendpoints = [\"canary.test:1\"]\n",
+            ),
             &PoolOptions::default(),
-        )
-        .unwrap();
+        );
         let x = addr("10.0.0.5:1");
         p.set_entry(0, vec![x]);
         assert_eq!(p.find(x).unwrap().subset, 0);
@@ -818,28 +791,13 @@ endpoints = ["canary.test:1"]
     #[test]
     fn found_destinations_are_bounded() {
         let config = crate::config::quick(addr("127.0.0.1:0"), &["10.0.0.1:1".into()]).unwrap();
-        let cluster = &config.clusters[0];
-        let breakers = Arc::new(Breakers::new(
-            config.breakers.clone(),
-            &[ClusterShape {
-                name: &cluster.name,
-                subsets: &cluster.subsets,
-                endpoints_only: true,
-            }],
-            std::time::Instant::now(),
-        ));
-        let p = ClusterPool::new(
-            0,
-            cluster,
-            config.limits,
-            Arc::new(Joins::new(false)),
-            breakers,
+        let p = pool_of(
+            &config,
             &PoolOptions {
                 discovered: 2,
                 mark: None,
             },
-        )
-        .unwrap();
+        );
         let a = p.find_or_add(addr("10.1.0.1:80")).unwrap();
         assert!(Arc::ptr_eq(
             &a,
