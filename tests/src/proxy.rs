@@ -273,6 +273,18 @@ impl AgentProxy {
         s["client_streams"].as_u64().unwrap() + upstream
     }
 
+    /// Its `/metrics` text (it must have been started with `[export] prometheus_listen`).
+    pub fn metrics(&self) -> String {
+        let url = format!(
+            "http://{}/metrics",
+            self.ready["prometheus"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no prometheus address in {}", self.ready))
+        );
+        let out = Command::new("curl").args(["-sS", &url]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// SIGTERM, then everything it printed and its exit status.
     pub fn terminate(self, timeout: Duration) -> (ExitStatus, Vec<Value>, String) {
         self.process.signal(libc::SIGTERM);
@@ -330,6 +342,15 @@ pub fn load_summary(c: JsonChild) -> Value {
         .unwrap_or_else(|| panic!("load printed no summary; stderr:\n{stderr}"));
     assert!(status.success(), "{done}\n{stderr}");
     done
+}
+
+/// The value of the first sample of `series` (a metric name and the start of its labels, as
+/// the Prometheus text writes them) in `text`.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
 /// The scripted h2 upstream (`tests/peers/h2py/h2_upstream.py --mode MODE`) on a free

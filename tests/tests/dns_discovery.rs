@@ -19,7 +19,9 @@ use std::{
 use e2e::{
     agent_bin,
     dns::DnsServer,
-    proxy::{AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server_with, load_summary},
+    proxy::{
+        AgentProxy, JsonChild, config_file, grpcio_client, grpcio_server_with, load_summary, metric,
+    },
 };
 use serde_json::Value;
 
@@ -164,23 +166,6 @@ fn wait_served(server: SocketAddr, before: u64) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The agent's /metrics text.
-fn scrape(agent: &AgentProxy) -> String {
-    let url = format!(
-        "http://{}/metrics",
-        agent.ready["prometheus"].as_str().unwrap()
-    );
-    let out = Command::new("curl").args(["-sS", &url]).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(series))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
 /// `agent status --output json`.
@@ -335,7 +320,7 @@ fn the_endpoints_follow_the_zone_under_load_without_a_failed_call() {
             pods.addr("127.0.0.5").to_string()
         ]
     );
-    let text = scrape(&agent);
+    let text = agent.metrics();
     let series = |result: &str| {
         format!(
             r#"agent_discovery_lookups_total{{cluster="svc",name="{name}",result="{result}",source="dns""#

@@ -17,7 +17,7 @@ use e2e::{
     certs::{Ca, install, replace_file},
     dns::DnsServer,
     go_peer,
-    proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server_with, load_summary},
+    proxy::{AgentProxy, JsonChild, grpcio_client, grpcio_server_with, load_summary, metric},
 };
 use serde_json::Value;
 
@@ -297,20 +297,11 @@ prometheus_listen = "127.0.0.1:0"
         assert_eq!(t["reload_failures"], 0, "{stats}");
     }
     // And in the metrics.
-    let url = format!(
-        "http://{}/metrics",
-        agent.ready["prometheus"].as_str().unwrap()
-    );
-    let out = Command::new("curl").args(["-sS", &url]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = agent.metrics();
     for cluster in ["py", "go"] {
         let series =
             format!(r#"agent_upstream_tls_reloads_total{{cluster="{cluster}",result="loaded""#);
-        let v: f64 = text
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        let v = metric(&text, &series);
         assert!(v >= 1.0, "{series} {v}");
     }
     let _ = agent.terminate(Duration::from_secs(30));
